@@ -1,0 +1,1 @@
+"""Bundled hardware profiles (YAML, package data); measured ones under measured/."""

@@ -1,0 +1,10 @@
+"""The ``moeplan`` command line. Each command lives in a module of this package and registers
+itself on the applications of :mod:`moeplan.cli.apps`."""
+from __future__ import annotations
+
+from moeplan.cli import info, trace_cmd  # noqa: F401  (registration)
+from moeplan.cli.apps import app
+
+
+def main() -> None:
+    app()

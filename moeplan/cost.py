@@ -1,0 +1,355 @@
+"""The cost model: one place that turns a model, a hardware profile, a plan and routing into
+seconds and bytes. Solvers, the simulator, the CLI and the dashboard all call it.
+
+Read it top to bottom:
+
+1. **Kernels** — :meth:`CostModel.expert_time` (one expert's SwiGLU FFN at n tokens, one launch
+   sequence per expert: the "loop" kernel) and :meth:`CostModel.grouped_time` (all local experts
+   of a device in one grouped GEMM). Both come from the profile's measured curves when it has
+   them; otherwise from the roofline ``max(FLOPs / peak, bytes / HBM) + launches × overhead``
+   and the result says ``measured=False``.
+2. **Links** — :meth:`CostModel.alltoall_time`: per-device time of an all-to-all from the bytes
+   each device sends and receives, split into intra-node and inter-node parts (measured
+   collective curves when present, else latency + bytes / datasheet bandwidth).
+3. **One MoE layer** — :meth:`CostModel.moe_layer`: dispatch, expert compute, combine and shared
+   experts per device for a traffic matrix; each phase ends at a collective, so the layer takes
+   the slowest device of each phase (stragglers matter). Options: ``overlap`` (dispatch overlapped
+   with compute in chunks) and ``exflow`` (context-coherent: one all-to-all per layer).
+4. **Dense parts** — attention (prefill and decode, GQA or MLA) and dense FFN layers.
+5. **Memory** — :meth:`CostModel.memory`: weights with replicas, KV cache, activations and, for
+   training, gradients and optimizer states; :meth:`MemoryReport.check` rejects a plan that
+   does not fit, with the numbers.
+
+Units: seconds, bytes, FLOPs, tokens. Activations are bf16 (2 bytes) unless set otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moeplan.errors import InputError
+from moeplan.hardware import Curve, HardwareProfile
+from moeplan.model import ModelSpec
+
+LAUNCHES_PER_EXPERT = 5     # gate/up GEMM, activation, down GEMM, gather, scatter-add (loop kernel)
+LAUNCHES_PER_GROUPED = 8    # sort/permute, 2 grouped GEMMs, activation, unpermute, bookkeeping
+ACTIVATION_FACTOR = 34      # bytes of live activations per token per hidden element in training
+                            # without recompute (Korthikanti et al. 2022: 34·s·b·h per layer)
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    """How the runtime executes. kernel: "grouped" or "loop" expert kernel; overlap: dispatch
+    overlapped with compute; exflow: context-coherent execution (one all-to-all per layer);
+    act_bytes: bytes per activation element; overlap_chunks: pipeline depth of the overlap."""
+
+    kernel: str = "grouped"
+    overlap: bool = False
+    exflow: bool = False
+    act_bytes: float = 2.0
+    overlap_chunks: int = 4
+
+    def validate(self) -> "CostOptions":
+        if self.kernel not in ("grouped", "loop"):
+            raise InputError(f"kernel must be grouped or loop, got {self.kernel!r}", field="kernel")
+        return self
+
+
+@dataclass
+class LayerCost:
+    """One MoE layer for one batch. Per-device arrays in seconds; ``time`` is the layer's time."""
+
+    dispatch: np.ndarray
+    compute: np.ndarray
+    combine: np.ndarray
+    shared: np.ndarray
+    time: float
+    tokens_per_device: np.ndarray
+    cross_device_bytes: float
+    cross_node_bytes: float
+
+    @property
+    def straggler_wait(self) -> float:
+        """Time the average device idles waiting for the slowest one in the compute phase."""
+        c = self.compute + self.shared
+        return float(c.max() - c.mean())
+
+    def breakdown(self) -> dict[str, float]:
+        return {"dispatch": float(self.dispatch.max()), "compute": float((self.compute + self.shared).max()),
+                "combine": float(self.combine.max()), "straggler_wait": self.straggler_wait, "total": self.time}
+
+
+@dataclass
+class MemoryReport:
+    """Bytes per device: weights (non-expert + expert slots), KV cache, activations, training state."""
+
+    capacity: float
+    non_expert_weights: float
+    expert_weights: np.ndarray
+    kv_cache: float
+    activations: float
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def per_device(self) -> np.ndarray:
+        return (self.non_expert_weights + self.expert_weights + self.kv_cache + self.activations
+                + self.gradients + self.optimizer + sum(self.extra.values()))
+
+    @property
+    def peak(self) -> float:
+        return float(self.per_device.max())
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.capacity
+
+    def check(self, what: str = "plan") -> None:
+        """Raise InputError with the numbers when the busiest device does not fit."""
+        if not self.fits:
+            d = int(self.per_device.argmax())
+            raise InputError(
+                f"{what} does not fit: device {d} needs {self.peak / 2**30:.1f} GiB "
+                f"(weights {self.non_expert_weights / 2**30:.1f} + experts {self.expert_weights[d] / 2**30:.1f} + "
+                f"KV {self.kv_cache / 2**30:.1f} + activations {self.activations / 2**30:.1f}"
+                + (f" + grads {self.gradients / 2**30:.1f} + optimizer {self.optimizer / 2**30:.1f}"
+                   if self.gradients or self.optimizer else "")
+                + f" GiB) of {self.capacity / 2**30:.1f} GiB", field="memory",
+                fix="use more devices, fewer replica slots, a smaller batch or lower-precision weights")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"capacity_bytes": self.capacity, "non_expert_weights": self.non_expert_weights,
+                "expert_weights_max": float(self.expert_weights.max()), "kv_cache": self.kv_cache,
+                "activations": self.activations, "gradients": self.gradients, "optimizer": self.optimizer,
+                "peak": self.peak, "fits": self.fits}
+
+
+class CostModel:
+    """Predictions for one model on one hardware profile (see the module docstring)."""
+
+    def __init__(self, model: ModelSpec, hardware: HardwareProfile, options: CostOptions | None = None) -> None:
+        self.model = model
+        self.hw = hardware
+        self.opt = (options or CostOptions()).validate()
+        dev = hardware.device
+        self.peak_flops = dev.matmul_flops["bf16"].value
+        self.hbm = dev.hbm_bandwidth.value
+        self.launch = dev.launch_overhead.value
+        self._loop_curve = hardware.find_curve("expert_ffn", hidden=model.hidden_size, ffn=model.expert_ffn,
+                                               kernel="loop")
+        self._grouped = self._fit_grouped(hardware.curves_of("expert_ffn"))
+
+    # ---- 1. kernels ---------------------------------------------------------------------------
+    @property
+    def compute_measured(self) -> bool:
+        """True when expert time comes from a measured curve for this model's expert shape."""
+        return (self._grouped is not None) if self.opt.kernel == "grouped" else self._loop_curve is not None
+
+    def expert_roofline(self, tokens: np.ndarray | float) -> np.ndarray:
+        """Roofline time of one expert at ``tokens`` tokens, without launch overhead (seconds)."""
+        m = self.model
+        n = np.asarray(tokens, dtype=np.float64)
+        flops = 6.0 * m.hidden_size * m.expert_ffn * n
+        nbytes = m.expert_bytes() + n * (2 * m.hidden_size + 3 * m.expert_ffn) * self.opt.act_bytes
+        return np.maximum(flops / self.peak_flops, nbytes / self.hbm)
+
+    def expert_time(self, tokens: np.ndarray | float) -> np.ndarray:
+        """One expert's FFN at ``tokens`` tokens with its own launches (loop kernel); 0 at 0 tokens."""
+        n = np.asarray(tokens, dtype=np.float64)
+        if self._loop_curve is not None:
+            t = self._loop_curve(np.maximum(n, 1.0))
+        else:
+            t = self.expert_roofline(n) + LAUNCHES_PER_EXPERT * self.launch
+        return np.where(n > 0, t, 0.0)
+
+    def _fit_grouped(self, curves: list[Curve]) -> tuple[float, Curve] | None:
+        """From grouped-kernel curves at two expert counts G1 < G2, the fixed cost c0 and the
+        per-expert increment h(n) = (t(G2, n) − t(G1, n)) / (G2 − G1), as a curve over n."""
+        m = self.model
+        mine = sorted((c for c in curves if c.key.get("kernel") == "grouped" and c.key.get("hidden") == m.hidden_size
+                       and c.key.get("ffn") == m.expert_ffn), key=lambda c: int(c.key.get("experts", 1)))
+        if len(mine) < 2:
+            return None
+        a, b = mine[0], mine[-1]
+        ga, gb = int(a.key["experts"]), int(b.key["experts"])
+        x = np.asarray(a.x)
+        ta, tb = a(x), b(x)
+        h = np.maximum((tb - ta) / (gb - ga), 1e-9)
+        c0 = float(np.median(np.maximum(ta - ga * h, 0.0)))
+        return c0, Curve("expert_ffn", {"derived": "per-expert increment"}, tuple(x), tuple(h), a.prov)
+
+    def grouped_time(self, slot_tokens: np.ndarray) -> np.ndarray:
+        """Per-device time of one grouped expert kernel over its slots: ``slot_tokens`` is
+        [..., slots] (tokens per local slot); returns [...] seconds (0 for a device with no tokens)."""
+        n = np.asarray(slot_tokens, dtype=np.float64)
+        busy = n.sum(axis=-1) > 0
+        if self._grouped is not None:
+            c0, h = self._grouped
+            t = c0 + np.where(n > 0, h(np.maximum(n, 1.0)), 0.0).sum(axis=-1)
+        else:
+            t = np.where(n > 0, self.expert_roofline(n), 0.0).sum(axis=-1) + LAUNCHES_PER_GROUPED * self.launch
+        return np.where(busy, t, 0.0)
+
+    def device_compute(self, slot_tokens: np.ndarray) -> np.ndarray:
+        """Expert compute per device for tokens per slot [..., devices, slots], with the chosen kernel."""
+        if self.opt.kernel == "grouped":
+            return self.grouped_time(slot_tokens)
+        return self.expert_time(slot_tokens).sum(axis=-1)
+
+    def dense_time(self, flops: float | np.ndarray, weight_bytes: float | np.ndarray,
+                   launches: int = 1) -> np.ndarray:
+        """A dense matmul block: roofline on the (measured or datasheet) bf16 rate and HBM bandwidth."""
+        return np.maximum(np.asarray(flops) / self.peak_flops, np.asarray(weight_bytes) / self.hbm) + launches * self.launch
+
+    def shared_expert_time(self, tokens: np.ndarray | float) -> np.ndarray:
+        """Shared expert(s) of one MoE layer at ``tokens`` tokens on one device."""
+        m = self.model
+        if not m.shared_ffn:
+            return np.zeros_like(np.asarray(tokens, dtype=np.float64))
+        n = np.asarray(tokens, dtype=np.float64)
+        flops = 6.0 * m.hidden_size * m.shared_ffn * n
+        nbytes = m.shared_params() * m.weight_bytes + n * 2 * m.hidden_size * self.opt.act_bytes
+        return np.where(n > 0, self.dense_time(flops, nbytes, 3), 0.0)
+
+    # ---- 2. links -----------------------------------------------------------------------------
+    def _link_time(self, scope: str, nbytes: np.ndarray, ranks: int) -> np.ndarray:
+        b = np.asarray(nbytes, dtype=np.float64)
+        curve = self._collective_curve("all_to_all", scope, ranks)
+        if curve is not None:
+            n = int(curve.key.get("ranks", ranks))
+            return np.where(b > 0, curve(np.maximum(b * n / max(n - 1, 1), 1.0)), 0.0)
+        link = self.hw.intra_node if scope == "intra_node" else self.hw.inter_node
+        return link.time(b)
+
+    def _collective_curve(self, op: str, scope: str, ranks: int) -> Curve | None:
+        best = None
+        for c in self.hw.curves_of("collective"):
+            if c.key.get("op") == op and c.key.get("scope") == scope:
+                if best is None or abs(int(c.key.get("ranks", 0)) - ranks) < abs(int(best.key.get("ranks", 0)) - ranks):
+                    best = c
+        return best
+
+    @property
+    def links_measured(self) -> bool:
+        return self.hw.links_measured
+
+    def alltoall_time(self, traffic_bytes: np.ndarray) -> np.ndarray:
+        """Per-device all-to-all time from ``traffic_bytes[src, dst]`` (diagonal ignored): each
+        device's intra- and inter-node parts (max of what it sends and receives) move concurrently."""
+        b = np.asarray(traffic_bytes, dtype=np.float64)
+        d = b.shape[0]
+        per = self.hw.devices_per_node
+        node = np.arange(d) // per
+        same = node[:, None] == node[None, :]
+        off = ~np.eye(d, dtype=bool)
+        intra = np.maximum((b * (same & off)).sum(axis=1), (b * (same & off)).sum(axis=0))
+        inter = np.maximum((b * ~same).sum(axis=1), (b * ~same).sum(axis=0))
+        t_intra = self._link_time("intra_node", intra, min(d, per))
+        t_inter = self._link_time("inter_node", inter, max(d // per, 1)) if d > per else np.zeros(d)
+        return np.maximum(t_intra, t_inter)
+
+    def collective_time(self, op: str, nbytes: float, ranks: int, scope: str = "intra_node") -> float:
+        """Time of a collective of ``nbytes`` per rank over ``ranks`` ranks (ring model with the
+        nccl-tests bus-bandwidth factors when no measured curve exists)."""
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        curve = self._collective_curve(op, scope, ranks)
+        if curve is not None:
+            return float(curve(nbytes))
+        link = self.hw.intra_node if scope == "intra_node" else self.hw.inter_node
+        factor = {"all_reduce": 2.0 * (ranks - 1) / ranks, "all_gather": (ranks - 1) / ranks,
+                  "reduce_scatter": (ranks - 1) / ranks, "all_to_all": (ranks - 1) / ranks}.get(op, 1.0)
+        return float(link.latency.value * (ranks - 1 if op != "all_to_all" else 1) + nbytes * factor / link.bandwidth.value)
+
+    # ---- 3. one MoE layer -----------------------------------------------------------------------
+    def moe_layer(self, dispatch_tokens: np.ndarray, slot_tokens: np.ndarray,
+                  combine_tokens: np.ndarray | None = None, home_tokens: np.ndarray | None = None) -> LayerCost:
+        """Cost of one MoE layer for one batch.
+
+        Args:
+            dispatch_tokens: [src, dst] token-choices sent from device src to the device holding
+                the chosen replica (src == dst stays local).
+            slot_tokens: [devices, slots] token-choices computed by each physical slot.
+            combine_tokens: [src, dst] token-choices whose results travel back (default: the
+                transpose of dispatch).
+            home_tokens: [devices] tokens whose residual stream lives on each device (for the
+                shared experts; default: row sums of dispatch / top_k).
+        """
+        m, o = self.model, self.opt
+        row = m.hidden_size * o.act_bytes
+        disp_b = np.asarray(dispatch_tokens, dtype=np.float64) * row
+        comb_b = (disp_b.T if combine_tokens is None else np.asarray(combine_tokens, dtype=np.float64) * row)
+        dispatch = self.alltoall_time(disp_b)
+        combine = self.alltoall_time(comb_b) if not o.exflow else np.zeros_like(dispatch)
+        compute = self.device_compute(slot_tokens)
+        home = (np.asarray(dispatch_tokens).sum(axis=1) / m.top_k) if home_tokens is None else np.asarray(home_tokens)
+        shared = self.shared_expert_time(home)
+        work = compute + shared
+        if o.overlap:
+            d_max, c_max = float(dispatch.max()), float(work.max())
+            time = max(d_max, c_max) + min(d_max, c_max) / o.overlap_chunks + float(combine.max())
+        else:
+            time = float(dispatch.max() + work.max() + combine.max())
+        d = disp_b.shape[0]
+        per = self.hw.devices_per_node
+        node = np.arange(d) // per
+        off = ~np.eye(d, dtype=bool)
+        cross_node = node[:, None] != node[None, :]
+        return LayerCost(dispatch, compute, combine, shared, time, np.asarray(slot_tokens).sum(axis=1),
+                         float((disp_b * off).sum()), float((disp_b * cross_node).sum()))
+
+    # ---- 4. dense parts -------------------------------------------------------------------------
+    def attention_time(self, tokens: float, context: float, phase: str) -> float:
+        """One layer's attention on one device: ``tokens`` new tokens each attending to ``context``
+        tokens (prefill: the sequence so far; decode: the KV cache). Measured curve when the
+        profile has one for this model's attention shape, else roofline."""
+        m = self.model
+        a = m.attention
+        kind = "attention_prefill" if phase == "prefill" else "attention_decode"
+        curve = self.hw.find_curve(kind, signature=attention_signature(m))
+        if curve is not None:
+            seqs = float(curve.key.get("batch", 1))
+            per_seq = float(curve(max(context, 1.0)))
+            return per_seq * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
+        proj_flops = 2.0 * a.params(m.hidden_size) * tokens
+        score_flops = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * context * (0.5 if phase == "prefill" else 1.0)
+        kv_bytes = a.kv_cache_elems_per_token() * m.weight_bytes * context * (tokens if phase == "decode" else 1.0)
+        nbytes = a.params(m.hidden_size) * m.weight_bytes + kv_bytes
+        return float(self.dense_time(proj_flops + score_flops, nbytes, 6))
+
+    def dense_ffn_time(self, tokens: float) -> float:
+        """A dense (non-MoE) layer's FFN on one device."""
+        m = self.model
+        return float(self.dense_time(6.0 * m.hidden_size * m.dense_ffn * tokens, m.dense_ffn_params() * m.weight_bytes, 3))
+
+    # ---- 5. memory ------------------------------------------------------------------------------
+    def memory(self, slots_per_device: np.ndarray | int, num_devices: int, kv_tokens_per_device: float = 0.0,
+               batch_tokens_per_device: float = 0.0, training: bool = False, non_expert_shards: int = 1,
+               expert_shards: int = 1) -> MemoryReport:
+        """Bytes per device. ``slots_per_device``: expert slots per MoE layer on each device
+        (replicas included); ``non_expert_shards``: how many ways the non-expert weights are
+        split (TP × PP); ``expert_shards``: ETP × PP split of each expert."""
+        m = self.model
+        slots = np.broadcast_to(np.asarray(slots_per_device, dtype=np.float64), (num_devices,))
+        non_expert = m.non_expert_params() * m.weight_bytes / non_expert_shards
+        experts = slots * m.num_moe_layers * m.expert_bytes() / expert_shards
+        kv = m.kv_cache_bytes_per_token() * kv_tokens_per_device / non_expert_shards
+        act = batch_tokens_per_device * m.hidden_size * self.opt.act_bytes * (ACTIVATION_FACTOR * m.num_layers
+                                                                                   if training else 8)
+        grads = optim = 0.0
+        if training:
+            params = non_expert / m.weight_bytes + float(experts.max()) / m.expert_bytes() * m.expert_params()
+            grads = params * 4.0          # fp32 gradient accumulation
+            optim = params * 12.0         # fp32 master weights + Adam moments
+        return MemoryReport(self.hw.device.memory.value, non_expert, experts, kv, act, grads, optim)
+
+
+def attention_signature(model: ModelSpec) -> str:
+    """A key naming an attention shape, shared by the profiler's curves and the cost model."""
+    a = model.attention
+    if a.kind == "mla":
+        return f"mla-h{model.hidden_size}-n{a.num_heads}-kv{a.kv_lora_rank}-r{a.qk_rope_head_dim}-v{a.v_head_dim}"
+    return f"gqa-h{model.hidden_size}-n{a.num_heads}-kv{a.num_kv_heads}-d{a.head_dim}"

@@ -1,0 +1,232 @@
+"""File I/O shared by every object: atomic writes and guarded loads.
+
+Writes go to a temporary file in the target's folder and are renamed into place,
+so a crash or a validation error never leaves a half-written file. Loads turn
+every parse failure into :class:`moeplan.errors.InputError` naming the file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import yaml
+
+from moeplan.errors import InputError
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; rename it onto ``path`` only on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    write_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
+
+
+def write_yaml(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as block-style YAML, atomically."""
+    write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
+
+
+def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    """Write compressed NPZ atomically (``np.savez_compressed`` appends no suffix to a handle)."""
+    with atomic_open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _read_bytes(path: str | os.PathLike[str]) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file not found", source=str(p), fix="check the path")
+    if p.is_dir():
+        raise InputError("is a folder, expected a file", source=str(p), fix="give the file inside it")
+    return p.read_bytes()
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file, raising InputError on any failure."""
+    raw = _read_bytes(path)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"not valid JSON ({exc})", source=str(path), fix="write valid UTF-8 JSON") from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Parse a YAML file with the safe loader, raising InputError on any failure."""
+    raw = _read_bytes(path)
+    try:
+        return yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, TypeError) as exc:
+        raise InputError(f"not valid YAML ({exc})", source=str(path), fix="write valid UTF-8 YAML") from None
+
+
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Load every array of an NPZ file (no pickles), raising InputError on any failure."""
+    raw = _read_bytes(path)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, NotImplementedError, TypeError) as exc:
+        raise InputError(f"not a readable NPZ archive ({exc})", source=str(path),
+                         fix="give a trace written by 'moeplan trace synth' or 'trace collect'") from None
+
+
+def read_any(path: str | os.PathLike[str]) -> Any:
+    """Read JSON or YAML by the file's suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        return read_json(path)
+    if suffix in (".yaml", ".yml"):
+        return read_yaml(path)
+    raise InputError(f"unknown file type '{suffix}'", source=str(path), fix="use a .json, .yaml or .yml file")
+
+
+class Fields:
+    """Typed, named access to a loaded mapping: every bad field becomes an InputError.
+
+    ``Fields(data, "plan.json")`` wraps a dict; ``f.int("num_experts", minimum=1)``
+    returns the value or raises with the file and the dotted field name.
+    """
+
+    def __init__(self, data: Any, source: str, prefix: str = "") -> None:
+        if not isinstance(data, dict):
+            raise InputError(f"expected a mapping, got {type(data).__name__}", source=source,
+                             field=prefix.rstrip(".") or "", fix="check the file's structure")
+        self.data = data
+        self.source = source
+        self.prefix = prefix
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def raw(self, key: str, default: Any = ...) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise InputError("missing", source=self.source, field=self.name(key), fix=f"add '{key}'")
+            return default
+        return self.data[key]
+
+    def sub(self, key: str, default: Any = ...) -> "Fields":
+        value = self.raw(key, {} if default is ... else default)
+        return Fields(value, self.source, f"{self.name(key)}.")
+
+    def int(self, key: str, default: Any = ..., minimum: int | None = None) -> int:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise InputError(f"expected an integer, got {value!r}", source=self.source, field=self.name(key))
+        value = int(value)
+        if minimum is not None and value < minimum:
+            raise InputError(f"must be ≥ {minimum}, got {value}", source=self.source, field=self.name(key))
+        return value
+
+    def float(self, key: str, default: Any = ..., minimum: float | None = None,
+              positive: bool = False) -> float:
+        value = _yaml_number(self.raw(key, default))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise InputError(f"expected a number, got {value!r}", source=self.source, field=self.name(key))
+        value = float(value)
+        if positive and not value > 0:
+            raise InputError(f"must be > 0, got {value}", source=self.source, field=self.name(key))
+        if minimum is not None and value < minimum:
+            raise InputError(f"must be ≥ {minimum}, got {value}", source=self.source, field=self.name(key))
+        return value
+
+    def str(self, key: str, default: Any = ..., choices: tuple[str, ...] | None = None) -> str:
+        value = self.raw(key, default)
+        if not isinstance(value, str):
+            raise InputError(f"expected text, got {value!r}", source=self.source, field=self.name(key))
+        if choices is not None and value not in choices:
+            raise InputError(f"must be one of {', '.join(choices)}; got {value!r}", source=self.source,
+                             field=self.name(key))
+        return value
+
+    def bool(self, key: str, default: Any = ...) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise InputError(f"expected true or false, got {value!r}", source=self.source, field=self.name(key))
+        return value
+
+    def list(self, key: str, default: Any = ...) -> list[Any]:
+        value = self.raw(key, default)
+        if not isinstance(value, list):
+            raise InputError(f"expected a list, got {type(value).__name__}", source=self.source,
+                             field=self.name(key))
+        return value
+
+    def numbers(self, key: str, default: Any = ..., positive: bool = False) -> list[float]:
+        values = self.list(key, default)
+        out: list[float] = []
+        for i, v in enumerate(values):
+            v = _yaml_number(v)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise InputError(f"item {i} is not a number: {v!r}", source=self.source, field=self.name(key))
+            if positive and not v > 0:
+                raise InputError(f"item {i} must be > 0, got {v}", source=self.source, field=self.name(key))
+            out.append(float(v))
+        return out
+
+    def fail(self, key: str, message: str, fix: str = "") -> InputError:
+        return InputError(message, source=self.source, field=self.name(key), fix=fix)
+
+
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads ``3e14`` (no dot, no exponent sign) as text; accept such numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def guarded_load(loader: Callable[[], Any], source: str) -> Any:
+    """Run ``loader``; turn stray structural errors (wrong types deep inside) into InputError."""
+    try:
+        return loader()
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+        raise InputError(f"malformed content ({type(exc).__name__}: {exc})", source=source,
+                         fix="compare with a file moeplan wrote") from None

@@ -1,0 +1,189 @@
+"""Synthetic routing traffic with knobs a user understands.
+
+Each of a token's top-k expert choices at a MoE layer comes from one of three sources:
+
+* **context** (probability ``locality``): the experts favoured by the token's current context.
+  Contexts persist over runs of about ``segment`` consecutive tokens, so neighbouring tokens
+  share experts (temporal locality) and a context's experts are chosen together
+  (co-activation).
+* **affinity** (probability ``affinity``, layers after the first): the favoured successors of the
+  expert the token's first choice went to at the previous layer, as ExFlow observed in real
+  models (inter-layer affinity).
+* **popularity** (the rest): a Zipf law with exponent ``zipf`` over a random order of the
+  layer's experts (0 = uniform).
+
+Favoured sets are drawn in proportion to popularity, so the overall load stays Zipf-shaped.
+Grouped routing (DeepSeek-V3's ``n_group``/``topk_group``) is respected: a token's experts lie
+in at most ``topk_group`` groups. A token never picks the same expert twice in a layer.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from moeplan.errors import InputError
+from moeplan.model import ModelSpec
+from moeplan.trace import RoutingTrace
+
+CONTEXTS = 32
+OVERSAMPLE = 2
+RESOLUTION = 8192
+MAX_FILL_ROUNDS = 10_000
+
+
+@dataclass(frozen=True)
+class SyntheticTraffic:
+    """Knobs of the generator (see the module docstring). tokens: trace length; zipf: popularity
+    skew exponent (≥ 0); affinity, locality: probabilities (sum ≤ 1); segment: mean run length of
+    a context, in tokens; seed: random seed."""
+
+    tokens: int = 100_000
+    zipf: float = 0.6
+    affinity: float = 0.4
+    locality: float = 0.3
+    segment: int = 64
+    seed: int = 0
+
+    def validate(self) -> "SyntheticTraffic":
+        if self.tokens < 1:
+            raise InputError(f"must be ≥ 1, got {self.tokens}", field="tokens")
+        if self.zipf < 0:
+            raise InputError(f"must be ≥ 0, got {self.zipf}", field="zipf")
+        for name in ("affinity", "locality"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise InputError(f"must lie in [0, 1], got {v}", field=name)
+        if self.affinity + self.locality > 1:
+            raise InputError(f"affinity + locality must be ≤ 1, got {self.affinity + self.locality}",
+                             field="affinity", fix="lower one of them")
+        if self.segment < 1:
+            raise InputError(f"must be ≥ 1, got {self.segment}", field="segment")
+        return self
+
+
+def zipf_popularity(num_experts: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Probabilities ∝ rank^-exponent over a random permutation of the experts."""
+    weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -exponent
+    p = np.empty(num_experts)
+    p[rng.permutation(num_experts)] = weights / weights.sum()
+    return p
+
+
+def _favoured_rows(rows: int, size: int, popularity: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` distributions, each over ``size`` experts drawn without replacement ∝ popularity
+    (Gumbel top-k), with Dirichlet(2) weights among them."""
+    e = popularity.size
+    size = min(size, e)
+    keys = np.log(popularity)[None, :] + rng.gumbel(size=(rows, e))
+    chosen = np.argpartition(-keys, size - 1, axis=1)[:, :size]
+    weights = rng.gamma(2.0, size=(rows, size))
+    table = np.zeros((rows, e))
+    np.put_along_axis(table, chosen, weights / weights.sum(axis=1, keepdims=True), axis=1)
+    return table
+
+
+def _context_ids(tokens: int, segment: int, rng: np.random.Generator) -> np.ndarray:
+    """The context of every token: runs of geometric length with mean ``segment``."""
+    starts = np.flatnonzero(rng.random(tokens) < 1.0 / segment)
+    run_ids = np.zeros(tokens, dtype=np.int64)
+    run_ids[starts] = 1
+    run_ids = np.cumsum(run_ids)
+    contexts = rng.integers(0, CONTEXTS, size=int(run_ids[-1]) + 1)
+    return contexts[run_ids]
+
+
+def _inverse_cdf_tables(table: np.ndarray, resolution: int) -> np.ndarray:
+    """Quantised inverse CDFs: ``out[row, int(u * resolution)]`` samples row's distribution
+    (expert i owns round(resolution * CDF) buckets, so probabilities are kept to 1/resolution)."""
+    rows, e = table.shape
+    cdf = np.cumsum(table, axis=1)
+    edges = np.rint(cdf / cdf[:, -1:] * resolution).astype(np.int64)
+    counts = np.diff(edges, axis=1, prepend=0)
+    experts = np.broadcast_to(np.arange(e, dtype=np.int16), (rows, e))
+    return np.repeat(experts.ravel(), counts.ravel()).reshape(rows, resolution)
+
+
+def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
+    """Generate a RoutingTrace for ``model`` with the given knobs (deterministic for a seed).
+
+    Per layer, every token draws ``OVERSAMPLE × top_k`` candidates (the first ``top_k`` from the
+    mixture, the rest from popularity) and keeps the first ``top_k`` that are new to it and, for
+    grouped routing, inside its first ``topk_group`` groups. Vectorised over tokens.
+    """
+    traffic.validate()
+    rng = np.random.default_rng(traffic.seed)
+    t, nl, k, e = traffic.tokens, model.num_moe_layers, model.top_k, model.num_experts
+    group_size = model.experts_per_group
+    ids = np.empty((t, nl, k), dtype=np.int16)
+    contexts = _context_ids(t, traffic.segment, rng)
+    ctx_row0, succ_row0 = 1, 1 + CONTEXTS  # row 0 = popularity, then contexts, then successors
+    probs = np.array([1.0 - traffic.locality - traffic.affinity, traffic.locality, traffic.affinity])
+    for layer in range(nl):
+        pop = zipf_popularity(e, traffic.zipf, rng)
+        table = np.vstack([pop[None, :], _favoured_rows(CONTEXTS, 2 * k, pop, rng), _favoured_rows(e, k, pop, rng)])
+        inv = _inverse_cdf_tables(table, RESOLUTION)
+        p = probs if layer else np.array([probs[0] + probs[2], probs[1], 0.0])
+        comp = rng.choice(3, size=(t, k), p=p)
+        row = np.zeros((t, OVERSAMPLE * k), dtype=np.int64)
+        row[:, :k] = np.where(comp == 1, ctx_row0 + contexts[:, None], 0)
+        if layer:
+            prev = ids[:, layer - 1, 0].astype(np.int64)
+            row[:, :k] = np.where(comp == 2, succ_row0 + prev[:, None], row[:, :k])
+        bucket = (rng.random(row.shape) * RESOLUTION).astype(np.int64)
+        cand = inv[row, bucket]
+        chosen, complete = _first_k_valid(cand, k, group_size, model.n_group, model.topk_group)
+        todo = np.flatnonzero(~complete)
+        cand = cand[todo]
+        while todo.size:  # extend unfinished rows with popularity draws, then uniform ones
+            extra = (inv[0][(rng.random((todo.size, OVERSAMPLE * k)) * RESOLUTION).astype(np.int64)]
+                     if cand.shape[1] < 8 * k else rng.integers(0, e, size=(todo.size, OVERSAMPLE * k)))
+            cand = np.concatenate([cand, extra.astype(cand.dtype)], axis=1)
+            more, done = _first_k_valid(cand, k, group_size, model.n_group, model.topk_group)
+            chosen[todo[done]] = more[done]
+            todo, cand = todo[~done], cand[~done]
+        ids[:, layer, :] = chosen
+    gates = -np.sort(-rng.standard_normal((t, nl, k)).astype(np.float32), axis=2)
+    gates = np.exp(gates - gates[:, :, :1])
+    gates /= gates.sum(axis=2, keepdims=True)
+    return RoutingTrace(ids, e, model.name, gates.astype(np.float16),
+                        {"source": "synthetic", "generator": "moeplan.synth", **asdict(traffic)}).validate()
+
+
+def _first_positions(keys: np.ndarray, width: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """For each row of ``keys`` [rows, M] (values in 0..width-1), the first column where each
+    value occurs (M where it does not, or where ``mask`` is False)."""
+    rows, m = keys.shape
+    first = np.full(rows * width, m, dtype=np.int32)
+    flat = (np.arange(rows, dtype=np.int64)[:, None] * width + keys)[:, ::-1]
+    pos = np.broadcast_to(np.arange(m - 1, -1, -1, dtype=np.int32), (rows, m))
+    if mask is not None:
+        keep = mask[:, ::-1]
+        flat, pos = flat[keep], pos[keep]
+    first[flat.ravel()] = pos.ravel()  # later writes win: the earliest column is written last
+    return first.reshape(rows, width)
+
+
+def _first_k_valid(cand: np.ndarray, k: int, group_size: int, n_group: int,
+                   topk_group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``cand`` [rows, M], the first ``k`` candidates that are not repeats and lie in
+    the row's first ``topk_group`` distinct groups (in candidate order). Returns the chosen ids
+    [rows, k] and whether each row found ``k``."""
+    rows, m = cand.shape
+    keys = cand.astype(np.int64)
+    cols = np.arange(m, dtype=np.int32)
+    num_experts = group_size * n_group
+    valid = np.take_along_axis(_first_positions(keys, num_experts), keys, axis=1) == cols
+    if n_group > 1:
+        groups = keys // group_size
+        gfirst = _first_positions(groups, n_group, valid)
+        threshold = np.partition(gfirst, topk_group - 1, axis=1)[:, topk_group - 1:topk_group]
+        gpos = np.take_along_axis(gfirst, groups, axis=1)
+        valid &= (gpos <= threshold) & (gpos < m)
+    position = np.cumsum(valid, axis=1)
+    keep = valid & (position <= k)
+    complete = position[:, -1] >= k
+    chosen = np.zeros((rows, k), dtype=cand.dtype)
+    r, c = np.nonzero(keep)
+    chosen[r, position[r, c] - 1] = cand[r, c]
+    return chosen, complete
