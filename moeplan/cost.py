@@ -13,8 +13,9 @@ Read it top to bottom:
    collective curves when present, else latency + bytes / datasheet bandwidth).
 3. **One MoE layer** — :meth:`CostModel.moe_layer`: dispatch, expert compute, combine and shared
    experts per device for a traffic matrix; each phase ends at a collective, so the layer takes
-   the slowest device of each phase (stragglers matter). Options: ``overlap`` (dispatch overlapped
-   with compute in chunks) and ``exflow`` (context-coherent: one all-to-all per layer).
+   the slowest device of each phase (stragglers matter). ``overlap`` overlaps dispatch with
+   compute in chunks. ExFlow's context-coherent execution (``exflow``) changes the traffic
+   matrices, not the formula: :mod:`moeplan.simulate` builds them.
 4. **Dense parts** — attention (prefill and decode, GQA or MLA) and dense FFN layers.
 5. **Memory** — :meth:`CostModel.memory`: weights with replicas, KV cache, activations and, for
    training, gradients and optimizer states; :meth:`MemoryReport.check` rejects a plan that
@@ -42,7 +43,9 @@ ACTIVATION_FACTOR = 34      # bytes of live activations per token per hidden ele
 @dataclass(frozen=True)
 class CostOptions:
     """How the runtime executes. kernel: "grouped" or "loop" expert kernel; overlap: dispatch
-    overlapped with compute; exflow: context-coherent execution (one all-to-all per layer);
+    overlapped with compute; exflow: context-coherent execution (a token's next dispatch starts
+    from the device of its previous top-1 expert and its combine ends there, so it never returns
+    home between layers — ExFlow's single all-to-all per layer);
     act_bytes: bytes per activation element; overlap_chunks: pipeline depth of the overlap."""
 
     kernel: str = "grouped"
@@ -59,26 +62,30 @@ class CostOptions:
 
 @dataclass
 class LayerCost:
-    """One MoE layer for one batch. Per-device arrays in seconds; ``time`` is the layer's time."""
+    """One MoE layer. Per-device arrays [..., devices] in seconds; ``time`` [...] is the layer's
+    time (leading dimensions are batches, or none); bytes are dispatch bytes crossing devices/nodes."""
 
     dispatch: np.ndarray
     compute: np.ndarray
     combine: np.ndarray
     shared: np.ndarray
-    time: float
+    time: np.ndarray
     tokens_per_device: np.ndarray
-    cross_device_bytes: float
-    cross_node_bytes: float
+    cross_device_bytes: np.ndarray
+    cross_node_bytes: np.ndarray
 
     @property
-    def straggler_wait(self) -> float:
+    def straggler_wait(self) -> np.ndarray:
         """Time the average device idles waiting for the slowest one in the compute phase."""
         c = self.compute + self.shared
-        return float(c.max() - c.mean())
+        return c.max(axis=-1) - c.mean(axis=-1)
 
     def breakdown(self) -> dict[str, float]:
-        return {"dispatch": float(self.dispatch.max()), "compute": float((self.compute + self.shared).max()),
-                "combine": float(self.combine.max()), "straggler_wait": self.straggler_wait, "total": self.time}
+        """Phase times (slowest device of each phase), averaged over leading batch dimensions."""
+        return {"dispatch": float(np.mean(self.dispatch.max(axis=-1))),
+                "compute": float(np.mean((self.compute + self.shared).max(axis=-1))),
+                "combine": float(np.mean(self.combine.max(axis=-1))),
+                "straggler_wait": float(np.mean(self.straggler_wait)), "total": float(np.mean(self.time))}
 
 
 @dataclass
@@ -237,18 +244,19 @@ class CostModel:
         return self.hw.links_measured
 
     def alltoall_time(self, traffic_bytes: np.ndarray) -> np.ndarray:
-        """Per-device all-to-all time from ``traffic_bytes[src, dst]`` (diagonal ignored): each
-        device's intra- and inter-node parts (max of what it sends and receives) move concurrently."""
+        """Per-device all-to-all time from ``traffic_bytes[..., src, dst]`` (diagonal ignored): each
+        device's intra- and inter-node parts (max of what it sends and receives) move concurrently.
+        Leading dimensions (batches) are kept: returns [..., devices]."""
         b = np.asarray(traffic_bytes, dtype=np.float64)
-        d = b.shape[0]
+        d = b.shape[-1]
         per = self.hw.devices_per_node
         node = np.arange(d) // per
         same = node[:, None] == node[None, :]
-        off = ~np.eye(d, dtype=bool)
-        intra = np.maximum((b * (same & off)).sum(axis=1), (b * (same & off)).sum(axis=0))
-        inter = np.maximum((b * ~same).sum(axis=1), (b * ~same).sum(axis=0))
+        intra_mask = same & ~np.eye(d, dtype=bool)
+        intra = np.maximum((b * intra_mask).sum(axis=-1), (b * intra_mask).sum(axis=-2))
+        inter = np.maximum((b * ~same).sum(axis=-1), (b * ~same).sum(axis=-2))
         t_intra = self._link_time("intra_node", intra, min(d, per))
-        t_inter = self._link_time("inter_node", inter, max(d // per, 1)) if d > per else np.zeros(d)
+        t_inter = self._link_time("inter_node", inter, max(d // per, 1)) if d > per else np.zeros_like(intra)
         return np.maximum(t_intra, t_inter)
 
     def collective_time(self, op: str, nbytes: float, ranks: int, scope: str = "intra_node") -> float:
@@ -267,39 +275,40 @@ class CostModel:
     # ---- 3. one MoE layer -----------------------------------------------------------------------
     def moe_layer(self, dispatch_tokens: np.ndarray, slot_tokens: np.ndarray,
                   combine_tokens: np.ndarray | None = None, home_tokens: np.ndarray | None = None) -> LayerCost:
-        """Cost of one MoE layer for one batch.
+        """Cost of one MoE layer; every argument may carry leading batch dimensions.
 
         Args:
-            dispatch_tokens: [src, dst] token-choices sent from device src to the device holding
-                the chosen replica (src == dst stays local).
-            slot_tokens: [devices, slots] token-choices computed by each physical slot.
-            combine_tokens: [src, dst] token-choices whose results travel back (default: the
+            dispatch_tokens: [..., src, dst] token-choices sent from device src to the device
+                holding the chosen replica (src == dst stays local).
+            slot_tokens: [..., devices, slots] token-choices computed by each physical slot.
+            combine_tokens: [..., src, dst] token-choices whose results travel back (default: the
                 transpose of dispatch).
-            home_tokens: [devices] tokens whose residual stream lives on each device (for the
+            home_tokens: [..., devices] tokens whose residual stream lives on each device (for the
                 shared experts; default: row sums of dispatch / top_k).
         """
         m, o = self.model, self.opt
         row = m.hidden_size * o.act_bytes
-        disp_b = np.asarray(dispatch_tokens, dtype=np.float64) * row
-        comb_b = (disp_b.T if combine_tokens is None else np.asarray(combine_tokens, dtype=np.float64) * row)
+        disp_tokens = np.asarray(dispatch_tokens, dtype=np.float64)
+        disp_b = disp_tokens * row
+        comb_b = (np.swapaxes(disp_b, -1, -2) if combine_tokens is None
+                  else np.asarray(combine_tokens, dtype=np.float64) * row)
         dispatch = self.alltoall_time(disp_b)
-        combine = self.alltoall_time(comb_b) if not o.exflow else np.zeros_like(dispatch)
+        combine = self.alltoall_time(comb_b)
         compute = self.device_compute(slot_tokens)
-        home = (np.asarray(dispatch_tokens).sum(axis=1) / m.top_k) if home_tokens is None else np.asarray(home_tokens)
+        home = disp_tokens.sum(axis=-1) / m.top_k if home_tokens is None else np.asarray(home_tokens, dtype=np.float64)
         shared = self.shared_expert_time(home)
         work = compute + shared
+        d_max, w_max, c_max = dispatch.max(axis=-1), work.max(axis=-1), combine.max(axis=-1)
         if o.overlap:
-            d_max, c_max = float(dispatch.max()), float(work.max())
-            time = max(d_max, c_max) + min(d_max, c_max) / o.overlap_chunks + float(combine.max())
+            time = np.maximum(d_max, w_max) + np.minimum(d_max, w_max) / o.overlap_chunks + c_max
         else:
-            time = float(dispatch.max() + work.max() + combine.max())
-        d = disp_b.shape[0]
-        per = self.hw.devices_per_node
-        node = np.arange(d) // per
+            time = d_max + w_max + c_max
+        d = disp_b.shape[-1]
+        node = np.arange(d) // self.hw.devices_per_node
         off = ~np.eye(d, dtype=bool)
         cross_node = node[:, None] != node[None, :]
-        return LayerCost(dispatch, compute, combine, shared, time, np.asarray(slot_tokens).sum(axis=1),
-                         float((disp_b * off).sum()), float((disp_b * cross_node).sum()))
+        return LayerCost(dispatch, compute, combine, shared, time, np.asarray(slot_tokens).sum(axis=-1),
+                         (disp_b * off).sum(axis=(-1, -2)), (disp_b * cross_node).sum(axis=(-1, -2)))
 
     # ---- 4. dense parts -------------------------------------------------------------------------
     def attention_time(self, tokens: float, context: float, phase: str) -> float:

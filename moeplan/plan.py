@@ -263,3 +263,18 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Plan":
         return cls.from_dict(read_json(path), str(path))
+
+
+def contiguous_placement(num_layers: int, num_experts: int, devices: int, devices_per_node: int,
+                         slots_per_device: int | None = None) -> Placement:
+    """What runtimes do by default (SGLang's "trivial" location): physical slot p, numbered
+    rank-major, holds logical expert p mod E in every layer, so expert e sits on device e // S
+    and any extra slots repeat experts 0, 1, … from the start."""
+    slots = slots_per_device or -(-num_experts // devices)
+    physical = slots * devices
+    if physical < num_experts:
+        raise InputError(f"{devices} devices × {slots} slots = {physical} < {num_experts} experts", field="slots",
+                         fix="use more slots per device or more devices")
+    order = np.arange(physical) % num_experts
+    slot_expert = np.broadcast_to(order.reshape(devices, slots), (num_layers, devices, slots)).copy()
+    return Placement.from_slots(slot_expert, num_experts, devices_per_node)

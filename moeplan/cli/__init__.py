@@ -2,7 +2,7 @@
 itself on the applications of :mod:`moeplan.cli.apps`."""
 from __future__ import annotations
 
-from moeplan.cli import info, trace_cmd  # noqa: F401  (registration)
+from moeplan.cli import info, simulate_cmd, trace_cmd  # noqa: F401  (registration)
 from moeplan.cli.apps import app
 
 
