@@ -10,7 +10,9 @@ import io
 import json
 import os
 import tempfile
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,13 +101,19 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
         raise InputError(f"not valid YAML ({exc})", source=str(path), fix="write valid UTF-8 YAML") from None
 
 
+# What np.load raises on a malformed archive: zip and zlib errors, .npy headers that do not parse
+# (numpy reads them with ast.literal_eval), and shapes too large to allocate.
+NPZ_ERRORS = (ValueError, OSError, zipfile.BadZipFile, zlib.error, EOFError, KeyError, NotImplementedError, TypeError,
+              SyntaxError, tokenize.TokenError, RecursionError, MemoryError)
+
+
 def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Load every array of an NPZ file (no pickles), raising InputError on any failure."""
     raw = _read_bytes(path)
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, NotImplementedError, TypeError) as exc:
+    except NPZ_ERRORS as exc:
         raise InputError(f"not a readable NPZ archive ({exc})", source=str(path),
                          fix="give a trace written by 'moeplan trace synth' or 'trace collect'") from None
 
@@ -152,13 +160,15 @@ class Fields:
         value = self.raw(key, {} if default is ... else default)
         return Fields(value, self.source, f"{self.name(key)}.")
 
-    def int(self, key: str, default: Any = ..., minimum: int | None = None) -> int:
+    def int(self, key: str, default: Any = ..., minimum: int | None = None, maximum: int | None = None) -> int:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise InputError(f"expected an integer, got {value!r}", source=self.source, field=self.name(key))
         value = int(value)
         if minimum is not None and value < minimum:
             raise InputError(f"must be ≥ {minimum}, got {value}", source=self.source, field=self.name(key))
+        if maximum is not None and value > maximum:
+            raise InputError(f"must be ≤ {maximum}, got {value}", source=self.source, field=self.name(key))
         return value
 
     def float(self, key: str, default: Any = ..., minimum: float | None = None,

@@ -20,6 +20,7 @@ from typing import Any
 from moeplan.errors import InputError
 from moeplan.io import Fields, guarded_load, read_json
 
+MAX_LAYERS = 10_000  # far above any real model; bounds the per-layer loops a malformed config could make endless
 DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "float8_e4m3fn": 1.0, "fp8": 1.0, "bf16": 2.0}
 
 
@@ -282,7 +283,7 @@ class ModelSpec:
             f = Fields(data, source)
             att = f.sub("attention")
             spec = cls(
-                name=f.str("name"), num_layers=f.int("num_layers", minimum=1),
+                name=f.str("name"), num_layers=f.int("num_layers", minimum=1, maximum=MAX_LAYERS),
                 hidden_size=f.int("hidden_size", minimum=1), vocab_size=f.int("vocab_size", minimum=1),
                 attention=AttentionSpec(
                     kind=att.str("kind", choices=("gqa", "mla")), num_heads=att.int("num_heads", minimum=1),
@@ -357,7 +358,7 @@ def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, 
     if model_type == "dbrx" or f.has("ffn_config"):
         return _parse_dbrx(f, name, source, published)
     hidden = f.int("hidden_size", minimum=1)
-    layers = f.int("num_hidden_layers", minimum=1)
+    layers = f.int("num_hidden_layers", minimum=1, maximum=MAX_LAYERS)
     heads = f.int("num_attention_heads", minimum=1)
     kv_heads = f.int("num_key_value_heads", heads, minimum=1)
     head_dim = f.int("head_dim", hidden // heads, minimum=1)
@@ -420,7 +421,7 @@ def _parse_dbrx(f: Fields, name: str, source: str, published: dict[str, Any]) ->
     attn = f.sub("attn_config")
     hidden = f.int("d_model", minimum=1)
     heads = f.int("n_heads", minimum=1)
-    layers = f.int("n_layers", minimum=1)
+    layers = f.int("n_layers", minimum=1, maximum=MAX_LAYERS)
     return ModelSpec(
         name=name, num_layers=layers, hidden_size=hidden, vocab_size=f.int("vocab_size", minimum=1),
         attention=AttentionSpec(kind="gqa", num_heads=heads, num_kv_heads=attn.int("kv_n_heads", heads, minimum=1),

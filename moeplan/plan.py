@@ -107,6 +107,10 @@ class Placement:
         if self.devices_per_node < 1 or self.num_devices % self.devices_per_node:
             raise InputError(f"{self.num_devices} devices do not fill nodes of {self.devices_per_node}",
                              source=source, field="placement.devices_per_node")
+        if self.num_physical < self.num_experts:
+            raise InputError(f"{self.num_physical} slots per layer cannot hold {self.num_experts} experts",
+                             source=source, field="placement.num_experts",
+                             fix="every logical expert needs at least one slot")
         if se.min() < 0 or se.max() >= self.num_experts:
             raise InputError(f"slot experts must lie in 0..{self.num_experts - 1}, found {se.min()}..{se.max()}",
                              source=source, field="placement.slot_expert")
@@ -139,7 +143,10 @@ class Placement:
         f = Fields(data, source, "placement.")
         se = _int_array(f, "slot_expert", 3)
         rs = np.asarray(f.list("replica_share"), dtype=np.float64) if f.has("replica_share") else None
-        p = cls.from_slots(se, f.int("num_experts", minimum=1), f.int("devices_per_node", minimum=1), rs)
+        num_experts = f.int("num_experts", minimum=1)
+        if num_experts > se[0].size:
+            raise f.fail("num_experts", f"{se[0].size} slots per layer cannot hold {num_experts} experts")
+        p = cls.from_slots(se, num_experts, f.int("devices_per_node", minimum=1), rs)
         if f.has("devices") and f.int("devices") != p.num_devices:
             raise f.fail("devices", f"says {f.int('devices')} but slot_expert has {p.num_devices}")
         return p.validate(source)
@@ -154,6 +161,9 @@ def _int_array(f: Fields, key: str, ndim: int) -> np.ndarray:
         raise f.fail(key, f"expected a non-empty {ndim}-d array, got shape {arr.shape}")
     if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
         raise f.fail(key, f"expected integers, got {arr.dtype}")
+    limits = np.iinfo(np.int32)
+    if arr.min() < limits.min or arr.max() > limits.max:
+        raise f.fail(key, f"values {arr.min()}..{arr.max()} do not fit a 32-bit integer")
     return arr.astype(np.int32)
 
 

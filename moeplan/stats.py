@@ -120,49 +120,52 @@ class TraceStats:
         ids = self.trace.expert_ids[:, layer, :]
         n_seg = ids.shape[0] // segment
         e = self.num_experts
-        seg_of = np.repeat(np.arange(n_seg, dtype=np.int64), segment)[:, None]
-        flat = (seg_of * e + ids[: n_seg * segment].astype(np.int64)).ravel()
-        return np.bincount(flat, minlength=n_seg * e).reshape(n_seg, e)
+        seg_base = (np.arange(n_seg, dtype=np.int64) * e)[:, None, None]
+        flat = (seg_base + ids[: n_seg * segment].reshape(n_seg, segment * ids.shape[1])[:, None, :]).ravel()
+        return np.bincount(flat, minlength=n_seg * e).reshape(n_seg, e).astype(np.int32)
 
-    def srp(self, segment: int = 16, layers: list[int] | None = None) -> float:
-        """Segment routing best performance (F1 in [0, 1]; 1 = one fixed set fits every segment)."""
+    def consistency(self, segment: int = 16, cache_size: int | None = None,
+                    layers: list[int] | None = None) -> tuple[float, float]:
+        """(SRP, SCH) in one pass over the trace: segment routing best performance (best F1 of one
+        fixed expert set per segment, chosen by a count threshold shared by all segments) and
+        segment cache best hit rate for ``cache_size`` experts (default 2 × top_k)."""
         k = self.trace.top_k
+        size = cache_size or 2 * k
         hist = np.zeros(segment + 1, dtype=np.int64)
-        for layer in layers if layers is not None else range(self.trace.num_layers):
-            counts = self._segment_counts(layer, segment)
-            if counts.size:
-                hist += np.bincount(counts.ravel(), minlength=segment + 1)
-        c = np.arange(segment + 1)
-        matches = np.cumsum((c * hist)[::-1])[::-1]  # Σ counts of experts with count ≥ j
-        chosen = np.cumsum(hist[::-1])[::-1]        # experts with count ≥ j
-        acts = matches[0]
-        if acts == 0:
-            return float("nan")
-        f1 = 2 * matches[1:] / (chosen[1:] * segment + acts)
-        return float(f1.max())
-
-    def sch(self, segment: int = 16, cache_size: int | None = None, layers: list[int] | None = None) -> float:
-        """Segment cache best hit rate for a cache of ``cache_size`` experts (default 2 × top_k)."""
-        size = cache_size or 2 * self.trace.top_k
         hits = total = 0
         for layer in layers if layers is not None else range(self.trace.num_layers):
             counts = self._segment_counts(layer, segment)
             if counts.size == 0:
                 continue
+            hist += np.bincount(counts.ravel(), minlength=segment + 1)
             size_l = min(size, counts.shape[1])
-            top = np.partition(counts, counts.shape[1] - size_l, axis=1)[:, counts.shape[1] - size_l:]
-            hits += int(top.sum())
+            hits += int(np.partition(counts, counts.shape[1] - size_l, axis=1)[:, counts.shape[1] - size_l:].sum())
             total += int(counts.sum())
-        return hits / total if total else float("nan")
+        if total == 0:
+            return float("nan"), float("nan")
+        c = np.arange(segment + 1)
+        matches = np.cumsum((c * hist)[::-1])[::-1]  # Σ counts of experts with count ≥ j
+        chosen = np.cumsum(hist[::-1])[::-1]        # experts with count ≥ j
+        f1 = 2 * matches[1:] / (chosen[1:] * segment + matches[0])
+        return float(f1.max()), hits / total
+
+    def srp(self, segment: int = 16, layers: list[int] | None = None) -> float:
+        """Segment routing best performance (F1 in [0, 1]; 1 = one fixed set fits every segment)."""
+        return self.consistency(segment, None, layers)[0]
+
+    def sch(self, segment: int = 16, cache_size: int | None = None, layers: list[int] | None = None) -> float:
+        """Segment cache best hit rate for a cache of ``cache_size`` experts (default 2 × top_k)."""
+        return self.consistency(segment, cache_size, layers)[1]
 
     def summary(self) -> dict[str, float]:
         """Headline numbers for tables."""
         imb = self.imbalance()
         aff = self.affinity_strength()
+        srp, sch = self.consistency(16)
         return {
             "tokens": self.trace.num_tokens, "moe_layers": self.trace.num_layers, "experts": self.num_experts,
             "top_k": self.trace.top_k,
             "max_over_mean_load_mean": float(imb.mean()), "max_over_mean_load_worst": float(imb.max()),
             "top1_affinity_mean": float(aff.mean()) if aff.size else float("nan"),
-            "srp_16": self.srp(16), "sch_16_2k": self.sch(16),
+            "srp_16": srp, "sch_16_2k": sch,
         }

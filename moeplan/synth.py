@@ -36,7 +36,9 @@ MAX_FILL_ROUNDS = 10_000
 class SyntheticTraffic:
     """Knobs of the generator (see the module docstring). tokens: trace length; zipf: popularity
     skew exponent (≥ 0); affinity, locality: probabilities (sum ≤ 1); segment: mean run length of
-    a context, in tokens; seed: random seed."""
+    a context, in tokens; seed: random seed; shuffle: popularity ranks fall on a random order of
+    expert ids in each layer (False: expert 0 is the hottest, then 1, … — popularity correlated
+    with ids, the worst case for contiguous placement)."""
 
     tokens: int = 100_000
     zipf: float = 0.6
@@ -44,6 +46,7 @@ class SyntheticTraffic:
     locality: float = 0.3
     segment: int = 64
     seed: int = 0
+    shuffle: bool = True
 
     def validate(self) -> "SyntheticTraffic":
         if self.tokens < 1:
@@ -62,11 +65,12 @@ class SyntheticTraffic:
         return self
 
 
-def zipf_popularity(num_experts: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
-    """Probabilities ∝ rank^-exponent over a random permutation of the experts."""
+def zipf_popularity(num_experts: int, exponent: float, rng: np.random.Generator, shuffle: bool = True) -> np.ndarray:
+    """Probabilities ∝ rank^-exponent, ranks over a random permutation of the experts (or in id order)."""
     weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -exponent
     p = np.empty(num_experts)
-    p[rng.permutation(num_experts)] = weights / weights.sum()
+    order = rng.permutation(num_experts) if shuffle else np.arange(num_experts)
+    p[order] = weights / weights.sum()
     return p
 
 
@@ -120,7 +124,7 @@ def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
     ctx_row0, succ_row0 = 1, 1 + CONTEXTS  # row 0 = popularity, then contexts, then successors
     probs = np.array([1.0 - traffic.locality - traffic.affinity, traffic.locality, traffic.affinity])
     for layer in range(nl):
-        pop = zipf_popularity(e, traffic.zipf, rng)
+        pop = zipf_popularity(e, traffic.zipf, rng, traffic.shuffle)
         table = np.vstack([pop[None, :], _favoured_rows(CONTEXTS, 2 * k, pop, rng), _favoured_rows(e, k, pop, rng)])
         inv = _inverse_cdf_tables(table, RESOLUTION)
         p = probs if layer else np.array([probs[0] + probs[2], probs[1], 0.0])

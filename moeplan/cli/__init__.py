@@ -2,7 +2,11 @@
 itself on the applications of :mod:`moeplan.cli.apps`."""
 from __future__ import annotations
 
-from moeplan.cli import info, simulate_cmd, trace_cmd  # noqa: F401  (registration)
+from moeplan.cli import collect_cmd, info, simulate_cmd, trace_cmd  # noqa: F401  (registration)
+from moeplan.cli import export_cmd  # noqa: F401  (registration)
+from moeplan.cli import run_cmd  # noqa: F401  (registration)
+from moeplan.cli import profile_cmd  # noqa: F401  (registration)
+from moeplan.cli import plan_folding  # noqa: F401  (registration)
 from moeplan.cli.apps import app
 
 

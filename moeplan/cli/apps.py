@@ -11,3 +11,4 @@ app = typer.Typer(
 trace_app = typer.Typer(no_args_is_help=True, help="Routing traces: synthesise, collect from a real model, summarise.")
 plan_app = typer.Typer(no_args_is_help=True, help="Solve for a plan: expert placement, parallel folding, cache sizes, scaling.")
 app.add_typer(trace_app, name="trace")
+app.add_typer(plan_app, name="plan")

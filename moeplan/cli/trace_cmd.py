@@ -28,10 +28,12 @@ def synth(
     locality: float = typer.Option(0.3, help="Share of choices that follow the current context (0..1)."),
     segment: int = typer.Option(64, help="Mean tokens a context lasts (temporal locality)."),
     seed: int = typer.Option(0, help="Random seed."),
+    shuffle: bool = typer.Option(True, help="Hot experts at random ids (--no-shuffle: expert 0 hottest, then 1, …)."),
 ) -> None:
     """Synthesise a routing trace with realistic structure (skew, inter-layer affinity, locality)."""
     spec = ModelSpec.resolve(model)
-    knobs = SyntheticTraffic(tokens=tokens, zipf=zipf, affinity=affinity, locality=locality, segment=segment, seed=seed)
+    knobs = SyntheticTraffic(tokens=tokens, zipf=zipf, affinity=affinity, locality=locality, segment=segment, seed=seed,
+                             shuffle=shuffle)
     t0 = time.perf_counter()
     with console.status(f"synthesising {tokens:,} tokens × {spec.num_moe_layers} MoE layers × top-{spec.top_k}"):
         trace = synthesize(spec, knobs)

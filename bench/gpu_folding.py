@@ -1,0 +1,235 @@
+"""Measure the compute terms of parallel mappings on ONE GPU and compare them with the cost model.
+
+A mapping's per-GPU compute is one layer's attention shard (heads / TP, sequence / CP) and one
+MoE layer's expert shard (E / EP experts at FFN / ETP width, tokens / TP × top-k × ETP choices).
+This script builds those shards for Mixtral-8x22B-like and Qwen2-57B-A14B-like layers at
+TP ∈ {1, 2, 4}, CP ∈ {1, 2}, EP ∈ {1, 2, 8}, times forward + backward with CUDA events, and
+prints predicted (moeplan.cost.attention_shard_time / expert_shard, × 3 for forward + backward,
+from the profile given) against measured. Communication is not measured here (one GPU).
+
+A CP shard runs its s/CP local queries against s/2 keys without a mask — the FLOPs a
+load-balanced causal ring gives each rank — with K/V beyond the local chunk standing in for the
+ring's arrivals. The expert shard uses torch's grouped GEMM when the build has it, else a loop
+over experts, and the prediction uses the matching kernel.
+
+Usage (one call, < 3 min on an H100):
+    python bench/gpu_folding.py [--profile hardware_profiles/measured/<gpu>.yaml] [--out DIR]
+    python bench/gpu_folding.py --tiny --device cpu --out /tmp/x      # CPU smoke test, tiny shapes
+Writes DIR/gpu_folding.json (DIR defaults to $OUT, else bench/results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from moeplan.cost import CostModel, CostOptions, ParallelMapping, attention_shard_time, expert_shard
+from moeplan.hardware import HardwareProfile
+from moeplan.io import write_json
+from moeplan.model import AttentionSpec, ModelSpec
+
+SEQ = 4096
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One measurement: an attention or expert shard of ``model`` under (tp, cp, ep, etp)."""
+
+    kind: str
+    model: str
+    tp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.kind == "attention":
+            return f"{self.model} attention TP{self.tp} CP{self.cp}"
+        return f"{self.model} experts EP{self.ep} ETP{self.etp} (TP{self.tp})"
+
+    def mapping(self) -> ParallelMapping:
+        return ParallelMapping(self.tp, self.cp, 1, 1, self.etp, self.ep, 1)
+
+
+SHARDS = [
+    Shard("attention", "mixtral-8x22b", tp=1), Shard("attention", "mixtral-8x22b", tp=2),
+    Shard("attention", "mixtral-8x22b", tp=4, cp=2), Shard("attention", "qwen2-57b-a14b", tp=1),
+    Shard("attention", "qwen2-57b-a14b", tp=2, cp=2), Shard("attention", "qwen2-57b-a14b", tp=4),
+    Shard("experts", "mixtral-8x22b", tp=2, ep=8), Shard("experts", "mixtral-8x22b", tp=1, ep=2),
+    Shard("experts", "mixtral-8x22b", tp=2, ep=1, etp=2), Shard("experts", "qwen2-57b-a14b", tp=2, ep=8),
+    Shard("experts", "qwen2-57b-a14b", tp=1, ep=2), Shard("experts", "qwen2-57b-a14b", tp=2, ep=8, etp=2),
+]
+
+
+def tiny(model: ModelSpec) -> ModelSpec:
+    """The same family at toy size (CPU smoke test)."""
+    return replace(model, num_layers=2, moe_layers=(0, 1), hidden_size=64, vocab_size=128, dense_ffn=0,
+                   attention=AttentionSpec("gqa", num_heads=8, num_kv_heads=2 if model.attention.num_kv_heads < 8
+                                           else 4, head_dim=8), expert_ffn=32,
+                   shared_ffn=64 if model.shared_ffn else 0).validate()
+
+
+def grouped_mm_available(device: torch.device) -> bool:
+    """True when torch's grouped GEMM runs forward and backward here (Hopper+, recent torch)."""
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(32, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(2, 64, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
+        offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+        torch._grouped_mm(x, w, offs=offs).sum().backward()
+        torch.cuda.synchronize(device)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def time_fwd_bwd(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds of ``step`` (forward + backward), CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        step()
+    out = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize(device)
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def attention_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device) -> Callable[[], None]:
+    """QKV projection, attention of s/CP queries, output projection; forward + backward."""
+    a, h = model.attention, model.hidden_size
+    heads, kv_heads, d = a.num_heads // shard.tp, max(a.num_kv_heads // shard.tp, 1), a.head_dim
+    q_len = seq // shard.cp
+    k_len = seq if shard.cp == 1 else seq // 2
+    bf = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(q_len, h, **bf, requires_grad=True)
+    w_qkv = (torch.randn(h, (heads + 2 * kv_heads) * d, **bf) * h ** -0.5).requires_grad_()
+    w_o = (torch.randn(heads * d, h, **bf) * (heads * d) ** -0.5).requires_grad_()
+    extra = max(k_len - q_len, 0)
+    remote_k = torch.randn(1, kv_heads, extra, d, **bf, requires_grad=True)
+    remote_v = torch.randn(1, kv_heads, extra, d, **bf, requires_grad=True)
+    grad = torch.randn(q_len, h, **bf)
+
+    def step() -> None:
+        qkv = x @ w_qkv
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q = q.view(1, q_len, heads, d).transpose(1, 2)
+        k = k.view(1, q_len, kv_heads, d).transpose(1, 2)[:, :, :k_len]
+        v = v.view(1, q_len, kv_heads, d).transpose(1, 2)[:, :, :k_len]
+        if extra:
+            k, v = torch.cat([k, remote_k], dim=2), torch.cat([v, remote_v], dim=2)
+        k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=shard.cp == 1)
+        (o.transpose(1, 2).reshape(q_len, heads * d) @ w_o).backward(grad)
+
+    return step
+
+
+def expert_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device,
+                grouped: bool) -> tuple[Callable[[], None], float]:
+    """E/EP SwiGLU experts at FFN/ETP width over tokens/TP × top-k × ETP choices, balanced;
+    forward + backward. Returns (step, choices)."""
+    h, f = model.hidden_size, model.expert_ffn // shard.etp
+    local = model.num_experts // shard.ep
+    choices = seq / shard.tp * model.top_k * shard.etp
+    per = max(int(round(choices / local)), 1)
+    bf = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(local * per, h, **bf, requires_grad=True)
+    w13 = (torch.randn(local, h, 2 * f, **bf) * h ** -0.5).requires_grad_()
+    w2 = (torch.randn(local, f, h, **bf) * f ** -0.5).requires_grad_()
+    offsets = torch.arange(1, local + 1, device=device, dtype=torch.int32) * per
+    grad = torch.randn(local * per, h, **bf)
+
+    def swiglu(u: torch.Tensor) -> torch.Tensor:
+        gate, up = u.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def step() -> None:
+        if grouped:
+            y = torch._grouped_mm(swiglu(torch._grouped_mm(x, w13, offs=offsets)), w2, offs=offsets)
+        else:
+            y = torch.cat([swiglu(xe @ w13[e]) @ w2[e] for e, xe in enumerate(x.split(per))])
+        y.backward(grad)
+
+    return step, float(local * per)
+
+
+def run(profile: str, device: torch.device, use_tiny: bool, warmup: int, iters: int) -> dict[str, Any]:
+    hw = HardwareProfile.resolve(profile)
+    grouped = grouped_mm_available(device)
+    seq = 64 if use_tiny else SEQ
+    rows = []
+    for shard in SHARDS:
+        model = ModelSpec.preset(shard.model)
+        model = tiny(model) if use_tiny else model
+        cm = CostModel(model, hw, CostOptions(kernel="grouped" if grouped else "loop"))
+        if shard.kind == "attention":
+            step = attention_step(model, shard, seq, device)
+            predicted = 3 * attention_shard_time(cm, shard.mapping(), seq / shard.cp, seq, "prefill")
+            work = seq / shard.cp
+        else:
+            step, work = expert_step(model, shard, seq, device, grouped)
+            predicted = 3 * expert_shard(cm, shard.mapping(), seq)[1]
+        times = time_fwd_bwd(step, device, warmup, iters)
+        measured = statistics.median(times)
+        rows.append({"name": shard.name, "kind": shard.kind, "model": model.name, "tp": shard.tp, "cp": shard.cp,
+                     "ep": shard.ep, "etp": shard.etp, "tokens_or_choices": work, "measured_s": measured,
+                     "measured_min_s": min(times), "measured_max_s": max(times), "predicted_s": predicted,
+                     "predicted_over_measured": predicted / measured,
+                     "kernel": ("grouped_mm" if grouped else "loop") if shard.kind == "experts" else "sdpa"})
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "profile": profile,
+            "profile_note": hw.provenance_note(), "seq": seq, "tiny": use_tiny, "warmup": warmup, "iters": iters,
+            "rows": rows}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="h100-sxm", help="hardware profile name or YAML the prediction uses")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or Path(__file__).parent / "results"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke test)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu" and not args.tiny:
+        print("error: full-size shards need a CUDA GPU (use --tiny for the CPU smoke test)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    result = run(args.profile, device, args.tiny, args.warmup, args.iters)
+    print(f"{result['device']}, torch {result['torch']}; profile {args.profile}: {result['profile_note']}")
+    print(f"{'shard':48s} {'measured':>11s} {'predicted':>11s} {'pred/meas':>9s}")
+    for r in result["rows"]:
+        print(f"{r['name']:48s} {r['measured_s'] * 1e3:9.3f}ms {r['predicted_s'] * 1e3:9.3f}ms "
+              f"{r['predicted_over_measured']:9.2f}")
+    out = args.out / "gpu_folding.json"
+    write_json(out, result)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

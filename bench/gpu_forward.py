@@ -1,0 +1,193 @@
+"""Whole forward step of real-shaped MoE models on one GPU: measured vs the cost model.
+
+Builds OLMoE-1B-7B and Qwen1.5-MoE-A2.7B from their presets with random bf16 weights (embedding,
+per layer: RMSNorm → GQA attention through SDPA → RMSNorm → router top-k → experts through the
+runtime's grouped kernel (+ shared expert), final norm, LM head), times prefill and decode steps
+with CUDA events (3 warm-ups, median of 10), and predicts each with
+``CostModel.forward_time`` from a measured profile, using the expert token counts the random
+router actually produced.
+
+Usage: python bench/gpu_forward.py PROFILE.yaml OUT_DIR   (CPU: tiny shapes, for the test path)
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moeplan.cost import CostModel, CostOptions
+from moeplan.hardware import HardwareProfile
+from moeplan.model import ModelSpec
+from moeplan.runtime.kernels import ExpertKernel
+
+CASES = [("prefill", 1, 2048), ("prefill", 4, 1024), ("prefill", 2, 4096),
+         ("decode", 32, 1024), ("decode", 128, 2048), ("decode", 256, 4096)]
+
+
+class RandomMoEModel:
+    """Random-weight forward pass of a ModelSpec (GQA attention only), on one device."""
+
+    def __init__(self, m: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        def w(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(device=device, dtype=dtype)
+        a = m.attention
+        self.m, self.device, self.dtype = m, device, dtype
+        self.embed = w(m.vocab_size, m.hidden_size)
+        self.head = w(m.vocab_size, m.hidden_size)
+        self.layers = []
+        moe = set(m.moe_layers)
+        for i in range(m.num_layers):
+            layer = {"q": w(a.num_heads * a.head_dim, m.hidden_size), "k": w(a.num_kv_heads * a.head_dim, m.hidden_size),
+                     "v": w(a.num_kv_heads * a.head_dim, m.hidden_size), "o": w(m.hidden_size, a.num_heads * a.head_dim)}
+            if i in moe:
+                layer.update(router=w(m.num_experts, m.hidden_size), w13=w(m.num_experts, 2 * m.expert_ffn, m.hidden_size),
+                             w2=w(m.num_experts, m.hidden_size, m.expert_ffn))
+                if m.shared_ffn:
+                    layer.update(s13=w(2 * m.shared_ffn, m.hidden_size), s2=w(m.hidden_size, m.shared_ffn))
+            else:
+                layer.update(d13=w(2 * m.dense_ffn, m.hidden_size), d2=w(m.hidden_size, m.dense_ffn))
+            self.layers.append(layer)
+        self.kernel = ExpertKernel("grouped", device, dtype, m.hidden_size, m.expert_ffn)
+        self.counts: list[np.ndarray] = []
+
+    @staticmethod
+    def _norm(h: torch.Tensor) -> torch.Tensor:
+        return h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
+
+    def _attention(self, lay: dict, h: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        a = self.m.attention
+        b, s, _ = h.shape
+        q = (h @ lay["q"].T).view(b, s, a.num_heads, a.head_dim).transpose(1, 2)
+        if cache is None:
+            k = (h @ lay["k"].T).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            v = (h @ lay["v"].T).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            (h @ lay["k"].T, h @ lay["v"].T)  # the new token's K/V projections (cache update not timed apart)
+            out = F.scaled_dot_product_attention(q, cache[0], cache[1], enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, s, -1) @ lay["o"].T
+
+    def _swiglu(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ffn: int) -> torch.Tensor:
+        up = x @ w13.T
+        return (F.silu(up[..., :ffn]) * up[..., ffn:]) @ w2.T
+
+    def _moe(self, lay: dict, x: torch.Tensor, record: bool) -> torch.Tensor:
+        m = self.m
+        logits = x @ lay["router"].T
+        weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), m.top_k, dim=-1)
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=m.num_experts)
+        counts_host = counts.tolist()
+        if record:
+            self.counts.append(np.array(counts_host))
+        y = self.kernel(x[order // m.top_k], counts_host, lay["w13"], lay["w2"])
+        out = torch.zeros_like(x)
+        out.index_add_(0, order // m.top_k, y * weights.reshape(-1)[order, None].to(y.dtype))
+        if m.shared_ffn:
+            out += self._swiglu(x, lay["s13"], lay["s2"], m.shared_ffn)
+        return out
+
+    def forward(self, tokens: torch.Tensor, caches: list | None, record: bool = False) -> torch.Tensor:
+        h = self.embed[tokens]
+        for i, lay in enumerate(self.layers):
+            h = h + self._attention(lay, self._norm(h), caches[i] if caches else None)
+            x = self._norm(h)
+            b, s, d = x.shape
+            if "router" in lay:
+                h = h + self._moe(lay, x.reshape(-1, d), record).view(b, s, d)
+            else:
+                h = h + self._swiglu(x, lay["d13"], lay["d2"], self.m.dense_ffn)
+        return self._norm(h) @ self.head.T
+
+
+def time_step(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> list[float]:  # noqa: ANN001
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run(model_names: list[str], profile: HardwareProfile, device: torch.device, cases: list[tuple[str, int, int]],
+        shrink: bool = False) -> list[dict]:
+    rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name in model_names:
+        m = ModelSpec.preset(name)
+        if shrink:
+            from dataclasses import replace
+            m = replace(m, num_layers=2, moe_layers=(0, 1), vocab_size=256, hidden_size=64, expert_ffn=32,
+                        shared_ffn=32 if m.shared_ffn else 0, num_experts=8, top_k=2,
+                        attention=replace(m.attention, num_heads=4, num_kv_heads=4, head_dim=16))
+        net = RandomMoEModel(m, device, dtype)
+        cost = CostModel(m, profile, CostOptions(kernel="grouped"))
+        a = m.attention
+        for phase, batch, seq in cases:
+            g = torch.Generator(device="cpu").manual_seed(batch * seq)
+            with torch.no_grad():
+                if phase == "prefill":
+                    tokens = torch.randint(0, m.vocab_size, (batch, seq), generator=g).to(device)
+                    caches = None
+                    n_tokens, context = batch * seq, seq
+                else:
+                    tokens = torch.randint(0, m.vocab_size, (batch, 1), generator=g).to(device)
+                    caches = [(torch.randn(batch, a.num_kv_heads, seq, a.head_dim, generator=g).to(device, dtype),
+                               torch.randn(batch, a.num_kv_heads, seq, a.head_dim, generator=g).to(device, dtype))
+                              for _ in range(m.num_layers)]
+                    n_tokens, context = batch, seq
+                net.counts = []
+                net.forward(tokens, caches, record=True)
+                counts = np.stack(net.counts)
+                times = time_step(lambda: net.forward(tokens, caches), device)
+            pred = cost.forward_time(n_tokens, context, phase, counts)
+            measured = statistics.median(times)
+            rows.append({"model": m.name, "phase": phase, "batch": batch, "seq": seq, "tokens": n_tokens,
+                         "measured_s": measured, "min_s": min(times), "max_s": max(times),
+                         "predicted_s": pred["total"], "predicted_parts": pred,
+                         "error": (pred["total"] - measured) / measured})
+            print(f"{m.name:22s} {phase:7s} B={batch:<4d} S={seq:<5d} measured {measured * 1e3:8.3f} ms  "
+                  f"predicted {pred['total'] * 1e3:8.3f} ms  error {100 * rows[-1]['error']:+6.1f}%", flush=True)
+            del caches
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del net
+    return rows
+
+
+def main() -> None:
+    profile = HardwareProfile.load(sys.argv[1])
+    out = Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cases = CASES if cuda else [("prefill", 1, 16), ("decode", 2, 16)]
+    rows = run(["olmoe-1b-7b", "qwen1.5-moe-a2.7b"], profile, device, cases, shrink=not cuda)
+    errors = [abs(r["error"]) for r in rows]
+    summary = {"median_abs_error": statistics.median(errors), "worst_abs_error": max(errors),
+               "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    (out / "forward.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    print(f"median |error| {100 * summary['median_abs_error']:.1f}%  worst {100 * summary['worst_abs_error']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

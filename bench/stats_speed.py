@@ -1,0 +1,50 @@
+"""Time TraceStats and the simulator on a 1M-token DeepSeek-V3-shaped trace (58 MoE layers, top-8).
+
+Usage: python bench/stats_speed.py [tokens]   → prints a table, writes bench/results/stats_speed.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from moeplan.hardware import HardwareProfile
+from moeplan.model import ModelSpec
+from moeplan.plan import contiguous_placement
+from moeplan.simulate import Workload, simulate
+from moeplan.stats import TraceStats
+from moeplan.synth import SyntheticTraffic, synthesize
+
+
+def timed(fn):  # noqa: ANN001, ANN201 - tiny bench helper
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    model = ModelSpec.preset("deepseek-v3")
+    trace, t_synth = timed(lambda: synthesize(model, SyntheticTraffic(tokens=tokens, seed=1)))
+    st = TraceStats.of(trace)
+    rows = {"synthesise trace": t_synth}
+    _, rows["load [58×256]"] = timed(lambda: st.load)
+    _, rows["co-activation, all 58 layers"] = timed(lambda: [st.coactivation(layer) for layer in range(trace.num_layers)])
+    _, rows["transitions, all 57 layer pairs"] = timed(lambda: st.all_transition_counts)
+    _, rows["SRP + SCH (segment 16)"] = timed(lambda: (st.srp(16), st.sch(16)))
+    _, rows["full summary (load, affinity, SRP, SCH)"] = timed(lambda: TraceStats.of(trace).summary())
+    hw = HardwareProfile.resolve("h100-sxm").with_cluster(devices=32)
+    placement = contiguous_placement(model.num_moe_layers, model.num_experts, 32, 8, 9)
+    _, rows["simulate, prefill 4096 tok/device"] = timed(lambda: simulate(model, hw, placement, trace))
+    _, rows["simulate, decode 128 tok/device"] = timed(
+        lambda: simulate(model, hw, placement, trace, Workload("decode", 128, 4096)))
+    print(f"| step ({tokens:,} tokens × 58 layers × top-8) | seconds |\n| --- | ---: |")
+    for name, secs in rows.items():
+        print(f"| {name} | {secs:.2f} |")
+    out = Path(__file__).parent / "results" / "stats_speed.json"
+    out.write_text(json.dumps({"tokens": tokens, "seconds": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

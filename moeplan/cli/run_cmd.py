@@ -1,0 +1,165 @@
+"""``moeplan run``: measure a plan on the device at hand and set it beside the cost model.
+
+Two modes, both on one device (a GPU when there is one, else the CPU):
+
+* default: the full MoE layer stack with every expert local (world size 1), timed per layer,
+  next to the cost model's :meth:`~moeplan.cost.CostModel.moe_layer` for the same tokens;
+* ``--replay``: each device of the plan in turn runs its share of the routed tokens through its
+  own experts; measured per-device compute and the straggler, next to
+  :meth:`~moeplan.cost.CostModel.device_compute` on the same slot token counts.
+
+Times are medians of ``--repeats`` after ``--warmup`` runs (device events on GPU). The
+multi-rank runtime is launched with torchrun instead: ``python -m moeplan.runtime``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from moeplan.cli.apps import app
+from moeplan.cli.common import console, guarded, print_table
+from moeplan.cost import CostModel, CostOptions
+from moeplan.errors import InputError
+from moeplan.hardware import HardwareProfile
+from moeplan.io import write_json
+from moeplan.plan import Plan
+from moeplan.trace import RoutingTrace
+
+
+@app.command("run")
+@guarded
+def run(
+    plan_path: Path = typer.Option(..., "--plan", help="Plan JSON (its model, placement and hardware name)."),
+    trace_path: Path = typer.Option(..., "--trace", help="Routing trace (.npz) for the plan's model."),
+    replay: bool = typer.Option(False, "--replay", help="Per-device replay of the plan's placement."),
+    kernel: str = typer.Option("grouped", "--kernel", help="Expert kernel: grouped or loop."),
+    tokens_per_device: int = typer.Option(1024, "--tokens-per-device", help="Batch tokens on each device."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed runs (the median is reported, min and max kept)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
+    layers: str = typer.Option(None, "--layers", help="Comma-separated MoE-layer indices (default: all)."),
+    hardware: str = typer.Option(None, "--hardware", help="Hardware profile for the prediction (default: the plan's)."),
+    device: str = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when present)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and activations."),
+    output: Path = typer.Option(None, "-o", "--output", help="Write the measurements and predictions as JSON."),
+) -> None:
+    """Measure per-layer (or, with --replay, per-device) expert times and compare with the cost model."""
+    import torch  # the runtime is optional: planning never imports torch
+
+    from moeplan.runtime.local_stack import time_local_stack
+    from moeplan.runtime.replay import replay_devices, replay_slot_tokens, trace_window
+    from moeplan.runtime.stack import default_dtype, parse_layers
+
+    if tokens_per_device < 1 or repeats < 1 or warmup < 0:
+        raise InputError("--tokens-per-device and --repeats must be ≥ 1, --warmup ≥ 0", field="options")
+    plan = Plan.load(plan_path)
+    if replay and plan.placement is None:
+        raise InputError("the plan has no placement to replay", source=str(plan_path), field="placement",
+                         fix="solve a placement first")
+    trace = RoutingTrace.load(trace_path)
+    m = plan.model
+    trace.check_model(m.num_experts, m.num_moe_layers, m.top_k, str(trace_path))
+    hw = HardwareProfile.resolve(hardware or plan.hardware)
+    cost = CostModel(m, hw, CostOptions(kernel=kernel))
+    dev = _device(device, torch)
+    dtype = default_dtype(dev)
+    chosen = parse_layers(layers, m.num_moe_layers)
+    report: dict[str, Any] = {
+        "command": "moeplan run", "mode": "replay" if replay else "stack", "plan": str(plan_path),
+        "trace": str(trace_path), "model": m.name, "hardware": hw.name, "profile_note": hw.provenance_note(),
+        "compute_measured_in_profile": cost.compute_measured, "kernel": kernel, "tokens_per_device": tokens_per_device,
+        "warmup": warmup, "repeats": repeats, "seed": seed, "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    }
+    if replay and plan.placement is not None:
+        placement = plan.placement
+        ids, index = trace_window(trace, tokens_per_device * placement.num_devices, str(trace_path))
+        slot_tokens = replay_slot_tokens(placement, ids, index)
+        replayed = replay_devices(m, placement, slot_tokens, chosen, kernel, dev, dtype, warmup, repeats, seed)
+        report.update(_replay_report(replayed, cost.device_compute(slot_tokens[chosen])))
+        _print_replay(report)
+    else:
+        timed = time_local_stack(m, trace, tokens_per_device, chosen, kernel, dev, dtype, warmup, repeats, seed)
+        k = m.top_k
+        predicted = np.array([cost.moe_layer(np.array([[tokens_per_device * k]]), timed.slot_tokens[i],
+                                             home_tokens=np.array([tokens_per_device])).time
+                              for i in range(len(chosen))])
+        report.update(_stack_report(timed, predicted))
+        _print_stack(report)
+    if output:
+        write_json(output, report)
+        console.print(f"wrote {output}")
+
+
+def _device(name: str | None, torch: Any) -> Any:
+    if name is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}", field="device", fix="use cuda, cuda:N or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA is not available here", field="device", fix="use --device cpu")
+    if dev.type not in ("cuda", "cpu"):
+        raise InputError(f"unsupported device {name!r}", field="device", fix="use cuda, cuda:N or cpu")
+    return torch.device("cuda", dev.index or 0) if dev.type == "cuda" else dev
+
+
+def _replay_report(result: Any, predicted: np.ndarray) -> dict[str, Any]:
+    measured = result.medians()
+    per_device = [[{"layer": layer, "device": d, "tokens": int(result.slot_tokens[i, d].sum()),
+                    "measured": result.times[i][d].to_dict(), "predicted_s": float(predicted[i, d])}
+                   for d in range(measured.shape[1])] for i, layer in enumerate(result.layers)]
+    return {
+        "impl": result.impl, "device": result.device, "dtype": result.dtype, "layers": result.layers,
+        "per_device": per_device,
+        "straggler": {
+            "measured_s": measured.max(axis=1).tolist(), "predicted_s": predicted.max(axis=1).tolist(),
+            "measured_device": measured.argmax(axis=1).tolist(), "predicted_device": predicted.argmax(axis=1).tolist(),
+            "measured_ratio": result.straggler_ratio().tolist(),
+            "predicted_ratio": (predicted.max(axis=1) / np.maximum(predicted.mean(axis=1), 1e-12)).tolist(),
+        },
+        "totals": {"measured_straggler_s": float(measured.max(axis=1).sum()),
+                   "predicted_straggler_s": float(predicted.max(axis=1).sum()),
+                   "measured_device_s": measured.sum(axis=0).tolist(),
+                   "predicted_device_s": predicted.sum(axis=0).tolist()},
+    }
+
+
+def _stack_report(result: Any, predicted: np.ndarray) -> dict[str, Any]:
+    return {
+        "impl": result.impl, "device": result.device, "dtype": result.dtype, "layers": result.layers,
+        "per_layer": [{"layer": layer, "tokens": result.tokens, "measured": result.per_layer[i].to_dict(),
+                       "predicted_s": float(predicted[i])} for i, layer in enumerate(result.layers)],
+        "totals": {"measured_s": float(sum(t.median for t in result.per_layer)), "predicted_s": float(predicted.sum())},
+    }
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1e3
+
+
+def _print_replay(r: dict[str, Any]) -> None:
+    s = r["straggler"]
+    rows = [(layer, s["measured_device"][i], _ms(s["measured_s"][i]), _ms(s["predicted_s"][i]),
+             s["measured_ratio"][i], s["predicted_ratio"][i]) for i, layer in enumerate(r["layers"])]
+    print_table(f"Per-device replay: {r['model']} on {r['device_name']} ({r['impl']}, {r['dtype']})",
+                ["MoE layer", "straggler", "measured ms", "predicted ms", "max/mean measured", "max/mean predicted"],
+                rows, caption=f"medians of {r['repeats']} after {r['warmup']} warm-up; prediction: {r['hardware']} "
+                              f"({r['profile_note']})")
+    t = r["totals"]
+    console.print(f"straggler compute over {len(rows)} layers: measured {_ms(t['measured_straggler_s']):.3f} ms, "
+                  f"predicted {_ms(t['predicted_straggler_s']):.3f} ms")
+
+
+def _print_stack(r: dict[str, Any]) -> None:
+    rows = [(p["layer"], _ms(p["measured"]["median_s"]), _ms(p["measured"]["min_s"]), _ms(p["measured"]["max_s"]),
+             _ms(p["predicted_s"])) for p in r["per_layer"]]
+    print_table(f"Layer stack, every expert local: {r['model']} on {r['device_name']} ({r['impl']}, {r['dtype']}, "
+                f"{r['tokens_per_device']} tokens)", ["MoE layer", "median ms", "min ms", "max ms", "predicted ms"],
+                rows, caption=f"medians of {r['repeats']} after {r['warmup']} warm-up; prediction: {r['hardware']} "
+                              f"({r['profile_note']})")
+    t = r["totals"]
+    console.print(f"stack total: measured {_ms(t['measured_s']):.3f} ms, predicted {_ms(t['predicted_s']):.3f} ms")

@@ -1,0 +1,135 @@
+"""How the profiler times one operation, the same way for every figure:
+
+1. **Fresh data, rotated**: ``op.make()`` builds an input set of random data (never zeros) on the
+   device; enough sets are built that together they exceed the device's last-level cache several
+   times over (:func:`rotation_sets`), and repeat ``i`` uses set ``i mod n``, so no repeat finds its
+   inputs in the cache.
+2. **Warm-up**: every set runs at least once untimed (module load, handle creation, clocks up);
+   the warm-up's wall-clock time per run sets how many repeats fit the time budget.
+3. **Device timers**: each repeat sits between two device events (perf_counter on the CPU);
+   one synchronisation at the end reads them all.
+4. **Every rank in step**: with a :class:`Sync` (collectives), the ranks agree on the number of
+   warm-ups and repeats and meet at a barrier before each timed repeat; each repeat's time is the
+   slowest rank's.
+5. **Median over repeats**, with min and max kept.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from moeplan.profiler.device import Accelerator
+
+CACHE_FLUSH_FACTOR = 3     # rotated input sets together exceed the last-level cache this many times
+MEMORY_SHARE = 0.25        # rotation never takes more than this share of free memory
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of each timed repeat; median, min and max over them."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples))
+
+    @property
+    def min(self) -> float:
+        return float(min(self.samples))
+
+    @property
+    def max(self) -> float:
+        return float(max(self.samples))
+
+    @property
+    def repeats(self) -> int:
+        return len(self.samples)
+
+
+@dataclass(frozen=True)
+class Effort:
+    """Time budget per measured point: at least ``warmup`` untimed runs, then enough repeats to
+    fill ``target_s`` seconds, within [min_reps, max_reps]; at most ``max_sets`` rotated input sets."""
+
+    warmup: int
+    min_reps: int
+    max_reps: int
+    target_s: float
+    max_sets: int
+
+    def repeats_for(self, seconds_per_run: float) -> int:
+        if seconds_per_run <= 0:
+            return self.max_reps
+        return int(min(self.max_reps, max(self.min_reps, math.ceil(self.target_s / seconds_per_run))))
+
+
+@dataclass
+class Op:
+    """One timed operation. ``make()`` returns a fresh input set (random data on the device);
+    ``run(inputs)`` does the work once; ``set_bytes``: bytes of one input set; ``work``: what one run
+    does (``flops``, ``bytes`` moved) for rates; ``impl``: which implementation runs (``make`` may
+    refine it once it sees the real inputs, e.g. the attention kernel torch picks)."""
+
+    make: Callable[[], Any]
+    run: Callable[[Any], Any]
+    set_bytes: int
+    work: dict[str, float] = field(default_factory=dict)
+    impl: str = ""
+
+
+class Sync(Protocol):
+    """What timing needs from a process group (see :class:`moeplan.profiler.collectives.Comm`)."""
+
+    def barrier(self) -> None: ...
+
+    def agree_max(self, value: float) -> float: ...
+
+    def slowest(self, samples: list[float]) -> list[float]: ...
+
+
+def rotation_sets(set_bytes: int, cache_bytes: int, free_bytes: int, max_sets: int) -> int:
+    """How many input sets to rotate: enough to exceed the cache CACHE_FLUSH_FACTOR times, at most
+    ``max_sets``, and never more than MEMORY_SHARE of the free memory (at least one)."""
+    want = math.ceil(CACHE_FLUSH_FACTOR * cache_bytes / max(set_bytes, 1))
+    fit = int(MEMORY_SHARE * free_bytes // max(set_bytes, 1))
+    return max(1, min(want, max_sets, fit))
+
+
+def measure(acc: Accelerator, op: Op, effort: Effort, sync: Sync | None = None) -> Timing:
+    """Time ``op`` on ``acc`` (see the module docstring); with ``sync``, all ranks in step."""
+    n_sets = rotation_sets(op.set_bytes, acc.cache_bytes(), acc.free_bytes(), effort.max_sets)
+    sets = [op.make() for _ in range(n_sets)]
+    warm = max(effort.warmup, n_sets)
+    if sync is not None:
+        warm = int(sync.agree_max(warm))
+    acc.synchronize()
+    t0 = time.perf_counter()
+    for i in range(warm):
+        if sync is not None:
+            sync.barrier()
+        op.run(sets[i % n_sets])
+    acc.synchronize()
+    per_run = (time.perf_counter() - t0) / warm
+    reps = effort.repeats_for(per_run)
+    if sync is not None:
+        reps = int(sync.agree_max(reps))
+    timer = acc.timer()
+    for i in range(reps):
+        if sync is not None:
+            sync.barrier()
+        timer.start()
+        op.run(sets[i % n_sets])
+        timer.stop()
+    acc.synchronize()
+    samples = [max(s, 1e-9) for s in timer.seconds()]
+    if sync is not None:
+        samples = sync.slowest(samples)
+    del sets
+    return Timing(tuple(samples))

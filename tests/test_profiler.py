@@ -1,0 +1,394 @@
+"""The profiler: a real 2-rank gloo run under torchrun (CPU, --quick, collectives included) and
+the profile it writes; a faked two-node run (inter-node scope) merged into it; the HCCL path with a
+mocked torch_npu; nccl-tests bus-bandwidth conventions; merge provenance; bad input → exit 2."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from moeplan.cost import CostModel, CostOptions, attention_signature  # noqa: E402
+from moeplan.hardware import HardwareProfile, merge_profiles  # noqa: E402
+from moeplan.model import ModelSpec  # noqa: E402
+from moeplan.profiler import collectives  # noqa: E402
+from moeplan.profiler.assemble import measured_profile  # noqa: E402
+from moeplan.profiler.attention_ops import AttentionShape, decode_op, prefill_op  # noqa: E402
+from moeplan.profiler.collectives import Topology, bus_factor, skewed_splits  # noqa: E402
+from moeplan.profiler.command import base_for  # noqa: E402
+from moeplan.profiler.compute_ops import expert_grouped_op, expert_loop_op, grouped_impl, matmul_op  # noqa: E402
+from moeplan.profiler.device import Accelerator  # noqa: E402
+from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures  # noqa: E402
+from moeplan.profiler.timing import Effort, Op, measure, rotation_sets  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_GQA = {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "intermediate_size": 128, "vocab_size": 100}
+TINY_MLA = {"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "n_routed_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 128, "moe_intermediate_size": 32,
+            "vocab_size": 100, "kv_lora_rank": 32, "q_lora_rank": 0, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+            "v_head_dim": 16, "first_k_dense_replace": 1, "n_shared_experts": 1}
+OPS = ("all_to_all", "all_to_all_skewed", "all_gather", "reduce_scatter", "all_reduce", "send_recv")
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _configs(root: Path) -> tuple[Path, Path]:
+    paths = []
+    for name, cfg in (("tiny-gqa", TINY_GQA), ("tiny-mla", TINY_MLA)):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "config.json").write_text(json.dumps(cfg))
+        paths.append(root / name / "config.json")
+    return paths[0], paths[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real run: torchrun, 2 gloo ranks on the CPU, --quick, every section."""
+    d = tmp_path_factory.mktemp("profile")
+    gqa, mla = _configs(d)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "moeplan.profiler", "--quick", "--base", "h100-sxm", "--models", f"{gqa},{mla}",
+           "--out", str(d / "p.yaml"), "--json", str(d / "p.json")]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=CPU_ENV, cwd=d)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "wrote" in proc.stdout
+    return d
+
+
+# ---- the end-to-end CPU run ---------------------------------------------------------------------------
+def test_cpu_run_writes_a_measured_profile_with_runs(cpu_run: Path) -> None:
+    prof = HardwareProfile.load(cpu_run / "p.yaml")
+    assert prof.is_measured and len(prof.runs) == 1
+    run_id, run = next(iter(prof.runs.items()))
+    for field in ("date", "tool", "gpu", "torch", "host", "gpu_count", "backend"):
+        assert field in run
+    assert run["tool"].startswith("moeplan profile ") and run["gpu_count"] == 2 and run["backend"] == "gloo"
+    assert prof.curves and all(c.prov.measured and c.prov.run == run_id for c in prof.curves)
+    d = prof.device
+    assert d.matmul_flops["bf16"].prov.run == run_id and d.hbm_bandwidth.prov.measured
+    assert d.launch_overhead.prov.measured
+    assert d.matmul_flops["fp8"].prov.source == "datasheet"          # no fp8 on a CPU: kept as it was
+    assert d.h2d_bandwidth.prov.source == "datasheet"                # no host link on a CPU
+    assert prof.intra_node.bandwidth.prov.measured and prof.inter_node.bandwidth.prov.source == "datasheet"
+    assert prof.links_measured
+
+
+def test_cpu_run_curves_feed_the_cost_model(cpu_run: Path) -> None:
+    prof = HardwareProfile.load(cpu_run / "p.yaml")
+    gqa = ModelSpec.resolve(str(cpu_run / "tiny-gqa" / "config.json"))
+    mla = ModelSpec.resolve(str(cpu_run / "tiny-mla" / "config.json"))
+    for m in (gqa, mla):
+        grouped = [c for c in prof.curves_of("expert_ffn") if c.key.get("kernel") == "grouped"
+                   and c.key["hidden"] == m.hidden_size and c.key["ffn"] == m.expert_ffn]
+        assert sorted(c.key["experts"] for c in grouped) == [1, 4]
+        assert [len(c.x) for c in grouped] == [3, 3] and all(c.x == (1.0, 8.0, 64.0) for c in grouped)
+        for kernel in ("loop", "grouped"):
+            assert CostModel(m, prof, CostOptions(kernel=kernel)).compute_measured
+        for kind in ("attention_prefill", "attention_decode"):
+            curve = prof.find_curve(kind, signature=attention_signature(m))
+            assert curve is not None and curve.y_min and all(a <= b for a, b in zip(curve.y_min, curve.y_max))
+        prefill = prof.find_curve("attention_prefill", signature=attention_signature(m))
+        cm = CostModel(m, prof)
+        assert cm.attention_time(128, 128, "prefill") == pytest.approx(prefill.y[-1])
+    ops = {c.key["op"] for c in prof.curves_of("collective")}
+    assert ops == set(OPS)
+    assert all(c.key["scope"] == "intra_node" and c.key["ranks"] == 2 for c in prof.curves_of("collective"))
+
+
+def test_cpu_run_raw_json_follows_nccl_tests_conventions(cpu_run: Path) -> None:
+    raw = RawProfile.load(cpu_run / "p.json")
+    coll = raw.of_kind("collective")
+    assert {m.key["op"] for m in coll} == set(OPS)
+    for m in coll:
+        r = m.rates()
+        assert r["algbw"] == pytest.approx(m.x / m.median)
+        assert r["busbw"] == pytest.approx(r["algbw"] * bus_factor(m.key["op"], m.key["ranks"]))
+    for m in raw.measurements:
+        assert len(m.samples_s) >= 3 and m.min <= m.median <= m.max
+    assert {s["what"] for s in raw.skipped} == {"fp8 matmul", "host copies"}
+    data = json.loads((cpu_run / "p.json").read_text())
+    assert data["measurements"][0]["samples_s"] and "busbw" in data["measurements"][-1]
+
+
+def test_plain_loop_reference_and_markdown_table(cpu_run: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeplan.profiler import reference
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import profile_table
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert reference.main([str(cpu_run / "p.json"), "--out", str(cpu_run / "ref.json"), "--repeats", "3"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    ref = json.loads((cpu_run / "ref.json").read_text())
+    assert len(ref["figures"]) >= 10 and all(f["reference_median_s"] > 0 for f in ref["figures"])
+    capsys.readouterr()
+    assert profile_table.main([str(cpu_run / "p.json"), "--reference", str(cpu_run / "ref.json")]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ")][2:]
+    assert any(r.startswith("| matmul bf16") for r in rows) and any("all_to_all intra_node" in r for r in rows)
+    compute_rows = [r for r in rows if "busbw" not in r]
+    assert all(r.split("|")[4].strip() != "–" for r in compute_rows)   # every compute row has its ratio
+
+
+def test_fake_two_nodes_measure_inter_node_and_merge_keeps_provenance(cpu_run: Path, tmp_path: Path) -> None:
+    """LOCAL_WORLD_SIZE=1 makes two ranks two 'nodes': the inter-node scope is measured, and
+    --merge folds it into the first run's profile without losing that run's figures."""
+    port = str(_free_port())
+    out = tmp_path / "merged.yaml"
+    procs = []
+    for rank in (0, 1):
+        env = {**CPU_ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        cmd = [sys.executable, "-m", "moeplan.profiler", "--quick", "--only", "collectives",
+               "--merge", str(cpu_run / "p.yaml"), "--out", str(out)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    first = HardwareProfile.load(cpu_run / "p.yaml")
+    merged = HardwareProfile.load(out)
+    assert set(merged.runs) > set(first.runs) and len(merged.runs) == 2
+    new_run = (set(merged.runs) - set(first.runs)).pop()
+    assert merged.runs[new_run]["nodes"] == 2 and merged.runs[new_run]["sections"] == ["collectives"]
+    inter = [c for c in merged.curves_of("collective") if c.key["scope"] == "inter_node"]
+    assert {c.key["op"] for c in inter} == set(OPS) and all(c.prov.run == new_run for c in inter)
+    old_run = next(iter(first.runs))
+    intra = [c for c in merged.curves_of("collective") if c.key["scope"] == "intra_node"]
+    assert len(intra) == len(OPS) and all(c.prov.run == old_run for c in intra)
+    assert merged.inter_node.bandwidth.prov.run == new_run
+    assert merged.intra_node.bandwidth.prov.run == old_run
+    assert merged.device.matmul_flops["bf16"].prov.run == old_run
+    assert len(merged.curves_of("expert_ffn")) == len(first.curves_of("expert_ffn"))
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, needle", [
+    (["--base", "no-such-gpu"], "unknown hardware profile"),
+    (["--base", "h100-sxm", "--merge", "/nonexistent/profile.yaml"], "file not found"),
+    (["--base", "h100-sxm", "--only", "device,bogus"], "bogus"),
+    (["--base", "h100-sxm", "--models", "no-such-model"], "unknown model preset"),
+])
+def test_bad_input_exits_2_through_the_cli(args: list[str], needle: str) -> None:
+    from moeplan.cli import app
+    result = CliRunner().invoke(app, ["profile", *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+
+
+def test_bad_base_exits_2_as_a_module(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "moeplan.profiler", "--base", "nope", "--out", str(tmp_path / "x.yaml")],
+                          check=False, capture_output=True, text=True, timeout=60, env=CPU_ENV)
+    assert proc.returncode == 2 and "unknown hardware profile" in proc.stderr
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_base_is_chosen_from_the_gpu_name() -> None:
+    assert base_for("NVIDIA H100 80GB HBM3") == "h100-sxm"
+    assert base_for("NVIDIA H200") == "h200-sxm"
+    assert base_for("Ascend910B3") == "ascend-910b"
+    with pytest.raises(Exception, match="--base"):
+        base_for("CPU AMD EPYC")
+
+
+# ---- conventions and provenance by hand -----------------------------------------------------------------
+def test_bus_factors_by_hand() -> None:
+    # 8 ranks: all-reduce 2·7/8, the others 7/8; point-to-point 1
+    assert bus_factor("all_reduce", 8) == 1.75
+    for op in ("all_gather", "reduce_scatter", "all_to_all", "all_to_all_skewed"):
+        assert bus_factor(op, 8) == 0.875
+    assert bus_factor("send_recv", 2) == 1.0
+    assert bus_factor("all_reduce", 2) == 1.0 and bus_factor("all_to_all", 2) == 0.5
+    # 1 GiB all-reduce over 8 ranks in 10 ms: algbw 107.374 GB/s, busbw 187.905 GB/s
+    m = Measurement("collective", {"op": "all_reduce", "scope": "intra_node", "ranks": 8}, {}, float(2**30),
+                    (0.010, 0.010, 0.011), {"bytes": float(2**30), "bus_factor": 1.75})
+    assert m.rates()["algbw"] / 1e9 == pytest.approx(107.374, abs=1e-3)
+    assert m.rates()["busbw"] / 1e9 == pytest.approx(187.905, abs=1e-3)
+
+
+def test_skewed_all_to_all_splits() -> None:
+    splits = skewed_splits(4, 1000)
+    assert all(sum(row) == 1000 for row in splits)
+    assert splits[0][0] > splits[0][1] > splits[0][2] > splits[0][3]   # 1, 1/2, 1/3, 1/4 of 25/12
+    assert abs(splits[0][1] - 1000 * 0.5 / (25 / 12)) < 1 and splits[0][0] >= 480
+
+
+def test_topology_groups_and_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    t = Topology.detect(8, ["a"] * 4 + ["b"] * 4)
+    assert (t.per_node, t.nodes) == (4, 2)
+    assert t.intra_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert t.inter_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert t.scopes() == [("intra_node", 4), ("inter_node", 2)]
+    intra = t.pairs("intra_node")
+    assert len(intra) == 6 and intra[0] == [(0, 1), (4, 5)]          # every local pair, on both nodes at once
+    assert t.pairs("inter_node") == [[(0, 4), (1, 5), (2, 6), (3, 7)]]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert Topology.detect(8, ["a"] * 4 + ["b"] * 4).scopes() == [("intra_node", 8)]
+
+
+def _raw(run_id: str, measurements: list[Measurement]) -> RawProfile:
+    base = HardwareProfile.resolve("h100-sxm")
+    return RawProfile(run_id, {"date": "2026-01-01T00:00:00+00:00", "tool": "moeplan profile test", "gpu": "test",
+                               "backend": "nccl"}, base.name, datasheet_figures(base), measurements)
+
+
+def test_merge_keeps_provenance() -> None:
+    base = HardwareProfile.resolve("h100-sxm")
+    loop = [Measurement("expert_ffn", {"hidden": 64, "ffn": 32, "dtype": "bf16", "kernel": "loop"}, {}, float(x),
+                        (1e-5 * x, 1.1e-5 * x), {"flops": 1.0}) for x in (1, 8)]
+    a2a_a = [Measurement("collective", {"op": "all_to_all", "scope": "intra_node", "ranks": 8}, {}, float(x),
+                         (1e-4 * x / 65536,) * 3, {"bytes": float(x), "bus_factor": 0.875}) for x in (65536, 2**20)]
+    mm = Measurement("matmul", {}, {"dtype": "bf16"}, 1024.0, (1e-3,), {"flops": 2.0 * 1024**3})
+    first = measured_profile(base, _raw("run-a", [*loop, *a2a_a, mm]))
+    a2a_b = [Measurement("collective", {"op": "all_to_all", "scope": "intra_node", "ranks": 8}, {}, float(x),
+                         (2e-4 * x / 65536,) * 3, {"bytes": float(x), "bus_factor": 0.875}) for x in (65536, 2**20)]
+    second = measured_profile(base, _raw("run-b", a2a_b))
+    merged = merge_profiles(first, second)
+    assert set(merged.runs) == {"run-a", "run-b"}
+    assert merged.find_curve("expert_ffn", kernel="loop").prov.run == "run-a"
+    coll = merged.curves_of("collective")
+    assert len(coll) == 1 and coll[0].prov.run == "run-b" and coll[0].y[0] == pytest.approx(2e-4)
+    assert merged.device.matmul_flops["bf16"].prov.run == "run-a"
+    assert merged.device.matmul_flops["bf16"].value == pytest.approx(2.0 * 1024**3 / 1e-3)
+    assert merged.device.h2d_bandwidth.prov.source == "datasheet"
+    # link figures: bandwidth = busbw at the largest size; latency = small-size time minus its bytes
+    bw = 2**20 / (2e-4 * 16) * 0.875
+    assert merged.intra_node.bandwidth.value == pytest.approx(bw) and merged.intra_node.bandwidth.prov.run == "run-b"
+    assert merged.intra_node.latency.value == pytest.approx(2e-4 - 65536 * 0.875 / bw)
+    merged.validate()
+
+
+# ---- timing: events, rotation, every rank in step -------------------------------------------------------
+class _FakeSync:
+    def __init__(self, agreed: int) -> None:
+        self.barriers = 0
+        self.agreed = agreed
+
+    def barrier(self) -> None:
+        self.barriers += 1
+
+    def agree_max(self, value: float) -> float:
+        return max(value, self.agreed)
+
+    def slowest(self, samples: list[float]) -> list[float]:
+        return [s + 1.0 for s in samples]
+
+
+def test_measure_syncs_every_repeat_and_takes_the_slowest_rank() -> None:
+    acc = Accelerator("cpu")
+    runs = []
+    op = Op(make=lambda: torch.randn(4), run=lambda t: runs.append(float(t.sum())), set_bytes=16)
+    sync = _FakeSync(agreed=7)
+    timing = measure(acc, op, Effort(warmup=2, min_reps=3, max_reps=5, target_s=1e-9, max_sets=4), sync=sync)
+    assert timing.repeats == 7                        # the ranks' agreed count, over the local choice
+    assert sync.barriers == len(runs)                 # one barrier before every run, warm-up included
+    assert all(s > 1.0 for s in timing.samples)       # the slowest rank's times were taken
+    assert len(set(runs)) > 1                         # rotated sets of fresh random data
+
+
+def test_rotation_sets_exceed_the_cache_within_memory() -> None:
+    assert rotation_sets(17 * 2**20, 50 * 2**20, 80 * 2**30, 32) == 9
+    assert rotation_sets(2**30, 50 * 2**20, 80 * 2**30, 32) == 1
+    assert rotation_sets(2**20, 50 * 2**20, 80 * 2**30, 32) == 32
+    assert rotation_sets(2**20, 50 * 2**20, 8 * 2**20, 32) == 2      # a quarter of 8 MiB free
+
+
+def test_ops_make_fresh_random_data_and_match_a_reference() -> None:
+    acc = Accelerator("cpu")
+    a, _ = matmul_op(acc, 32, "bf16").make()
+    assert bool((a != 0).all()) and not torch.equal(a, matmul_op(acc, 32, "bf16").make()[0])
+    loop = expert_loop_op(acc, 64, 32, 8)
+    x, wg, wu, wd = loop.make()
+    want = (torch.nn.functional.silu(x.float() @ wg.float().T) * (x.float() @ wu.float().T)) @ wd.float().T
+    assert torch.allclose(loop.run((x, wg, wu, wd)).float(), want, rtol=0.1, atol=0.05)
+    impl = grouped_impl(acc)
+    grouped = expert_grouped_op(acc, 64, 32, 8, 3, impl)
+    x, w13, w2, offs = grouped.make()
+    got = grouped.run((x, w13, w2, offs)).float().reshape(3, 8, 64)
+    for e in range(3):
+        h = x[e * 8:(e + 1) * 8].float() @ w13[e].float().T
+        ref = (torch.nn.functional.silu(h[:, :32]) * h[:, 32:]) @ w2[e].float().T
+        assert torch.allclose(got[e], ref, rtol=0.1, atol=0.05)
+    shape = AttentionShape.of(ModelSpec.from_hf_dict(TINY_MLA, "tiny-mla"))
+    assert (shape.decode_kv_heads, shape.decode_qk_dim, shape.decode_v_dim) == (1, 40, 32)
+    _, k, v = decode_op(acc, shape, 16, 2).make()
+    assert v.data_ptr() == k.data_ptr()                # MLA decode reads one latent cache
+    out = prefill_op(acc, shape, 16, 1, "sdpa").run(prefill_op(acc, shape, 16, 1, "sdpa").make())
+    assert out.shape == (1, 4, 16, 16) and bool(torch.isfinite(out).all())
+
+
+# ---- HCCL (Ascend) with a mocked torch_npu ----------------------------------------------------------------
+def test_hccl_path_with_mocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = itertools.count()
+    seen: dict[str, object] = {}
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+            self.t = 0
+
+        def record(self) -> None:
+            self.t = next(clock)
+
+        def elapsed_time(self, other: FakeEvent) -> float:
+            return float(other.t - self.t)                 # milliseconds
+
+    props = types.SimpleNamespace(total_memory=64 * 2**30, L2_cache_size=192 * 2**20)
+    npu = types.SimpleNamespace(
+        is_available=lambda: True, device_count=lambda: 8, set_device=lambda i: seen.setdefault("device", i),
+        Event=FakeEvent, synchronize=lambda i=None: None, get_device_name=lambda i: "Ascend910B3",
+        get_device_properties=lambda i: props, mem_get_info=lambda i: (60 * 2**30, 64 * 2**30),
+        empty_cache=lambda: None)
+    monkeypatch.setitem(sys.modules, "torch_npu", types.SimpleNamespace(__version__="2.5.1"))
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    acc = Accelerator.detect(local_rank=3)
+    assert (acc.kind, acc.index, acc.backend, seen["device"]) == ("npu", 3, "hccl", 3)
+    assert acc.versions()["torch_npu"] == "2.5.1" and acc.cache_bytes() == 192 * 2**20
+    assert base_for(acc.name()) == "ascend-910b"
+    timing = measure(acc, Op(make=lambda: None, run=lambda s: None, set_bytes=2**30),
+                     Effort(warmup=1, min_reps=3, max_reps=3, target_s=1.0, max_sets=1))
+    assert timing.samples == (1e-3, 1e-3, 1e-3)        # device events, not the host clock
+
+    calls: dict[str, object] = {}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(collectives.dist, "init_process_group", lambda **kw: calls.update(kw))
+    monkeypatch.setattr(collectives.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(collectives.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(collectives.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj] * 2))
+    comm = collectives.Comm(acc)
+    assert calls["backend"] == "hccl" and "device_id" not in calls
+    assert comm.topology.scopes() == [("intra_node", 2)] and comm.groups["intra_node"] is collectives.dist.group.WORLD
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_quick_profile(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "moeplan.profiler", "--quick", "--only", "device,experts,host",
+           "--models", "deepseek-v2-lite", "--out", str(tmp_path / "p.yaml"), "--json", str(tmp_path / "p.json")]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prof = HardwareProfile.load(tmp_path / "p.yaml")
+    assert prof.device.matmul_flops["bf16"].prov.measured and prof.device.h2d_bandwidth.prov.measured
+    assert math.isfinite(prof.device.hbm_bandwidth.value)
+    assert {c.key["memory"] for c in prof.curves_of("host_copy")} == {"pinned", "pageable"}

@@ -1,0 +1,167 @@
+"""RoutingTrace (validation, NPZ round trip), synthetic traffic knobs, and TraceStats on a hand-made trace."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeplan.errors import InputError
+from moeplan.model import ModelSpec
+from moeplan.stats import TraceStats
+from moeplan.synth import SyntheticTraffic, synthesize
+from moeplan.trace import RoutingTrace
+
+V3 = ModelSpec.preset("deepseek-v3")
+SMALL = replace(ModelSpec.preset("qwen3-30b-a3b"), moe_layers=tuple(range(6)))  # 128 experts, top-8, 6 layers
+
+
+def knobs(**kwargs: float) -> SyntheticTraffic:
+    return SyntheticTraffic(**{"tokens": 4000, "zipf": 0.6, "affinity": 0.0, "locality": 0.0, "seed": 0, **kwargs})
+
+
+# ---- synth -------------------------------------------------------------------------------------------------------
+def test_synth_shape_distinct_choices_and_gates() -> None:
+    t = synthesize(V3, SyntheticTraffic(tokens=2000, seed=3))
+    assert t.expert_ids.shape == (2000, 58, 8) and t.expert_ids.dtype == np.int16
+    assert t.num_experts == 256 and t.model == "DeepSeek-V3" and t.provenance["source"] == "synthetic"
+    ordered = np.sort(t.expert_ids, axis=2)
+    assert not np.any(ordered[:, :, 1:] == ordered[:, :, :-1])
+    assert t.expert_ids.min() >= 0 and t.expert_ids.max() < 256
+    np.testing.assert_allclose(t.gate_weights.astype(np.float32).sum(axis=2), 1.0, atol=1e-2)
+    assert np.all(np.diff(t.gate_weights.astype(np.float32), axis=2) <= 0)
+
+
+def test_synth_respects_deepseek_v3_grouped_routing() -> None:
+    t = synthesize(V3, SyntheticTraffic(tokens=2000, locality=0.5, affinity=0.4, seed=1))
+    groups = np.sort(t.expert_ids.astype(np.int64) // V3.experts_per_group, axis=2)
+    distinct = 1 + np.count_nonzero(np.diff(groups, axis=2), axis=2)
+    assert distinct.max() <= V3.topk_group == 4
+    assert distinct.min() >= 1
+
+
+def test_synth_is_deterministic_per_seed() -> None:
+    a = synthesize(SMALL, knobs(seed=7, affinity=0.3, locality=0.3))
+    b = synthesize(SMALL, knobs(seed=7, affinity=0.3, locality=0.3))
+    c = synthesize(SMALL, knobs(seed=8, affinity=0.3, locality=0.3))
+    np.testing.assert_array_equal(a.expert_ids, b.expert_ids)
+    np.testing.assert_array_equal(a.gate_weights, b.gate_weights)
+    assert not np.array_equal(a.expert_ids, c.expert_ids)
+
+
+def test_zipf_skew_raises_imbalance() -> None:
+    flat, skewed = (TraceStats.of(synthesize(SMALL, knobs(zipf=z))).imbalance().mean() for z in (0.0, 1.2))
+    assert flat < 1.5 < 4 < skewed
+
+
+def test_affinity_raises_affinity_strength() -> None:
+    none, strong = (TraceStats.of(synthesize(SMALL, knobs(affinity=a))).affinity_strength().mean() for a in (0.0, 0.8))
+    assert strong > 2 * none
+
+
+def test_locality_raises_srp_and_sch() -> None:
+    base, local = (TraceStats.of(synthesize(SMALL, knobs(locality=x))) for x in (0.0, 0.8))
+    assert local.srp(16) > base.srp(16) + 0.1
+    assert local.sch(16) > base.sch(16) + 0.1
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"tokens": 0}, "tokens"), ({"zipf": -1}, "zipf"), ({"affinity": 1.5}, "affinity"),
+    ({"affinity": 0.6, "locality": 0.6}, "affinity"), ({"segment": 0}, "segment"),
+])
+def test_synth_knobs_are_checked(kwargs: dict[str, float], field: str) -> None:
+    with pytest.raises(InputError) as info:
+        synthesize(SMALL, SyntheticTraffic(**kwargs))
+    assert info.value.field == field
+
+
+# ---- RoutingTrace ----------------------------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    t = synthesize(SMALL, knobs(tokens=500, affinity=0.2))
+    path = tmp_path / "t.npz"
+    t.save(path)
+    back = RoutingTrace.load(path)
+    np.testing.assert_array_equal(back.expert_ids, t.expert_ids)
+    np.testing.assert_array_equal(back.gate_weights, t.gate_weights.astype(np.float16))
+    assert (back.num_experts, back.model, back.provenance) == (t.num_experts, t.model, t.provenance)
+    bare = RoutingTrace(t.expert_ids.astype(np.int64), 128, "m", None, {"source": "imported"})
+    bare.save(path)
+    loaded = RoutingTrace.load(path)
+    assert loaded.gate_weights is None and loaded.expert_ids.dtype == np.int16
+
+
+def test_an_invalid_trace_is_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    ids = np.array([[[0, 0]]], dtype=np.int16)
+    with pytest.raises(InputError, match="same expert twice"):
+        RoutingTrace(ids, 4, "m").save(path)
+    with pytest.raises(InputError) as info:
+        RoutingTrace(np.array([[[0, 9]]], dtype=np.int16), 4, "m").save(path)
+    assert info.value.field == "expert_ids"
+    with pytest.raises(InputError) as info:
+        RoutingTrace(np.array([[[0, 1]]], dtype=np.int16), 4, "m", np.ones((1, 1, 3), np.float32)).save(path)
+    assert info.value.field == "gate_weights"
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_split_and_check_model() -> None:
+    t = synthesize(SMALL, knobs(tokens=100))
+    fit, held = t.split(0.8)
+    assert (fit.num_tokens, held.num_tokens) == (80, 20)
+    np.testing.assert_array_equal(np.concatenate([fit.expert_ids, held.expert_ids]), t.expert_ids)
+    t.check_model(128, 6, 8)
+    with pytest.raises(InputError):
+        t.check_model(256, 6, 8)
+    with pytest.raises(InputError):
+        t.split(1.0)
+
+
+# ---- TraceStats on a hand-made trace ---------------------------------------------------------------------------
+#   token:     0       1       2       3
+#   layer 0: [0,1]  [0,2]  [0,1]  [3,1]
+#   layer 1: [2,3]  [2,0]  [3,2]  [1,0]
+HAND = RoutingTrace(np.array([[[0, 1], [2, 3]], [[0, 2], [2, 0]], [[0, 1], [3, 2]], [[3, 1], [1, 0]]],
+                             dtype=np.int16), 4, "hand")
+
+
+def test_load_by_hand() -> None:
+    np.testing.assert_array_equal(TraceStats.of(HAND).load, [[3, 3, 1, 1], [2, 1, 3, 2]])
+    np.testing.assert_allclose(TraceStats.of(HAND).imbalance(), [1.5, 1.5])
+
+
+def test_coactivation_by_hand() -> None:
+    c = TraceStats.of(HAND).coactivation(0)
+    expected = np.zeros((4, 4), dtype=np.int64)
+    for i, j, n in ((0, 1, 2), (0, 2, 1), (1, 3, 1)):
+        expected[i, j] = expected[j, i] = n
+    np.testing.assert_array_equal(c, expected)
+
+
+def test_transitions_by_hand() -> None:
+    st = TraceStats.of(HAND)
+    expected = np.zeros((4, 4), dtype=np.int64)
+    pairs = {(0, 2): 3, (0, 3): 2, (0, 0): 1, (1, 2): 2, (1, 3): 2, (1, 1): 1, (1, 0): 1, (2, 2): 1, (2, 0): 1,
+             (3, 1): 1, (3, 0): 1}
+    for (i, j), n in pairs.items():
+        expected[i, j] = n
+    np.testing.assert_array_equal(st.transition_counts(0), expected)
+    np.testing.assert_allclose(st.transitions(0), expected / expected.sum(axis=1, keepdims=True))
+    np.testing.assert_array_equal(st.all_transition_counts[0], expected)
+    with pytest.raises(IndexError):
+        st.transition_counts(1)
+    # top-1 paths 0→2, 0→2, 0→3, 3→1: expert 0's likeliest successor covers 2 of its 3, expert 3's 1 of 1
+    np.testing.assert_allclose(st.affinity_strength(), [3 / 4])
+
+
+def test_srp_and_sch_by_hand() -> None:
+    st = TraceStats.of(HAND)
+    # per (layer, segment of 2 tokens) expert counts: [2,1,1,0] [1,2,0,1] [1,0,2,1] [1,1,1,1]
+    # threshold 1 picks 13 (segment, expert) sets with 16 matches: F1 = 2·16 / (13·2 + 16)
+    # threshold 2 picks 3 with 6 matches: F1 = 2·6 / (3·2 + 16), lower
+    assert st.srp(segment=2) == pytest.approx(32 / 42)
+    assert st.sch(segment=2, cache_size=1) == pytest.approx((2 + 2 + 2 + 1) / 16)
+    assert st.sch(segment=2, cache_size=2) == pytest.approx((3 + 3 + 3 + 2) / 16)
+    assert st.sch(segment=2) == pytest.approx(1.0)  # default 2 × top-k = 4 = every expert
+    # layer 0 alone: threshold 1 picks 6 sets with all 8 choices: F1 = 2·8 / (6·2 + 8)
+    assert st.srp(segment=2, layers=[0]) == pytest.approx(2 * 8 / (6 * 2 + 8))
