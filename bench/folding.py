@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeplan.solvers.folding import Candidate, FoldingProblem, explain_invalid, price, solve
+
 from moeplan.cost import ParallelMapping
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_text
 from moeplan.model import ModelSpec
-from moeplan.solvers.folding import Candidate, FoldingProblem, explain_invalid, price, solve
 
 PAPER_PEAK = 989.5e12   # BF16 TFLOP/s the paper divides by (section 4.1)
 

@@ -20,14 +20,14 @@ Writes DIR/gpu_folding.json (DIR defaults to $OUT, else bench/results).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,7 @@ def expert_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device,
     h, f = model.hidden_size, model.expert_ffn // shard.etp
     local = model.num_experts // shard.ep
     choices = seq / shard.tp * model.top_k * shard.etp
-    per = max(int(round(choices / local)), 1)
+    per = max(round(choices / local), 1)
     bf = dict(device=device, dtype=torch.bfloat16)
     x = torch.randn(local * per, h, **bf, requires_grad=True)
     w13 = (torch.randn(local, h, 2 * f, **bf) * h ** -0.5).requires_grad_()

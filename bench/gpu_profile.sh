@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measure one GPU with the moeplan profiler and its plain-loop reference; one device call, ~3-5 min.
 #
-#   bash bench/gpu_profile.sh            # writes to $OUT (device tool) or bench/out/
+#   bash bench/gpu_profile.sh            # writes to $OUT (device tool) or out/gpu_profile/
 #
 # Installs moeplan (no dependencies, no network: torch, numpy, pyyaml, rich, typer, pandas must be
 # there), runs `python -m moeplan.profiler` (full plan, base profile chosen from the GPU name), then
@@ -10,13 +10,13 @@
 # <gpu>-reference.json, <gpu>-table.md, <gpu>-profile.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/out}"
+OUT="${OUT:-out/gpu_profile}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=python3
 
 $PY - <<'PY'
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("torch", "numpy", "yaml", "rich", "typer", "pandas") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"missing packages: {', '.join(missing)}")

@@ -45,6 +45,8 @@ TINY_EXPERT_FFN = 32
 TINY_MOE_LAYERS = 4
 HOST_MEMORY_SHARE = 0.8
 BYTE_TOKENIZER = "utf8-bytes-mod-vocab"
+TOKENIZE_CHUNK = 1 << 20  # characters per tokenizer call; a chunk ends at a newline where it can
+FAMILIES = "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, DBRX"
 DROPPED_KEYS = ("quantization_config", "auto_map", "torch_dtype", "dtype", "transformers_version")
 
 
@@ -244,12 +246,27 @@ def text_tokens(raw: bytes, source: str, tokenizer: Any, vocab_size: int, max_to
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InputError(f"not UTF-8 text ({exc})", source=source, fix="give a UTF-8 text file") from None
-        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        ids = _tokenize(tokenizer, text, max_tokens)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.size == 0:
         raise InputError("no tokens in the text", source=source, fix="give a non-empty text file")
     return ids
+
+
+def _tokenize(tokenizer: Any, text: str, max_tokens: int | None) -> np.ndarray:
+    """Tokenise ``text`` a chunk at a time, stopping once ``max_tokens`` are in hand, so a large
+    corpus is not tokenised whole for a short trace."""
+    pieces: list[list[int]] = []
+    count = start = 0
+    while start < len(text) and (max_tokens is None or count < max_tokens):
+        stop = min(len(text), start + TOKENIZE_CHUNK)
+        if stop < len(text):
+            stop = text.rfind("\n", start, stop) + 1 or stop
+        pieces.append(tokenizer(text[start:stop], add_special_tokens=False)["input_ids"])
+        count += len(pieces[-1])
+        start = stop
+    return np.asarray([i for piece in pieces for i in piece], dtype=np.int64)
 
 
 def _layer_index(module_name: str) -> int:
@@ -289,12 +306,13 @@ class RouteRecorder:
                 lambda mod, args, kwargs, slot=slot: self._record(slot, args, kwargs), with_kwargs=True))
         if not self.layers:
             raise InputError(f"no MoE experts module in {type(model).__name__}", field="model",
-                             fix="use a Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS or DBRX model")
+                             fix=f"use one of the supported families: {FAMILIES}")
 
     def _record(self, slot: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         routed = _routing_arguments(args, kwargs)
         if routed is None:
-            raise RuntimeError(f"MoE layer {self.layers[slot]}: the experts module got no top-k ids and weights")
+            raise InputError(f"MoE layer {self.layers[slot]}: the experts module got no top-k ids and weights",
+                             field="model", fix=f"use one of the supported families: {FAMILIES}")
         ids, weights = routed
         self._captured[slot].append((ids.detach().to("cpu", copy=True), weights.detach().float().to("cpu")))
 

@@ -4,8 +4,9 @@ seconds and bytes. Solvers, the simulator, the CLI and the dashboard all call it
 Read it top to bottom:
 
 1. **Kernels** — :meth:`CostModel.expert_time` (one expert's SwiGLU FFN at n tokens, one launch
-   sequence per expert: the "loop" kernel) and :meth:`CostModel.grouped_time` (all local experts
-   of a device in one grouped GEMM). Both come from the profile's measured curves when it has
+   sequence per expert: the "loop" kernel), :meth:`CostModel.grouped_time` (all local experts
+   of a device in one grouped GEMM) and :meth:`CostModel.routing_time` (router, sort, gather and
+   scatter around the experts). Both come from the profile's measured curves when it has
    them; otherwise from the roofline ``max(FLOPs / peak, bytes / HBM) + launches × overhead``
    and the result says ``measured=False``.
 2. **Links** — :meth:`CostModel.alltoall_time`: per-device time of an all-to-all from the bytes
@@ -40,7 +41,8 @@ from moeplan.hardware import Curve, HardwareProfile
 from moeplan.model import ModelSpec
 
 LAUNCHES_PER_EXPERT = 5     # gate/up GEMM, activation, down GEMM, gather, scatter-add (loop kernel)
-LAUNCHES_PER_GROUPED = 8    # sort/permute, 2 grouped GEMMs, activation, unpermute, bookkeeping
+LAUNCHES_PER_GROUPED = 4    # 2 grouped GEMMs, activation, offsets
+LAUNCHES_PER_ROUTING = 14   # router GEMM, softmax, top-k, sort, bincount, host copy, gather, scale, index_add
 ACTIVATION_FACTOR = 34      # bytes of live activations per token per hidden element in training
                             # without recompute (Korthikanti et al. 2022: 34·s·b·h per layer)
 
@@ -74,21 +76,26 @@ class LayerCost:
     compute: np.ndarray
     combine: np.ndarray
     shared: np.ndarray
+    routing: np.ndarray
     time: np.ndarray
     tokens_per_device: np.ndarray
     cross_device_bytes: np.ndarray
     cross_node_bytes: np.ndarray
 
     @property
+    def work(self) -> np.ndarray:
+        """Per-device compute phase: experts, shared experts, routing and permutation."""
+        return self.compute + self.shared + self.routing
+
+    @property
     def straggler_wait(self) -> np.ndarray:
         """Time the average device idles waiting for the slowest one in the compute phase."""
-        c = self.compute + self.shared
-        return c.max(axis=-1) - c.mean(axis=-1)
+        return self.work.max(axis=-1) - self.work.mean(axis=-1)
 
     def breakdown(self) -> dict[str, float]:
         """Phase times (slowest device of each phase), averaged over leading batch dimensions."""
         return {"dispatch": float(np.mean(self.dispatch.max(axis=-1))),
-                "compute": float(np.mean((self.compute + self.shared).max(axis=-1))),
+                "compute": float(np.mean(self.work.max(axis=-1))),
                 "combine": float(np.mean(self.combine.max(axis=-1))),
                 "straggler_wait": float(np.mean(self.straggler_wait)), "total": float(np.mean(self.time))}
 
@@ -153,6 +160,8 @@ class CostModel:
         self._loop_curve = hardware.find_curve("expert_ffn", hidden=model.hidden_size, ffn=model.expert_ffn,
                                                kernel="loop")
         self._grouped = self._fit_grouped(hardware.curves_of("expert_ffn"))
+        self._routing_curve = hardware.find_curve("moe_routing", hidden=model.hidden_size, experts=model.num_experts,
+                                                  top_k=model.top_k)
 
     # ---- 1. kernels ---------------------------------------------------------------------------
     @property
@@ -210,6 +219,21 @@ class CostModel:
         if self.opt.kernel == "grouped":
             return self.grouped_time(slot_tokens)
         return self.expert_time(slot_tokens).sum(axis=-1)
+
+    def routing_time(self, tokens: np.ndarray | float) -> np.ndarray:
+        """Everything a MoE layer does on one device besides the expert GEMMs, for ``tokens`` tokens
+        homed there: router, softmax, top-k, sort by expert, split sizes to the host, gather into
+        expert order and the weighted scatter-add back. Measured curve when the profile has one
+        (profiler section ``routing``), else roofline on the bytes moved plus launches."""
+        m = self.model
+        n = np.asarray(tokens, dtype=np.float64)
+        if self._routing_curve is not None:
+            t = self._routing_curve(np.maximum(n, 1.0))
+        else:
+            h, e, k = m.hidden_size, m.num_experts, m.top_k
+            nbytes = self.opt.act_bytes * (n * h + e * h + 3 * n * k * h)
+            t = np.maximum(2.0 * n * h * e / self.peak_flops, nbytes / self.hbm) + LAUNCHES_PER_ROUTING * self.launch
+        return np.where(n > 0, t, 0.0)
 
     def dense_time(self, flops: float | np.ndarray, weight_bytes: float | np.ndarray,
                    launches: int = 1) -> np.ndarray:
@@ -302,7 +326,8 @@ class CostModel:
         compute = self.device_compute(slot_tokens)
         home = disp_tokens.sum(axis=-1) / m.top_k if home_tokens is None else np.asarray(home_tokens, dtype=np.float64)
         shared = self.shared_expert_time(home)
-        work = compute + shared
+        routing = self.routing_time(home)
+        work = compute + shared + routing
         d_max, w_max, c_max = dispatch.max(axis=-1), work.max(axis=-1), combine.max(axis=-1)
         if o.overlap:
             time = np.maximum(d_max, w_max) + np.minimum(d_max, w_max) / o.overlap_chunks + c_max
@@ -312,7 +337,7 @@ class CostModel:
         node = np.arange(d) // self.hw.devices_per_node
         off = ~np.eye(d, dtype=bool)
         cross_node = node[:, None] != node[None, :]
-        return LayerCost(dispatch, compute, combine, shared, time, np.asarray(slot_tokens).sum(axis=-1),
+        return LayerCost(dispatch, compute, combine, shared, routing, time, np.asarray(slot_tokens).sum(axis=-1),
                          (disp_b * off).sum(axis=(-1, -2)), (disp_b * cross_node).sum(axis=(-1, -2)))
 
     # ---- 4. dense parts -------------------------------------------------------------------------
@@ -348,14 +373,13 @@ class CostModel:
         counts = np.asarray(expert_tokens, dtype=np.float64)
         attention = m.num_layers * self.attention_time(tokens, context, phase)
         dense = len(m.dense_layers) * self.dense_ffn_time(tokens)
-        router = m.num_moe_layers * float(self.dense_time(2.0 * m.hidden_size * m.num_experts * tokens,
-                                                          m.hidden_size * m.num_experts * m.weight_bytes, 2))
+        routing = m.num_moe_layers * float(self.routing_time(tokens))
         experts = float(self.device_compute(counts[:, None, :]).sum())
         shared = m.num_moe_layers * float(self.shared_expert_time(tokens))
         norms = (2 * m.num_layers + 1) * float(self.dense_time(0.0, 4.0 * tokens * m.hidden_size * self.opt.act_bytes, 1))
         head = float(self.dense_time(2.0 * m.hidden_size * m.vocab_size * tokens,
                                      m.vocab_size * m.hidden_size * m.weight_bytes, 1)) if include_head else 0.0
-        parts = {"attention": attention, "dense_ffn": dense, "router": router, "experts": experts,
+        parts = {"attention": attention, "dense_ffn": dense, "routing": routing, "experts": experts,
                  "shared_experts": shared, "norms": norms, "head": head}
         parts["total"] = sum(parts.values())
         return parts

@@ -64,8 +64,9 @@ class Quantity:
 class Curve:
     """y(x) measured at a few points; evaluated by log-log interpolation.
 
-    kind: expert_ffn | attention_prefill | attention_decode | collective | host_copy.
+    kind: expert_ffn | moe_routing | attention_prefill | attention_decode | collective | host_copy.
     key: what the curve is for, e.g. {hidden, ffn, dtype, kernel, experts} for expert_ffn,
+        {hidden, experts, top_k} for moe_routing (x = tokens a device routes),
         {op, scope, ranks} for collective, {direction, memory} for host_copy.
     x: tokens, sequence length or bytes; y: seconds (median); y_min/y_max: spread of repeats.
     Below the first point the first value holds (the small-batch floor); beyond the last point
@@ -321,7 +322,7 @@ def _curve(data: Any, source: str, index: int) -> Curve:
     key = f.raw("key", {})
     if not isinstance(key, dict):
         raise f.fail("key", "expected a mapping")
-    kind = f.str("kind", choices=("expert_ffn", "attention_prefill", "attention_decode", "collective", "host_copy"))
+    kind = f.str("kind", choices=("expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "collective", "host_copy"))
     return Curve(kind, key, tuple(x), tuple(y), _prov(f), y_min, y_max)
 
 

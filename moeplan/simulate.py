@@ -169,7 +169,7 @@ def simulate(model: ModelSpec, hardware: HardwareProfile, placement: Placement, 
             per_layer[key][layer] = bd[key]
         step_moe += lc.time
         device_load += slot_tokens.sum(axis=(0, 2))
-        device_compute += (lc.compute + lc.shared).sum(axis=0)
+        device_compute += lc.work.sum(axis=0)
         cross_dev += float(lc.cross_device_bytes.sum()) / row_bytes
         cross_node += float(lc.cross_node_bytes.sum()) / row_bytes
         total += float(c.sum())

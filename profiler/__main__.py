@@ -11,7 +11,10 @@ import typer
 from moeplan.errors import InputError
 from moeplan.profiler.command import profile
 
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
+
+@app.command()
 @wraps(profile)
 def _guarded(*args: Any, **kwargs: Any) -> None:
     try:
@@ -22,4 +25,4 @@ def _guarded(*args: Any, **kwargs: Any) -> None:
 
 
 if __name__ == "__main__":
-    typer.run(_guarded)
+    app()

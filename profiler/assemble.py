@@ -24,7 +24,7 @@ import numpy as np
 from moeplan.hardware import Curve, HardwareProfile, Link, Provenance, Quantity
 from moeplan.profiler.raw import Measurement, RawProfile
 
-CURVE_KINDS = ("expert_ffn", "attention_prefill", "attention_decode", "host_copy", "collective")
+CURVE_KINDS = ("expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "host_copy", "collective")
 
 
 def measured_profile(base: HardwareProfile, raw: RawProfile) -> HardwareProfile:
@@ -53,7 +53,7 @@ def measured_profile(base: HardwareProfile, raw: RawProfile) -> HardwareProfile:
         if pinned:
             top = max(pinned, key=lambda m: m.x)
             q = Quantity(top.rates()["bytes_per_s"], prov(f"pinned {direction} copy of {top.x / 2**20:.0f} MiB"))
-            device = replace(device, **{f"{direction}_bandwidth": q})
+            device = replace(device, h2d_bandwidth=q) if direction == "h2d" else replace(device, d2h_bandwidth=q)
     curves = tuple(_curves(raw, prov))
     links = {scope: _link(getattr(base, scope), raw, scope, prov) for scope in ("intra_node", "inter_node")}
     runs = {**base.runs, raw.run_id: raw.run}

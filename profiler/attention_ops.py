@@ -82,7 +82,7 @@ def sdpa_kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
         choice = int(torch._fused_sdp_choice(q, k, v, is_causal=causal, enable_gqa=gqa))
     except (ImportError, AttributeError, RuntimeError, TypeError):
         return "unknown"
-    names = {int(b): name.lower() for name, b in SDPBackend.__members__.items()}
+    names = {b.value: name.lower() for name, b in SDPBackend.__members__.items()}
     return names.get(choice, "unknown")
 
 

@@ -174,6 +174,7 @@ def collective_op(acc: Accelerator, comm: Comm, op: str, scope: str, nbytes: int
         return torch.randn(max(k, 1), device=dev, dtype=dtype)
 
     work = {"bytes": float(elems * size), "bus_factor": bus_factor(op, n)}
+    make: Callable[[], Any]
     run: Callable[[Any], Any]
     if op == "all_to_all":
         make = lambda: (rand(elems), rand(elems))
@@ -220,7 +221,7 @@ def _role(rank: int, pairs: list[tuple[int, int]]) -> tuple[str, int] | None:
     return None
 
 
-def _p2p(role: tuple[str, int] | None) -> Callable[[torch.Tensor], None]:
+def _p2p(role: tuple[str, int] | None) -> Callable[[torch.Tensor], Any]:
     if role is None:
         return lambda t: None
     kind, peer = role

@@ -111,6 +111,31 @@ def expert_grouped_op(acc: Accelerator, hidden: int, ffn: int, tokens: int, expe
               work=_expert_work(hidden, ffn, tokens, experts), impl=name)
 
 
+def routing_op(acc: Accelerator, hidden: int, experts: int, top_k: int, tokens: int) -> Op:
+    """Everything a MoE layer does on one device besides the expert GEMMs, at ``tokens`` tokens:
+    router logits, softmax, top-k, the stable sort of token-choices by expert, the split sizes
+    copied to the host (runtimes need them), the gather of rows into expert order and the
+    weighted scatter-add back (the experts themselves are left out)."""
+    def make() -> tuple[torch.Tensor, ...]:
+        return randn(acc, tokens, hidden), randn(acc, experts, hidden, scale=1.0 / hidden ** 0.5)
+
+    def run(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, wr = t
+        weights, ids = torch.topk(torch.softmax(F.linear(x, wr).float(), dim=-1), top_k, dim=-1)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        torch.bincount(flat, minlength=experts).tolist()
+        rows = order // top_k
+        gathered = x[rows]
+        out = torch.zeros_like(x)
+        out.index_add_(0, rows, gathered * weights.reshape(-1)[order, None].to(x.dtype))
+        return out
+    nbytes = 2.0 * (tokens * hidden + experts * hidden + 3 * tokens * top_k * hidden)
+    return Op(make=make, run=run, set_bytes=2 * (tokens * hidden + experts * hidden),
+              work={"flops": 2.0 * tokens * hidden * experts, "bytes": nbytes},
+              impl="router + softmax + top-k + stable sort + split sizes to host + gather + weighted index_add")
+
+
 def grouped_impl(acc: Accelerator) -> str:
     """"grouped_mm" when ``torch._grouped_mm`` exists and agrees with bmm on a small probe here,
     else "bmm"."""

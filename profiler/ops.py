@@ -6,17 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 from moeplan.profiler.attention_ops import AttentionShape, decode_op, prefill_op
-from moeplan.profiler.compute_ops import copy_op, expert_grouped_op, expert_loop_op, launch_op, matmul_op
+from moeplan.profiler.compute_ops import copy_op, expert_grouped_op, expert_loop_op, launch_op, matmul_op, routing_op
 from moeplan.profiler.device import Accelerator
 from moeplan.profiler.host_ops import host_copy_op
 from moeplan.profiler.timing import Op
 
-KINDS = ("matmul", "copy", "launch", "expert_ffn", "attention_prefill", "attention_decode", "host_copy")
+KINDS = ("matmul", "copy", "launch", "expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "host_copy")
 
 
 def build_op(acc: Accelerator, kind: str, params: dict[str, Any], x: float) -> Op:
     """The op of a measurement: ``x`` is n (matmul), bytes (copy, host_copy), tokens per expert
-    (expert_ffn), sequence length (attention_prefill) or context (attention_decode)."""
+    (expert_ffn), tokens per device (moe_routing), sequence length (attention_prefill) or context (attention_decode)."""
     n = int(x)
     if kind == "matmul":
         return matmul_op(acc, n, params["dtype"])
@@ -28,6 +28,8 @@ def build_op(acc: Accelerator, kind: str, params: dict[str, Any], x: float) -> O
         if params["kernel"] == "loop":
             return expert_loop_op(acc, params["hidden"], params["ffn"], n)
         return expert_grouped_op(acc, params["hidden"], params["ffn"], n, params["experts"], params["impl"])
+    if kind == "moe_routing":
+        return routing_op(acc, params["hidden"], params["experts"], params["top_k"], n)
     if kind == "attention_prefill":
         return prefill_op(acc, AttentionShape.from_dict(params["shape"]), n, params["batch"], params["impl"])
     if kind == "attention_decode":

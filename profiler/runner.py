@@ -98,6 +98,8 @@ class Profiler:
             out.append(Step("device", "launch overhead", "launch", {}, 1, {}))
         if "experts" in want:
             out += self._expert_steps()
+        if "routing" in want:
+            out += self._routing_steps()
         if "attention" in want:
             out += self._attention_steps()
         if "host" in want:
@@ -126,6 +128,19 @@ class Profiler:
                 label = f"expert {h}×{f} {k['kernel']}" + (f" G={k['experts']}" if "experts" in k else "")
                 out += [Step("experts", f"{label} @ {n} tok", "expert_ffn", params, n, key)
                         for n in self.sizes.expert_tokens]
+        return out
+
+    def _routing_steps(self) -> list[Step]:
+        """Routing and permutation around the experts, per (hidden, experts, top-k) of the models,
+        at the total tokens a device routes (the expert-token sizes × top-k cover 1 … 16k × k)."""
+        out = []
+        shapes: dict[tuple[int, int, int], list[str]] = {}
+        for m in self.request.models:
+            shapes.setdefault((m.hidden_size, m.num_experts, m.top_k), []).append(m.name)
+        for (h, e, k), names in shapes.items():
+            key = {"hidden": h, "experts": e, "top_k": k}
+            out += [Step("routing", f"routing {h}×{e} top-{k} @ {n} tok", "moe_routing", {**key, "models": names}, n, key)
+                    for n in self.sizes.expert_tokens]
         return out
 
     def _attention_steps(self) -> list[Step]:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 from moeplan.profiler.timing import Effort
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
-SECTIONS = ("device", "experts", "attention", "host", "collectives")
-DEFAULT_MODELS = ("mixtral-8x7b", "deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b", "qwen3-235b-a22b")
+SECTIONS = ("device", "experts", "routing", "attention", "host", "collectives")
+DEFAULT_MODELS = ("mixtral-8x7b", "deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b", "qwen3-235b-a22b", "olmoe-1b-7b",
+                  "qwen1.5-moe-a2.7b")
 
 
 def doublings(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from moeplan.cli import app  # noqa: E402
-from moeplan.collect import (  # noqa: E402
-    BYTE_TOKENIZER, CollectOptions, byte_token_ids, collect_trace, route_tokens, tiny_config,
-)
-from moeplan.model import ModelSpec  # noqa: E402
-from moeplan.trace import RoutingTrace  # noqa: E402
+from moeplan.cli import app
+from moeplan.collect import BYTE_TOKENIZER, CollectOptions, byte_token_ids, collect_trace, route_tokens, tiny_config
+from moeplan.model import ModelSpec
+from moeplan.trace import RoutingTrace
 
 HIDDEN = 32
 VOCAB = 101
@@ -36,6 +35,10 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4, num_k
               max_position_embeddings=128)
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
            v_head_dim=8)  # MLA attention needs as many KV heads as heads
+
+
+def preset_config(slug: str) -> dict[str, Any]:
+    return json.loads(resources.files("moeplan.presets").joinpath(f"{slug}.json").read_text())["config"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -234,8 +237,7 @@ def test_every_preset_builds_tiny_and_matches_its_model_spec(slug: str, tmp_path
     text.write_bytes(TEXT)
     trace = collect_trace(slug, text, CollectOptions(max_tokens=24, seq_len=12, device="cpu"), random_init=True,
                           tiny=True)
-    preset = json.loads((Path(__file__).parents[1] / "moeplan" / "presets" / f"{slug}.json").read_text())
-    tiny = ModelSpec.from_hf_dict(tiny_config(preset["config"]), name=slug)
+    tiny = ModelSpec.from_hf_dict(tiny_config(preset_config(slug)), name=slug)
     full = ModelSpec.preset(slug)
     assert (tiny.num_experts, tiny.top_k, tiny.n_group, tiny.topk_group) == (
         full.num_experts, full.top_k, full.n_group, full.topk_group)
@@ -336,8 +338,7 @@ def test_cli_bad_files_exit_2_naming_the_file(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "empty.txt" in result.output
     folder = tmp_path / "weights-no-tokenizer"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(tiny_config(json.loads(
-        (Path(__file__).parents[1] / "moeplan/presets/mixtral-8x7b.json").read_text())["config"])))
+    (folder / "config.json").write_text(json.dumps(tiny_config(preset_config("mixtral-8x7b"))))
     result = runner.invoke(app, ["trace", "collect", "--model", str(folder), "--text", str(empty), "-o", out])
     assert result.exit_code == 2 and "tokenizer" in result.output
     result = runner.invoke(app, ["trace", "collect", "--model", str(folder / "config.json"), "--text", str(empty),
@@ -348,3 +349,27 @@ def test_cli_bad_files_exit_2_naming_the_file(tmp_path: Path) -> None:
 def test_importing_the_cli_does_not_import_torch() -> None:
     code = "import sys, moeplan.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_long_texts_are_tokenised_in_chunks_up_to_max_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeplan import collect
+
+    tokenizer = _word_tokenizer(tmp_path)
+    text = TEXT.decode().replace("; ", ";\n")  # lines of ~70 characters: chunks of 200 end at newlines
+    whole = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(collect, "TOKENIZE_CHUNK", 200)
+    np.testing.assert_array_equal(collect.text_tokens(text.encode(), "t", tokenizer, VOCAB, None), whole)
+    calls: list[int] = []
+    counting = lambda t, **kw: calls.append(len(t)) or tokenizer(t, **kw)
+    np.testing.assert_array_equal(collect.text_tokens(text.encode(), "t", counting, VOCAB, 20), whole[:20])
+    assert len(calls) < 4 and max(calls) <= 200
+
+
+def test_a_dense_model_is_refused(tmp_path: Path) -> None:
+    config = transformers.LlamaConfig(**COMMON, intermediate_size=16, num_hidden_layers=1)
+    config.save_pretrained(tmp_path / "llama")
+    text = tmp_path / "text.txt"
+    text.write_bytes(TEXT)
+    result = CliRunner().invoke(app, ["trace", "collect", "--model", str(tmp_path / "llama" / "config.json"),
+                                      "--random-init", "--text", str(text), "-o", str(tmp_path / "t.npz")])
+    assert result.exit_code == 2 and "no MoE experts module" in result.output

@@ -12,19 +12,35 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from moeplan.solvers.folding import (
+    Candidate,
+    FoldingProblem,
+    explain_invalid,
+    price,
+    raw_layouts,
+    solve,
+    valid_candidates,
+    valid_layouts,
+    valid_schedules,
+    violations,
+    why_loses,
+)
 from typer.testing import CliRunner
 
 from moeplan.cli import app
 from moeplan.cost import (
-    CostModel, ParallelMapping, ServeSetup, TrainSetup, group_spans, serve_step, train_memory, train_step,
+    CostModel,
+    ParallelMapping,
+    ServeSetup,
+    TrainSetup,
+    group_spans,
+    serve_step,
+    train_memory,
+    train_step,
 )
 from moeplan.hardware import HardwareProfile, Quantity
 from moeplan.model import AttentionSpec, ModelSpec
 from moeplan.plan import Plan
-from moeplan.solvers.folding import (
-    Candidate, FoldingProblem, explain_invalid, price, raw_layouts, solve, valid_candidates, valid_layouts,
-    valid_schedules, violations, why_loses,
-)
 
 TINY = ModelSpec(name="tiny", num_layers=4, hidden_size=64, vocab_size=128,
                  attention=AttentionSpec("gqa", num_heads=8, num_kv_heads=2, head_dim=8),

@@ -195,6 +195,15 @@ def test_bad_input_exits_2_through_the_cli(args: list[str], needle: str) -> None
     assert needle in result.output
 
 
+def test_merge_into_another_devices_profile_exits_2(tmp_path: Path) -> None:
+    from moeplan.cli import app
+    other = measured_profile(HardwareProfile.resolve("h100-sxm"), _raw("run-h100", [
+        Measurement("matmul", {}, {"dtype": "bf16"}, 1024.0, (1e-3,), {"flops": 2.0 * 1024**3})]))
+    other.save(tmp_path / "h100.yaml")
+    result = CliRunner().invoke(app, ["profile", "--merge", str(tmp_path / "h100.yaml"), "--only", "device"])
+    assert result.exit_code == 2 and "measured on NVIDIA H100" in result.output
+
+
 def test_bad_base_exits_2_as_a_module(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "moeplan.profiler", "--base", "nope", "--out", str(tmp_path / "x.yaml")],
                           check=False, capture_output=True, text=True, timeout=60, env=CPU_ENV)
@@ -248,7 +257,7 @@ def test_topology_groups_and_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _raw(run_id: str, measurements: list[Measurement]) -> RawProfile:
     base = HardwareProfile.resolve("h100-sxm")
-    return RawProfile(run_id, {"date": "2026-01-01T00:00:00+00:00", "tool": "moeplan profile test", "gpu": "test",
+    return RawProfile(run_id, {"date": "2026-01-01T00:00:00+00:00", "tool": "moeplan profile test", "gpu": "NVIDIA H100",
                                "backend": "nccl"}, base.name, datasheet_figures(base), measurements)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from moeplan.solvers.folding import FoldingProblem, FoldingResult, Ranked, solve
 
 from moeplan.cli.apps import plan_app
 from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table
@@ -11,7 +12,6 @@ from moeplan.cost import TrainStep
 from moeplan.export.megatron import megatron_args
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
-from moeplan.solvers.folding import FoldingProblem, FoldingResult, Ranked, solve
 
 DEFAULT_GLOBAL_BATCH = {"train": 1024, "serve": 256}
 
@@ -75,6 +75,8 @@ def _print_ranking(result: FoldingResult, top: int) -> None:
                  f"{r.result.kv_capacity_tokens:,.0f} tok", r.result.spans["ep"].nodes, _reason(r))
                 for i, r in enumerate(result.ranked[:top])]
     print_table(title, columns, rows, caption=caption)
+    for label, why in list(result.invalid_examples.items())[:3]:
+        console.print(f"[dim]invalid, e.g. {label}: {why}[/]", highlight=False)
     best = result.best
     breakdown = best.breakdown
     total = sum(breakdown.values())

@@ -12,6 +12,21 @@ from moeplan.solvers.folding.problem import Candidate, FoldingProblem
 from moeplan.solvers.folding.rules import RULES, Rule, explain_invalid, violations
 from moeplan.solvers.folding.solve import FoldingResult, Ranked, price, solve, why_loses
 
-__all__ = ["Candidate", "FoldingProblem", "FoldingResult", "RULES", "Ranked", "Rule", "divisors", "explain_invalid",
-           "price", "raw_layouts", "solve", "valid_candidates", "valid_layouts", "valid_schedules", "violations",
-           "why_loses"]
+__all__ = [
+           "RULES",
+           "Candidate",
+           "FoldingProblem",
+           "FoldingResult",
+           "Ranked",
+           "Rule",
+           "divisors",
+           "explain_invalid",
+           "price",
+           "raw_layouts",
+           "solve",
+           "valid_candidates",
+           "valid_layouts",
+           "valid_schedules",
+           "violations",
+           "why_loses",
+]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from moeplan.cost import ParallelMapping
 from moeplan.solvers.folding.problem import Candidate, FoldingProblem
 from moeplan.solvers.folding.rules import rules_for
+
+from moeplan.cost import ParallelMapping
 
 
 def divisors(n: int) -> list[int]:

@@ -43,6 +43,16 @@ class Candidate:
         return (f"{self.mapping.label()} | mbs{self.micro_batch}"
                 + (" | recompute" if self.recompute else ""))
 
+    @classmethod
+    def from_parallel(cls, parallel: dict[str, Any]) -> Candidate:
+        """The candidate a ``Plan.parallel`` record describes (the inverse of
+        :meth:`FoldingProblem.parallel`), e.g. to re-price a saved plan."""
+        a, m = parallel["attention"], parallel["moe"]
+        mapping = ParallelMapping(a["tp"], a["cp"], a["dp"], a["pp"], m["etp"], m["ep"], m["edp"],
+                                  parallel.get("vpp", 1))
+        return cls(mapping, parallel.get("micro_batch", 1), bool(parallel.get("recompute", False)),
+                   bool(parallel.get("sequence_parallel", a["tp"] > 1)) or parallel.get("mode") == "serve")
+
 
 @dataclass(frozen=True)
 class FoldingProblem:
@@ -58,7 +68,7 @@ class FoldingProblem:
     distributed_optimizer: bool = True
     tp_comm_overlap: bool = False
 
-    def validate(self) -> "FoldingProblem":
+    def validate(self) -> FoldingProblem:
         if self.mode not in MODES:
             raise InputError(f"mode must be train or serve, got {self.mode!r}", field="mode",
                              fix="use --mode train or --mode serve")

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moeplan.cost import ParallelMapping
 from moeplan.solvers.folding.problem import Candidate, FoldingProblem
+
+from moeplan.cost import ParallelMapping
 
 MEGATRON = "NVIDIA/Megatron-LM"
 

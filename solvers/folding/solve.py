@@ -23,12 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeplan.solvers.folding.enumerate import raw_layouts, schedules, valid_layouts, valid_schedules
+from moeplan.solvers.folding.problem import Candidate, FoldingProblem
+from moeplan.solvers.folding.rules import violations
+
 from moeplan.cost import PassCost, ServeStep, TrainStep, serve_step, train_forward_pass, train_step
 from moeplan.errors import InputError
 from moeplan.plan import Plan
-from moeplan.solvers.folding.enumerate import raw_layouts, valid_layouts, valid_schedules
-from moeplan.solvers.folding.problem import Candidate, FoldingProblem
-from moeplan.solvers.folding.rules import explain_invalid
 
 EXHAUSTIVE_LIMIT = 20_000
 BEAM = 48
@@ -122,7 +123,7 @@ class _Pricer:
             r = train_step(self.cm, c.mapping, setup, self._forward[key])
             return Ranked(c, r, r.step, r.memory.fits)
         s = serve_step(self.cm, c.mapping, p.serve_setup(c))
-        return Ranked(c, s, s.tpot, s.fits and s.memory.peak <= s.memory.capacity)
+        return Ranked(c, s, s.tpot, s.fits)
 
 
 def _simplicity(c: Candidate) -> tuple[int, ...]:
@@ -162,7 +163,7 @@ def _best(priced: list[Ranked]) -> Ranked:
     return min(priced, key=lambda r: (r.result.memory.peak, r.score))
 
 
-def _probe(problem: FoldingProblem, options: list[Candidate]) -> list[Candidate]:
+def _probe(options: list[Candidate]) -> list[Candidate]:
     """The one or two schedules a layout is probed at in the pruned search."""
     mbs = min(c.micro_batch for c in options)
     first = [c for c in options if c.micro_batch == mbs]
@@ -181,18 +182,18 @@ def solve(problem: FoldingProblem, top: int = 10) -> FoldingResult:
     options = {k: v for k, v in options.items() if v}
     total = sum(len(v) for v in options.values())
     if not options:
-        examples = {m.label(): explain_invalid(problem, m) or "" for m in raw[:3]}
-        detail = "; ".join(f"{k}: {v}" for k, v in examples.items()) or "the GPU count has no divisors to try"
-        raise InputError(f"no valid parallel mapping for {problem.model.name} on {problem.world} GPUs ({detail})",
-                         field="gpus", fix="change the GPU count, the sequence length or the batch sizes")
+        raise InputError(f"no valid parallel mapping for {problem.model.name} on {problem.world} GPUs "
+                         f"({_why_none(problem, raw)})", field="gpus",
+                         fix="change the GPU count, the sequence length or the batch sizes")
     pricer = _Pricer(problem)
     search = "exhaustive" if total <= EXHAUSTIVE_LIMIT else "pruned"
     if search == "pruned":
-        probes = {k: _best([pricer.price(c) for c in _probe(problem, v)]) for k, v in options.items()}
+        probes = {k: _best([pricer.price(c) for c in _probe(v)]) for k, v in options.items()}
         keep = sorted(probes, key=lambda k: (not probes[k].fits, probes[k].score))[:BEAM]
         options = {k: options[k] for k in keep}
     per_layout = [_best([pricer.price(c) for c in v]) for v in options.values()]
-    feasible = _merge_ties(_ordered([r for r in per_layout if r.fits]))
+    fitting = [r for r in per_layout if r.fits]
+    feasible = _merge_ties(_ordered(fitting))
     infeasible = _ordered([r for r in per_layout if not r.fits])
     if not feasible:
         closest = min(infeasible, key=lambda r: r.result.memory.peak)
@@ -204,11 +205,39 @@ def solve(problem: FoldingProblem, top: int = 10) -> FoldingResult:
     for r in feasible[1:]:
         r.reason = why_loses(problem, r, feasible[0])
     counts = {"raw_layouts": len(raw), "valid_layouts": len(layouts), "valid_candidates": total,
-              "priced": pricer.priced, "feasible_layouts": len(feasible)}
-    valid = set(layouts)
-    invalid = [m for m in raw if m not in valid][:top]
+              "priced": pricer.priced, "feasible_layouts": len(fitting)}
     return FoldingResult(problem, feasible[:max(top, 1)], infeasible[:max(top, 1)], counts, search,
-                         time.perf_counter() - start, {m.label(): explain_invalid(problem, m) or "" for m in invalid})
+                         time.perf_counter() - start, _invalid_examples(problem, raw, set(layouts), top))
+
+
+def _invalid_examples(problem: FoldingProblem, raw: list, valid: set, limit: int) -> dict[str, str]:
+    """One invalid layout per broken rule (up to ``limit``), with the rule's explanation."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for m in raw:
+        if m in valid:
+            continue
+        rule = violations(problem, m)[0]
+        if rule.id not in seen:
+            seen.add(rule.id)
+            out[m.label()] = rule.describe(problem, Candidate(m))
+        if len(out) == limit:
+            break
+    return out
+
+
+def _why_none(problem: FoldingProblem, raw: list) -> str:
+    """Up to three distinct rules that the raw candidates break, with an example each."""
+    seen: dict[str, str] = {}
+    for layout in raw:
+        for c in schedules(problem, layout):
+            broken = violations(problem, c)
+            if broken and broken[0].id not in seen:
+                seen[broken[0].id] = f"e.g. {c.label()}: {broken[0].describe(problem, c)}"
+            break
+        if len(seen) == 3:
+            break
+    return "; ".join(seen.values()) or "the GPU count leaves nothing to try"
 
 
 def why_loses(problem: FoldingProblem, loser: Ranked, winner: Ranked) -> str:
@@ -226,7 +255,11 @@ def _part_label(part: str, loser: Ranked, winner: Ranked) -> str:
     c, spans = loser.candidate, loser.result.spans
     t = c.mapping
     name = PART_NAMES.get(part, part)
-    group = {"ep_all_to_all": "ep", "tp_comm": "tp", "etp_comm": "etp", "cp_ring": "cp", "dp_grad_sync": "edp"}.get(part)
+    if part == "dp_grad_sync":
+        dense, expert = spans["dp_cp"], spans["edp"]
+        return (f"{name} (DP·CP {dense.size} over {dense.nodes} node{'s' if dense.nodes > 1 else ''}, "
+                f"EDP {expert.size} over {expert.nodes} node{'s' if expert.nodes > 1 else ''})")
+    group = {"ep_all_to_all": "ep", "tp_comm": "tp", "etp_comm": "etp", "cp_ring": "cp"}.get(part)
     if group:
         size, nodes = spans[group].size, spans[group].nodes
         if nodes > 1 and winner.result.spans[group].nodes <= 1:

@@ -1,9 +1,10 @@
-"""ExFlow-style affinity placement: keep a token where its last experts ran.
+"""ExFlow-style affinity placement: keep a token where its last expert ran.
 
 With context-coherent execution (ExFlow, Yao et al. 2024) a token's next layer is dispatched
-from the devices its experts ran on at this layer, so experts that tokens chain through in
-consecutive layers belong on the same device, or at least the same node. Within a layer, experts
-chosen together belong together too: the token then touches fewer devices.
+from where the token is after this layer (the problem's flow model: its top-1 expert's device, or
+its k experts' devices), so experts that tokens chain through in consecutive layers belong on the
+same device, or at least the same node. Within a layer, experts chosen together belong together
+too: the token then touches fewer devices.
 
 Per layer, with its neighbours' placements fixed (the first sweep sees only the layer before):
 
@@ -11,15 +12,16 @@ Per layer, with its neighbours' placements fixed (the first sweep sees only the 
 2. **Greedy packing**, heaviest replica first, into the device with the highest affinity score
    among those with a free slot and load below (1 + slack) × mean. The score of expert e on
    device d, in seconds saved, is ``intra · g[e, d] + (inter − intra) · g_node[e, node(d)]``, where
-   g counts the tokens e exchanges with the neighbours' experts on d (the layer-to-layer flows of
-   ``TraceStats.transition_counts``) plus ``coactivation`` × the tokens that chose e together with
-   the replicas already on d; g_node sums g over the node.
-3. **Local search**: pairwise swaps of replicas between devices that raise the total score and
-   keep both devices' loads within the cap, until a pass finds none.
+   g counts the tokens e exchanges with the neighbours' experts on d (the problem's layer-to-layer
+   flows) plus ``coactivation`` × the tokens that chose e together with the replicas already on d;
+   g_node sums g over the node.
+3. **Local search**: while a device is above the cap, the best-scoring swap that lowers it; then
+   pairwise swaps of replicas between devices that raise the total score and keep both devices'
+   loads within the cap, until a pass finds none.
 4. **Token split** among replicas by an LP (:func:`.layer.balance_shares`): even device loads,
    then the least traffic.
 
-Further sweeps repeat 2–4 (3–4 from the current placement) with both neighbours fixed.
+Further sweeps repeat 3–4 from the current placement with both neighbours fixed.
 """
 from __future__ import annotations
 
@@ -91,51 +93,98 @@ def _construct(load: np.ndarray, counts: np.ndarray, score: AffinityScore, devic
     return packer.slot_expert()
 
 
-def _improve(item_expert: np.ndarray, item_device: np.ndarray, item_share: np.ndarray, item_weight: np.ndarray,
-             score: AffinityScore, devices: int, w_dev: float, w_node: float, cap: float, passes: int) -> int:
-    """Step 3 of the module docstring, in place on ``item_device``; returns the swaps made.
-    ``score`` must already count every item."""
-    e_count = score.gd.shape[0]
-    node = np.arange(devices) // score.per
-    load = np.bincount(item_device, weights=item_weight, minlength=devices)
-    holds = np.zeros((e_count, devices), dtype=bool)
-    holds[item_expert, item_device] = True
-    tol = 1e-9 * (abs(w_dev) + abs(w_node)) * max(float(item_weight.mean()), 1e-12)
-    order = np.argsort(-item_weight, kind="stable")
-    coact, gd, gn = score.coact, score.gd, score.gn
-    swaps = 0
-    for _ in range(passes):
-        moved = 0
-        for i in order:
-            e, d1 = item_expert[i], item_device[i]
-            se, we, n1 = item_share[i], item_weight[i], node[d1]
-            fd = item_device
-            fn = node[fd]
-            pair = 2.0 * se * item_share * coact[e, item_expert]
-            dev = se * (gd[e, fd] - gd[e, d1]) + item_share * (gd[item_expert, d1] - gd[item_expert, fd]) - pair
-            nod = se * (gn[e, fn] - gn[e, n1]) + item_share * (gn[item_expert, n1] - gn[item_expert, fn]) - pair
-            delta = w_dev * dev + w_node * np.where(fn != n1, nod, 0.0)
-            limit = np.maximum(cap, np.maximum(load[d1], load[fd]))
-            ok = ((delta > tol) & (fd != d1) & ~holds[e, fd] & ~holds[item_expert, d1]
-                  & (load[d1] - we + item_weight <= limit) & (load[fd] + we - item_weight <= limit))
-            if not ok.any():
-                continue
-            j = int(np.where(ok, delta, -np.inf).argmax())
-            f, d2 = item_expert[j], item_device[j]
-            score.add(e, se, d1, -1.0)
-            score.add(f, item_share[j], d2, -1.0)
-            score.add(e, se, d2)
-            score.add(f, item_share[j], d1)
-            load[d1] += item_weight[j] - we
-            load[d2] += we - item_weight[j]
-            holds[e, d1] = holds[f, d2] = False
-            holds[e, d2] = holds[f, d1] = True
-            item_device[i], item_device[j] = d2, d1
-            moved += 1
-        swaps += moved
-        if not moved:
-            break
-    return swaps
+class SwapSearch:
+    """Replicas (items: expert, device, share, tokens) of one layer and the swaps between devices
+    that step 3 of the module docstring makes; ``score`` must count every item."""
+
+    def __init__(self, item_expert: np.ndarray, item_device: np.ndarray, item_share: np.ndarray,
+                 item_weight: np.ndarray, score: AffinityScore, devices: int, w_dev: float, w_node: float) -> None:
+        self.expert, self.device, self.share, self.weight = item_expert, item_device, item_share, item_weight
+        self.score, self.w_dev, self.w_node = score, w_dev, w_node
+        self.node = np.arange(devices) // score.per
+        self.load = np.bincount(item_device, weights=item_weight, minlength=devices)
+        self.holds = np.zeros((score.gd.shape[0], devices), dtype=bool)
+        self.holds[item_expert, item_device] = True
+        self.tol = 1e-9 * (abs(w_dev) + abs(w_node)) * max(float(item_weight.mean()), 1e-12)
+
+    def gains(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Score gained by swapping item ``i`` with each item, and which swaps are allowed (other
+        device, no expert twice on one device)."""
+        gd, gn, fe, fs, fd = self.score.gd, self.score.gn, self.expert, self.share, self.device
+        e, d1, se = fe[i], fd[i], fs[i]
+        n1, fn = self.node[d1], self.node[fd]
+        pair = 2.0 * se * fs * self.score.coact[e, fe]
+        dev = se * (gd[e, fd] - gd[e, d1]) + fs * (gd[fe, d1] - gd[fe, fd]) - pair
+        nod = se * (gn[e, fn] - gn[e, n1]) + fs * (gn[fe, n1] - gn[fe, fn]) - pair
+        delta = self.w_dev * dev + self.w_node * np.where(fn != n1, nod, 0.0)
+        return delta, (fd != d1) & ~self.holds[e, fd] & ~self.holds[fe, d1]
+
+    def swap(self, i: int, j: int) -> None:
+        e, f, d1, d2 = self.expert[i], self.expert[j], self.device[i], self.device[j]
+        for expert, share, old, new in ((e, self.share[i], d1, d2), (f, self.share[j], d2, d1)):
+            self.score.add(expert, share, old, -1.0)
+            self.score.add(expert, share, new)
+        moved = self.weight[i] - self.weight[j]
+        self.load[d1] -= moved
+        self.load[d2] += moved
+        self.holds[e, d1] = self.holds[f, d2] = False
+        self.holds[e, d2] = self.holds[f, d1] = True
+        self.device[i], self.device[j] = d2, d1
+
+    def improve(self, cap: float, passes: int) -> int:
+        """Best-partner swaps that raise the score and keep both devices within ``cap`` (or within
+        their current loads where those are higher), heaviest item first; returns the swaps made."""
+        swaps = 0
+        order = np.argsort(-self.weight, kind="stable")
+        for _ in range(passes):
+            moved = 0
+            for i in order:
+                delta, ok = self.gains(i)
+                d1, we = self.device[i], self.weight[i]
+                limit = np.maximum(cap, np.maximum(self.load[d1], self.load[self.device]))
+                ok &= ((delta > self.tol) & (self.load[d1] - we + self.weight <= limit)
+                       & (self.load[self.device] + we - self.weight <= limit))
+                if ok.any():
+                    self.swap(int(i), int(np.where(ok, delta, -np.inf).argmax()))
+                    moved += 1
+            swaps += moved
+            if not moved:
+                break
+        return swaps
+
+    def rebalance(self, cap: float) -> int:
+        """While the busiest device exceeds ``cap``, swap one of its replicas for a lighter one:
+        the best-scoring swap that brings both devices within ``cap`` if there is one, else the
+        swap that lowers the larger of the two loads most. Returns the swaps made."""
+        swaps = 0
+        for _ in range(self.expert.shape[0]):
+            top = int(self.load.argmax())
+            peak = self.load[top]
+            if peak <= cap:
+                break
+            best: tuple[int, float] = (-1, 0.0)
+            pick = None
+            for i in np.flatnonzero(self.device == top):
+                delta, ok = self.gains(int(i))
+                moved = self.weight[i] - self.weight
+                worst = np.maximum(self.load[self.device] + moved, peak - moved)
+                ok &= (moved > 0) & (worst < peak)
+                if not ok.any():
+                    continue
+                within = ok & (worst <= cap)
+                if within.any():
+                    j = int(np.where(within, delta, -np.inf).argmax())
+                    key = (1, float(delta[j]))
+                else:
+                    j = int(np.where(ok, worst, np.inf).argmin())
+                    key = (0, -float(worst[j]))
+                if key > best:
+                    best, pick = key, (int(i), j)
+            if pick is None:
+                break
+            self.swap(*pick)
+            swaps += 1
+        return swaps
 
 
 def _items(slot_expert: np.ndarray, replica_share: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,8 +212,8 @@ def place_layer(problem: PlacementProblem, layer: int, shares: list[np.ndarray |
         slot_expert, replica_share = current
     item_expert, item_device, item_share = _items(slot_expert, replica_share)
     score = AffinityScore.of(a_in + a_out, coact, problem.devices_per_node, item_expert, item_device, item_share)
-    swaps = _improve(item_expert, item_device, item_share, load[item_expert] * item_share, score, d, w_dev, w_node,
-                     cap, options.passes)
+    search = SwapSearch(item_expert, item_device, item_share, load[item_expert] * item_share, score, d, w_dev, w_node)
+    swaps = search.rebalance(cap) + search.improve(cap, options.passes)
     slot_expert = item_expert[np.lexsort((item_expert, item_device))].reshape(d, s).astype(np.int32)
     replica_share = balance_shares(slot_expert, load, unit_costs(problem, layer, a_in, a_out), w.compute,
                                    options.balance_cap)
@@ -173,9 +222,11 @@ def place_layer(problem: PlacementProblem, layer: int, shares: list[np.ndarray |
 
 def traffic_report(problem: PlacementProblem, placement: Placement) -> dict[str, float]:
     """Expected cross-device and cross-node hops per token per layer transition (each of a token's
-    top-k rows that moves counts one hop) and the all-to-all bytes per step of context-coherent
-    execution against standard expert parallelism (tokens dispatched from and combined back to
-    their home device, spread evenly), with the same placement."""
+    top-k rows that leaves the device it comes from counts one hop, under the problem's flow model)
+    and the all-to-all bytes per step, summed over devices and MoE layers, of context-coherent
+    execution (the first layer dispatched from the home device, then layer to layer; combines onto
+    the top-1 device are not counted) against standard expert parallelism (dispatched from and
+    combined back to the home device, homes spread evenly), with the same placement."""
     share = placement.expert_device_share()
     d, k, t, nl = problem.num_devices, problem.top_k, problem.tokens, problem.num_layers
     flows = layer_flows(problem, share)

@@ -94,18 +94,18 @@ def balance_shares(slot_expert: np.ndarray, load: np.ndarray, unit_cost: np.ndar
     scale = 1.0 / mean
     cost = np.zeros(pe.shape[0]) if unit_cost is None else unit_cost[pe, pd] / compute
 
-    def run(weight: float, pair_cost: np.ndarray, upper: float) -> np.ndarray | None:
-        model, _, iy, _ = layer_model(ld * scale, pe, pd, pair_cost, d, s, weight, upper, integer=False)
+    def run(pair_cost: np.ndarray, upper: float) -> np.ndarray | None:
+        model, _, iy, _ = layer_model(ld * scale, pe, pd, pair_cost, d, s, 1.0, upper, integer=False)
         sol = solve_lp(model)
         return None if sol.values is None else sol.values[iy] / scale
 
-    y = run(1.0, cost, cap * mean * scale) if cap is not None else run(1.0, cost, np.inf)
+    y = run(cost, cap * mean * scale if cap is not None else np.inf)
     if y is None:  # the cap is out of reach: the least max load first, then the cheapest split at it
-        least = run(1.0, np.zeros_like(cost), np.inf)
+        least = run(np.zeros_like(cost), np.inf)
         if least is None:
             raise RuntimeError("share LP failed")
         peak = float(np.bincount(pd, weights=least, minlength=d).max()) * scale
-        y = run(1.0, cost, peak * (1 + 1e-9))
+        y = run(cost, peak * (1 + 1e-9))
     if y is None:
         raise RuntimeError("share LP failed")
     pair_share = np.divide(y, ld[pe], out=np.zeros_like(y), where=ld[pe] > 0)

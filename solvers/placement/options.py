@@ -35,7 +35,7 @@ class SolverOptions:
     milp: str = "cpsat"
     sweeps: int = 2
     passes: int = 3
-    slack: float = 0.05
+    slack: float = 0.02
     coactivation: float = 0.5
     balance_cap: float | None = 1.01
     candidates: int = 8

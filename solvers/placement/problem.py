@@ -7,11 +7,17 @@ device) and the objective's weights, which come from the cost model:
     objective (seconds per step) = Σ_layers compute · max_device load
                                  + Σ_layer pairs Σ_{d'≠d} flow[d', d] · link(d', d) / devices
 
-``load`` is token-choices per device in one step, ``flow[d', d]`` the tokens that leave an
+``load`` is token-choices per device in one step, ``flow[d', d]`` the token-rows that leave an
 expert on device d' at layer l for an expert on device d at layer l+1 (context-coherent
-execution: a token continues from where its last experts ran; the k × k expert pairs of a token
-each carry 1/k of it), ``link`` the seconds one token-row takes over an intra-node or an
-inter-node link. Dividing the traffic by the device count turns the cluster's total into the
+execution: a token continues from where its last experts ran, so each of its k rows at layer
+l+1 comes from there), ``link`` the seconds one token-row takes over an intra-node or an
+inter-node link. Where a token is between layers is the flow model:
+
+* ``"top1"`` (default, as the simulator's ExFlow mode): where its top-1 expert ran (the k outputs
+  are combined there), so i sends j one row for every token whose top-1 at l is i and that
+  chooses j at l+1;
+* ``"spread"``: over the devices of its k experts, 1/k each, so expert i at l sends expert j at
+  l+1 ``transition_counts[i, j] / k`` rows (``TraceStats.transition_counts``). Dividing the traffic by the device count turns the cluster's total into the
 per-device time of a balanced all-to-all. Trace counts are scaled to one step of
 ``tokens_per_device`` tokens per device.
 
@@ -34,6 +40,7 @@ from moeplan.stats import TraceStats
 from .replication import replica_counts
 
 DEFAULT_TOKENS_PER_DEVICE = 4096
+FLOW_MODELS = ("top1", "spread")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class PlacementProblem:
         expert_bytes: bytes of one expert's weights in one layer (for moves).
         n_group: expert groups (contiguous id blocks) of grouped routing; 1 when ungrouped.
         row_bytes: bytes of one token's activation row (hidden × activation bytes).
+        flow_model: how ``flows`` were counted, "top1" or "spread" (module docstring).
         name: a label for reports.
     """
 
@@ -87,6 +95,7 @@ class PlacementProblem:
     expert_bytes: float = 0.0
     n_group: int = 1
     row_bytes: float = 0.0
+    flow_model: str = "top1"
     name: str = ""
 
     @property
@@ -150,9 +159,14 @@ class PlacementProblem:
 
     @classmethod
     def build(cls, model: ModelSpec, hardware: HardwareProfile, stats: TraceStats, slots_per_device: int,
-              tokens_per_device: int = DEFAULT_TOKENS_PER_DEVICE, cost: CostModel | None = None) -> "PlacementProblem":
+              tokens_per_device: int = DEFAULT_TOKENS_PER_DEVICE, cost: CostModel | None = None,
+              flow_model: str = "top1") -> "PlacementProblem":
         """A problem for ``model`` on ``hardware`` (its cluster shape: use ``with_cluster`` first)
-        with the traffic of ``stats``; checks that the slots fit in device memory."""
+        with the traffic of ``stats``; checks that the slots fit in device memory. ``cost`` must be
+        a CostModel of the same model and hardware."""
+        if flow_model not in FLOW_MODELS:
+            raise InputError(f"unknown flow model '{flow_model}'", field="flows",
+                             fix=f"use one of: {', '.join(FLOW_MODELS)}")
         trace = stats.trace
         trace.check_model(model.num_experts, model.num_moe_layers, model.top_k)
         d, per = hardware.num_devices, hardware.devices_per_node
@@ -162,14 +176,29 @@ class PlacementProblem:
         k = model.top_k
         nl = trace.num_layers
         coact = np.stack([stats.coactivation(layer).astype(np.float64) for layer in range(nl)])
-        flows = stats.all_transition_counts.astype(np.float64) / k
+        flows = (stats.all_transition_counts.astype(np.float64) / k if flow_model == "spread"
+                 else top1_transition_counts(trace.expert_ids, model.num_experts))
         return cls(
             load=stats.load.astype(np.float64), flows=flows, coactivation=coact, num_devices=d, devices_per_node=per,
             slots_per_device=slots_per_device, top_k=k, tokens=trace.num_tokens,
             weights=objective_weights(cost, d, slots_per_device, tokens_per_device, trace.num_tokens),
             expert_bytes=model.expert_bytes(), n_group=model.n_group,
-            row_bytes=model.hidden_size * cost.opt.act_bytes, name=model.name,
+            row_bytes=model.hidden_size * cost.opt.act_bytes, flow_model=flow_model, name=model.name,
         ).validate()
+
+
+def top1_transition_counts(expert_ids: np.ndarray, num_experts: int, chunk: int = 1 << 17) -> np.ndarray:
+    """[layers-1, experts, experts] float: tokens whose top-1 expert at layer l is i and that
+    choose j at layer l+1 (any of their top-k)."""
+    t, nl, _ = expert_ids.shape
+    e = num_experts
+    out = np.zeros((max(nl - 1, 0), e * e))
+    for layer in range(nl - 1):
+        for start in range(0, t, chunk):
+            src = expert_ids[start:start + chunk, layer, 0].astype(np.int64)
+            dst = expert_ids[start:start + chunk, layer + 1, :].astype(np.int64)
+            out[layer] += np.bincount((src[:, None] * e + dst).ravel(), minlength=e * e)
+    return out.reshape(-1, e, e)
 
 
 def check_cluster(num_experts: int, devices: int, devices_per_node: int, slots_per_device: int) -> None:
