@@ -11,7 +11,7 @@ bursty traffic, and a live CPU scaling run of the torch runtime.
    (seeds 0–2), threshold and look-ahead policies: SLO attainment, device-hours and seconds spent
    scaling for elastic scaling, restarts, whole replicas (32 GPUs each) and static provisioning.
 3. **Live scaling on CPU**: 3 gloo processes serve a small MoE stack while the active set goes
-   2 → 3 → 2 (one schedule round between two batches): per-batch wall seconds, the ledger check
+   2 → 3 → 2 (four schedule rounds between two batches): per-batch wall seconds, the ledger check
    (no batch lost or served twice) and the outputs against an unscaled run.
 
 The hardware profile is the measured ``hardware_profiles/measured/h100*.yaml`` when one exists,
@@ -34,16 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from moeplan.hardware import HardwareProfile
-from moeplan.io import write_json, write_text
-from moeplan.model import ModelSpec
-from moeplan.plan import Placement, contiguous_placement
 from moeplan.solvers.elastic import ScalingProblem, ScalingStep, TransferCosts, plan_scaling, tradeoff
 from moeplan.solvers.elastic.autoscale import summary_frame
 from moeplan.solvers.elastic.costs import DEFAULT_RESTART_OVERHEAD
 from moeplan.solvers.elastic.study import prepare, run_all
 from moeplan.solvers.placement import PlacementProblem, solve
+
+from moeplan.hardware import HardwareProfile
+from moeplan.io import write_json, write_text
+from moeplan.model import ModelSpec
+from moeplan.plan import Placement, contiguous_placement
 from moeplan.stats import TraceStats
 from moeplan.synth import SyntheticTraffic, synthesize
 
@@ -125,6 +125,9 @@ def small_model() -> ModelSpec:
                                shared_ffn=64, num_shared_experts=1, n_group=1, topk_group=1).validate()
 
 
+ROUNDS_PER_BATCH = 4
+
+
 def _live_worker(rank: int, world: int, port: int, out: str, batches: int, every: int) -> None:
     import torch
     import torch.distributed as dist
@@ -137,7 +140,8 @@ def _live_worker(rank: int, world: int, port: int, out: str, batches: int, every
     model = small_model()
     trace = synthesize(model, SyntheticTraffic(tokens=4000, zipf=1.0, seed=3))
     report = run_elastic(Comm(rank, world, torch.device("cpu")), model,
-                         contiguous_placement(4, 16, 2, 1, 9), trace, [2, 3, 2], batches, 192, every)
+                         contiguous_placement(4, 16, 2, 1, 9), trace, [2, 3, 2], batches, 192, every,
+                         rounds_per_batch=ROUNDS_PER_BATCH)
     if rank == 0:
         Path(out).write_text(json.dumps(report))
     dist.destroy_process_group()
@@ -171,6 +175,8 @@ def phases(report: dict[str, Any]) -> list[dict[str, Any]]:
         if i > 0 and epoch != epochs[i - 1]:
             running = False
         label = f"{act} active, " + ("serving + scaling rounds" if running else "steady")
+        if not running and i > 0 and epoch != epochs[i - 1]:
+            label += " (first after the switch)"
         if out and out[-1]["phase"] == label and out[-1]["epoch"] == epoch:
             out[-1]["seconds"].append(sec)
         else:
@@ -226,7 +232,7 @@ def markdown(data: dict[str, Any]) -> str:
     a = data["autoscale"]
     lines += ["", "## 2. Autoscaling DeepSeek-V3 (32 … 64 H100s in steps of 8; decode, 4096-token context)", "",
               *[f"- {n}" for n in a["notes"]],
-              f"- elastic step seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in a["priced"]["elastic_step_seconds"].items()),
+              "- elastic step seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in a["priced"]["elastic_step_seconds"].items()),
               f"- {len(a['seeds'])} seeds per shape ({', '.join(map(str, a['seeds']))}), 2-hour traces, 10-s decisions; "
               "SLO attainment = share of output tokens served with every decode step within the SLO and no queue "
               "(mean over seeds, min in brackets).", "",
@@ -238,8 +244,8 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{r['scaling_seconds']:.1f} |")
     live = data["live"]
     lines += ["", "## 3. Live scaling on CPU (gloo, 3 processes, active set 2 → 3 → 2)", "",
-              f"Model: {live['model']}; {live['batches']} batches of {live['global_tokens']} tokens; one schedule "
-              f"round between two batches; steps after batches {', '.join(str(s['after']) for s in live['steps'])}. "
+              f"Model: {live['model']}; {live['batches']} batches of {live['global_tokens']} tokens; "
+              f"{ROUNDS_PER_BATCH} schedule rounds between two batches; steps after batches {', '.join(str(s['after']) for s in live['steps'])}. "
               f"Epochs (active sets): {live['epochs']}. Every batch served exactly once by its epoch's active set "
               f"(ledger checked on all ranks; batches served per rank {live['served']}); received experts equal "
               f"their deterministic weights ({live['weight_mismatches']} mismatches); outputs vs the unscaled run: "
@@ -265,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     steps, trade = scaling_steps(hw, args.tokens)
     seeds = 1 if args.quick else args.seeds
     rows, notes, priced = autoscaling(hw, args.tokens, seeds)
-    live = live_cpu(10 if args.quick else 30, 3 if args.quick else 10)
+    live = live_cpu(24 if args.quick else 40, 8 if args.quick else 12)
     live.update(model=small_model().name + " (16 experts, top-2, 4 MoE layers, hidden 64, FFN 128)",
                 phases=phases(live))
     data = {"profile": profile, "restart_overhead_s": DEFAULT_RESTART_OVERHEAD,

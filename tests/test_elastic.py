@@ -12,13 +12,6 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from moeplan.cli import app
-from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.model import ModelSpec
-from moeplan.plan import Placement, Plan, contiguous_placement
 from moeplan.solvers.elastic import ScalingProblem, TransferCosts, plan_scaling, tradeoff
 from moeplan.solvers.elastic.assign import kept_upper_bound
 from moeplan.solvers.elastic.autoscale import (Policy, autoscale_frame, simulate_autoscale, static_strategy,
@@ -27,6 +20,13 @@ from moeplan.solvers.elastic.latency import LatencyTable
 from moeplan.solvers.elastic.schedule import colour_rounds
 from moeplan.solvers.elastic.traffic import SHAPES, arrival_trace
 from moeplan.solvers.placement.metrics import layer_balancedness
+from typer.testing import CliRunner
+
+from moeplan.cli import app
+from moeplan.errors import InputError
+from moeplan.hardware import HardwareProfile
+from moeplan.model import ModelSpec
+from moeplan.plan import Plan, contiguous_placement
 from moeplan.stats import TraceStats
 from moeplan.synth import SyntheticTraffic, synthesize
 
@@ -200,6 +200,9 @@ def test_step_time_and_baselines_come_from_the_profile() -> None:
     assert s["restart"]["downtime_s"] == s["restart"]["seconds"] > costs.restart_overhead
     assert s["new_replica"]["devices_after"] == 16 and s["new_replica"]["downtime_s"] == 0
     assert s["peak_extra_slots_max"] == 0 and s["downtime_s"] == 0
+    timeline = step.schedule.timeline()
+    assert timeline["end_s"].iloc[-1] == pytest.approx(step.seconds)
+    assert timeline["transfers"].iloc[1:-1].sum() == s["transfers"]
 
 
 # ---- autoscaling -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from moeplan.cli import export_cmd  # noqa: F401  (registration)
 from moeplan.cli import run_cmd  # noqa: F401  (registration)
 from moeplan.cli import profile_cmd  # noqa: F401  (registration)
 from moeplan.cli import plan_folding  # noqa: F401  (registration)
+from moeplan.cli import plan_cache  # noqa: F401  (registration)
 from moeplan.cli import autoscale_cmd, plan_scale  # noqa: F401  (registration)
 from moeplan.cli import plan_placement  # noqa: F401  (registration)
 from moeplan.cli.apps import app

@@ -6,7 +6,10 @@ Two modes, both on one device (a GPU when there is one, else the CPU):
   next to the cost model's :meth:`~moeplan.cost.CostModel.moe_layer` for the same tokens;
 * ``--replay``: each device of the plan in turn runs its share of the routed tokens through its
   own experts; measured per-device compute and the straggler, next to
-  :meth:`~moeplan.cost.CostModel.device_compute` on the same slot token counts.
+  :meth:`~moeplan.cost.CostModel.device_compute` on the same slot token counts;
+* ``--offload --cache-plan c.json``: the layer stack with every routed expert in pinned host
+  memory and the plan's per-layer device caches (:mod:`moeplan.runtime.offload`): tokens/s, hit
+  rate, stall and bytes moved over ``--steps`` held-out steps, next to the prediction.
 
 Times are medians of ``--repeats`` after ``--warmup`` runs (device events on GPU). The
 multi-rank runtime is launched with torchrun instead: ``python -m moeplan.runtime``.
@@ -32,9 +35,13 @@ from moeplan.trace import RoutingTrace
 @app.command("run")
 @guarded
 def run(
-    plan_path: Path = typer.Option(..., "--plan", help="Plan JSON (its model, placement and hardware name)."),
-    trace_path: Path = typer.Option(..., "--trace", help="Routing trace (.npz) for the plan's model."),
+    plan_path: Path = typer.Option(None, "--plan", help="Plan JSON (its model, placement and hardware name)."),
+    trace_path: Path = typer.Option(None, "--trace", help="Routing trace (.npz) for the plan's model "
+                                                          "(--offload: optional, synthetic when absent)."),
     replay: bool = typer.Option(False, "--replay", help="Per-device replay of the plan's placement."),
+    offload: bool = typer.Option(False, "--offload", help="Experts in host memory, the cache plan's device caches."),
+    cache_plan: Path = typer.Option(None, "--cache-plan", help="--offload: plan JSON from 'moeplan plan cache'."),
+    steps: int = typer.Option(64, "--steps", help="--offload: held-out steps timed."),
     kernel: str = typer.Option("grouped", "--kernel", help="Expert kernel: grouped or loop."),
     tokens_per_device: int = typer.Option(1024, "--tokens-per-device", help="Batch tokens on each device."),
     repeats: int = typer.Option(10, "--repeats", help="Timed runs (the median is reported, min and max kept)."),
@@ -54,6 +61,11 @@ def run(
 
     if tokens_per_device < 1 or repeats < 1 or warmup < 0:
         raise InputError("--tokens-per-device and --repeats must be ≥ 1, --warmup ≥ 0", field="options")
+    if offload:
+        _offload(cache_plan, trace_path, hardware, steps, warmup, kernel, device, seed, output, torch)
+        return
+    if plan_path is None or trace_path is None:
+        raise InputError("--plan and --trace are required", field="plan", fix="give both, or use --offload")
     plan = Plan.load(plan_path)
     if replay and plan.placement is None:
         raise InputError("the plan has no placement to replay", source=str(plan_path), field="placement",
@@ -88,6 +100,47 @@ def run(
                               for i in range(len(chosen))])
         report.update(_stack_report(timed, predicted))
         _print_stack(report)
+    if output:
+        write_json(output, report)
+        console.print(f"wrote {output}")
+
+
+def _offload(cache_plan: Path | None, trace_path: Path | None, hardware: str | None, steps: int, warmup: int,
+             kernel: str, device: str | None, seed: int, output: Path | None, torch: Any) -> None:
+    """``--offload``: measure the cache plan on this device and print it beside the prediction."""
+    from moeplan.runtime.offload import measure_offload
+    from moeplan.runtime.stack import default_dtype
+    from moeplan.solvers.cache import CacheConfig
+    from moeplan.synth import SyntheticTraffic, synthesize
+
+    if cache_plan is None:
+        raise InputError("--offload needs --cache-plan", field="cache_plan", fix="plan one with 'moeplan plan cache'")
+    if steps < 1:
+        raise InputError(f"--steps must be ≥ 1, got {steps}", field="steps")
+    plan = Plan.load(cache_plan)
+    if plan.cache is None:
+        raise InputError("the plan has no cache section", source=str(cache_plan), field="cache",
+                         fix="plan one with 'moeplan plan cache'")
+    config = CacheConfig.from_dict(plan.cache, plan.model, str(cache_plan))
+    m = plan.model
+    trace = (RoutingTrace.load(trace_path) if trace_path else
+             synthesize(m, SyntheticTraffic(tokens=max(20_000, int(2 * steps * config.batch / (1 - config.fit_fraction))),
+                                            seed=seed)))
+    dev = _device(device, torch)
+    report = measure_offload(plan, config, trace, HardwareProfile.resolve(hardware or plan.hardware), steps, warmup,
+                             kernel, dev, default_dtype(dev), seed, str(cache_plan))
+    report.update(command="moeplan run --offload", cache_plan=str(cache_plan),
+                  trace=str(trace_path) if trace_path else "synthetic (moeplan.synth defaults)")
+    meas, pred = report["measured"], report["predicted"]
+    print_table(f"Offloaded stack: {m.name} on {report['device_name']} ({config.policy}, {meas['kernel']}, "
+                f"{meas['dtype']}, batch {config.batch}, {report['steps']} steps)", ["", "measured", "predicted"],
+                [("tokens/s", meas["tokens_per_s"], pred["tokens_per_s"]), ("hit rate", meas["hit_rate"], pred["hit_rate"]),
+                 ("stall ms/step", _ms(meas["stall_s_per_step"]), _ms(pred["stall_s_per_step"])),
+                 ("moved GiB", meas["bytes_moved"] / 2**30, pred["bytes_moved"] / 2**30)],
+                caption=f"cache {report['memory']['cache_bytes'] / 2**30:.2f} GiB of "
+                        f"{report['memory']['all_experts_bytes'] / 2**30:.2f} GiB of experts; counts match the "
+                        f"simulation: {report['counts_match_simulation']}; prediction: {report['hardware']} "
+                        f"({report['profile_note']})")
     if output:
         write_json(output, report)
         console.print(f"wrote {output}")

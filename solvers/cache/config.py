@@ -4,9 +4,11 @@ Written by ``moeplan plan cache``, read by ``moeplan run --offload`` and the das
 
     {"sizes": [per MoE layer], "policy": "lru|lfu|belady|prefetch", "prefetch": bool,
      "budget_bytes": bytes left for cache + staging, "stage_slots": int, "phase": "decode|prefill",
-     "batch": int, "context": int, "fit_fraction": float, "prefetch_min_probability": [per MoE layer]}
+     "batch": int, "sequence_tokens": int, "context": int, "fit_fraction": float,
+     "prefetch_width": [per MoE layer], "prefetch_min_probability": [per MoE layer]}
 
-``stage_slots`` experts of staging buffer serve the misses a layer cannot keep (a step that
+``phase``, ``batch`` and ``sequence_tokens`` are the steps it was planned for
+(:class:`~moeplan.solvers.cache.steps.StepShape`). ``stage_slots`` experts of staging buffer serve the misses a layer cannot keep (a step that
 needs more experts than the layer caches). ``fit_fraction`` is the share of the trace the
 predictor is fitted on; the rest is what the plan was judged on.
 """
@@ -32,8 +34,10 @@ class CacheConfig:
     stage_slots: int = 2
     phase: str = "decode"
     batch: int = 1
+    sequence_tokens: int = 0
     context: int = 4096
     fit_fraction: float = 0.5
+    prefetch_width: tuple[int, ...] = ()
     min_probability: tuple[float, ...] = ()
 
     @property
@@ -42,12 +46,13 @@ class CacheConfig:
 
     @property
     def shape(self) -> StepShape:
-        return StepShape(self.phase, self.batch).validate()
+        return StepShape(self.phase, self.batch, self.sequence_tokens).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes), "policy": self.policy, "prefetch": self.prefetch,
                 "budget_bytes": self.budget_bytes, "stage_slots": self.stage_slots, "phase": self.phase,
-                "batch": self.batch, "context": self.context, "fit_fraction": self.fit_fraction,
+                "batch": self.batch, "sequence_tokens": self.sequence_tokens, "context": self.context,
+                "fit_fraction": self.fit_fraction, "prefetch_width": list(self.prefetch_width),
                 "prefetch_min_probability": list(self.min_probability)}
 
     @classmethod
@@ -66,12 +71,21 @@ class CacheConfig:
         fraction = f.float("fit_fraction", 0.5)
         if not 0 < fraction < 1:
             raise f.fail("fit_fraction", f"must lie in (0, 1), got {fraction}")
+        nl = model.num_moe_layers
+        width = f.list("prefetch_width", [])
+        if width and (len(width) != nl or any(isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= e
+                                              for w in width)):
+            raise f.fail("prefetch_width", f"must list {nl} integers in 0..{e}")
         floor = f.numbers("prefetch_min_probability", [])
-        if floor and (len(floor) != model.num_moe_layers or not all(0 <= x <= 1 for x in floor)):
-            raise f.fail("prefetch_min_probability", f"must list {model.num_moe_layers} probabilities in [0, 1]")
+        if floor and (len(floor) != nl or not all(0 <= x < 1 for x in floor)):
+            raise f.fail("prefetch_min_probability", f"must list {nl} probabilities in [0, 1)")
+        if policy == "prefetch" and not (width and floor):
+            raise f.fail("prefetch_width", "the prefetch policy needs prefetch_width and prefetch_min_probability",
+                         "re-plan with 'moeplan plan cache --policy prefetch'")
         return cls(tuple(int(s) for s in sizes), policy, f.float("budget_bytes", positive=True),
                    f.int("stage_slots", 2, minimum=1, maximum=e), f.str("phase", "decode", choices=PHASES),
-                   f.int("batch", 1, minimum=1), f.int("context", 4096, minimum=1), fraction, tuple(floor))
+                   f.int("batch", 1, minimum=1), f.int("sequence_tokens", 0, minimum=0), f.int("context", 4096, minimum=1),
+                   fraction, tuple(int(w) for w in width), tuple(floor))
 
     def check_budget(self, model: ModelSpec, source: str) -> None:
         """The plan's own arithmetic: its cache and staging slots fit its ``budget_bytes``."""

@@ -33,7 +33,7 @@ from moeplan.plan import Plan
 from moeplan.solvers.cache.allocate import Allocation, allocate, knee
 from moeplan.solvers.cache.budget import MemoryBudget, memory_budget
 from moeplan.solvers.cache.config import CacheConfig
-from moeplan.solvers.cache.predict import SCALE, TransitionPredictor, break_even
+from moeplan.solvers.cache.predict import TransitionPredictor, prefetch_limits
 from moeplan.solvers.cache.simulate import CacheRun, lru_hit_curves, simulate
 from moeplan.solvers.cache.state import POLICIES, check_policy
 from moeplan.solvers.cache.steps import StepShape
@@ -116,7 +116,8 @@ class Evaluated:
 
 @dataclass
 class CacheSizing:
-    """The solved problem: the budget, layer times, curves, allocation and evaluations."""
+    """The solved problem: the budget, layer times, curves, allocation and evaluations;
+    ``floor`` [layers] the probability of use a prefetch needs."""
 
     problem: CacheProblem
     budget: MemoryBudget
@@ -126,6 +127,7 @@ class CacheSizing:
     curves: SizeCurves
     allocation: Allocation
     evaluations: list[Evaluated]
+    floor: np.ndarray
     steps: int
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -152,9 +154,11 @@ class CacheSizing:
 
     def config(self) -> CacheConfig:
         p = self.problem
-        floor = self.predictor.min_score / SCALE if p.policy == "prefetch" else ()
+        prefetch = p.policy == "prefetch"
         return CacheConfig(tuple(int(s) for s in self.sizes), p.policy, self.budget.left, p.stage_slots,
-                           p.shape.phase, p.shape.batch, p.context, p.fit_fraction, tuple(float(x) for x in floor))
+                           p.shape.phase, p.shape.batch, p.shape.sequence_tokens, p.context, p.fit_fraction,
+                           tuple(int(w) for w in self.predictor.width) if prefetch else (),
+                           tuple(float(x) for x in self.floor) if prefetch else ())
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers: memory, the plan's prediction, the baseline, the bound, the knee."""
@@ -189,7 +193,7 @@ class CacheSizing:
                   "lp_bound_stall_s_per_step": self.allocation.lp_bound,
                   "bound": "LP relaxation (lower convex envelope per layer): no allocation of this budget stalls less",
                   "seconds": self.seconds, "steps_judged": self.steps, "fit_fraction": p.fit_fraction,
-                  "max_steps": p.max_steps, "prefetch_width": self.predictor.width.tolist()}
+                  "max_steps": p.max_steps}
         predicted = {**s, "memory": self.budget.to_dict(),
                      "evaluations": [e.to_dict(self.budget.expert_bytes) for e in self.evaluations],
                      "profile_note": p.hardware.provenance_note()}
@@ -216,25 +220,26 @@ def size_grid(num_experts: int, top_k: int) -> np.ndarray:
 
 def size_curves(held: RoutingTrace, index: np.ndarray, policy: str, predictor: TransitionPredictor,
                 times: LayerTimes) -> SizeCurves:
-    """Per-layer curves over every cache size (see the module docstring, step 3)."""
+    """Per-layer curves over every cache size (see the module docstring, step 3): LRU's exact at
+    every size; another policy's simulated on a grid of sizes, its difference from LRU
+    interpolated linearly in between (the difference is smoother than the curve itself)."""
     nl, e = held.num_layers, held.num_experts
     tau = times.copy_seconds
     steps = index.shape[0]
+    hits, requests = lru_hit_curves(held, index)
+    misses = requests[:, None] - hits
+    lru = SizeCurves(misses * tau / steps, hits / np.maximum(requests[:, None], 1), misses / steps, np.arange(e + 1))
     if policy == "lru":
-        hits, requests = lru_hit_curves(held, index)
-        misses = requests[:, None] - hits
-        return SizeCurves(misses * tau / steps, hits / np.maximum(requests[:, None], 1), misses / steps,
-                          np.arange(e + 1))
+        return lru
     grid = size_grid(e, held.top_k)
     lane_layer = np.repeat(np.arange(nl), grid.size)
     run = simulate(held, index, np.tile(grid, nl), policy, predictor, lane_layer)
-    stall = separable_stall(run, times.window(), tau).reshape(nl, grid.size)
-    hit = run.hit_rate().reshape(nl, grid.size)
-    moved = run.transfers().reshape(nl, grid.size)
+    measured = (separable_stall(run, times.window(), tau), run.hit_rate(), run.transfers())
     every = np.arange(e + 1)
-    def fill(values: np.ndarray) -> np.ndarray:
-        return np.stack([np.interp(every, grid, row) for row in values])
-    return SizeCurves(fill(stall), fill(hit), fill(moved), grid)
+    def fill(values: np.ndarray, exact: np.ndarray) -> np.ndarray:
+        delta = values.reshape(nl, grid.size) - exact[:, grid]
+        return exact + np.stack([np.interp(every, grid, row) for row in delta])
+    return SizeCurves(*(fill(v, x) for v, x in zip(measured, (lru.stall, lru.hit_rate, lru.transfers))), grid)
 
 
 def evaluate(name: str, policy: str, sizes: np.ndarray, held: RoutingTrace, index: np.ndarray,
@@ -263,7 +268,8 @@ def solve(problem: CacheProblem) -> CacheSizing:
     slots = budget.slots(p.stage_slots)
     fit, held, index = evaluation_steps(p.trace, shape, p.fit_fraction, p.max_steps)
     times = model_layer_times(cost, held, index, shape.phase, p.context)
-    predictor = TransitionPredictor.fit(fit, shape, break_even(times.copy_seconds, times.window()))
+    width, floor = prefetch_limits(times.copy_seconds, times.window())
+    predictor = TransitionPredictor.fit(fit, shape).limited(width, floor)
     curves = size_curves(held, index, p.policy, predictor, times)
     notes: list[str] = []
     allocation = allocate(curves.stall, slots)
@@ -278,7 +284,7 @@ def solve(problem: CacheProblem) -> CacheSizing:
                             held, index, predictor, times, shape.batch)]
     evaluations += [evaluate(f"{pol}-planned", pol, sizes, held, index, predictor, times, shape.batch)
                     for pol in POLICIES if pol != p.policy]
-    return CacheSizing(p, budget, slots, times, predictor, curves, allocation, evaluations, index.shape[0],
+    return CacheSizing(p, budget, slots, times, predictor, curves, allocation, evaluations, floor, index.shape[0],
                        time.perf_counter() - start, notes)
 
 

@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from moeplan.solvers.placement.replication import pack_lpt, replica_counts
 from ortools.sat.python import cp_model
 
 from moeplan.errors import InputError
-from moeplan.solvers.placement.replication import pack_lpt, replica_counts
 
 from .problem import ScalingProblem
 
@@ -81,8 +81,11 @@ class Assignment:
         return int(sum(lay.slots.size - lay.kept_bound for lay in self.layers))
 
 
-def assign(problem: ScalingProblem, method: str = "auto", balance_target: float | None = None) -> Assignment:
-    """The new placement of every layer (see the module docstring)."""
+def assign(problem: ScalingProblem, method: str = "auto", balance_target: float | None = None,
+           incumbent: np.ndarray | None = None) -> Assignment:
+    """The new placement of every layer (see the module docstring). ``incumbent`` [layers, N′, S′]
+    (e.g. the answer for a tighter target) replaces a layer's answer where it keeps more replicas
+    in place within this cap."""
     if method not in METHODS:
         raise InputError(f"unknown method '{method}'", field="method", fix=f"use one of: {', '.join(METHODS)}")
     target = problem.balance_target if balance_target is None else balance_target
@@ -103,6 +106,12 @@ def assign(problem: ScalingProblem, method: str = "auto", balance_target: float 
         optimal = False
         if exact:
             x, optimal = solve_exact(weight, replicas, holds, s, cap, x)
+        if incumbent is not None:
+            other = np.zeros_like(x)
+            other[incumbent[layer].ravel(), np.repeat(np.arange(n), s)] = True
+            fits = (other.T.astype(np.float64) @ weight).max() <= cap + EPS
+            if fits and (other & holds).sum() > (x & holds).sum() and (other.sum(axis=1) == replicas).all():
+                x = other
         loads = x.T.astype(np.float64) @ weight
         layers.append(LayerAssignment(arrange_slots(x, problem.old_slots[layer], s), int((x & holds).sum()),
                                       kept_upper_bound(replicas, holds, s), cap, float(loads.max()), mean, optimal,
@@ -323,7 +332,7 @@ def _augmenting_path(adjacency: list[list[int]], match: np.ndarray, left: np.nda
 def arrange_slots(x: np.ndarray, old: np.ndarray, slots: int) -> np.ndarray:
     """[devices, slots] from bool [experts, devices]: a kept expert stays in its old slot index
     when that slot still exists, the others fill the free slots in expert order."""
-    e, d = x.shape
+    d = x.shape[1]
     out = np.full((d, slots), -1, dtype=np.int64)
     for dev in range(d):
         experts = set(np.flatnonzero(x[:, dev]).tolist())

@@ -91,7 +91,7 @@ class Policy:
     cooldown: int = 6
     lead: float = 60.0
 
-    def validate(self) -> "Policy":
+    def validate(self) -> Policy:
         if self.name not in POLICIES:
             raise InputError(f"unknown policy '{self.name}'", field="policy", fix=f"use one of: {', '.join(POLICIES)}")
         if not 0 < self.down < self.up <= 1:

@@ -43,7 +43,7 @@ class TransferCosts:
 
     @classmethod
     def of(cls, model: ModelSpec, hardware: HardwareProfile,
-           restart_overhead: float = DEFAULT_RESTART_OVERHEAD) -> "TransferCosts":
+           restart_overhead: float = DEFAULT_RESTART_OVERHEAD) -> TransferCosts:
         if restart_overhead < 0:
             raise InputError(f"must be ≥ 0 seconds, got {restart_overhead}", field="restart-overhead")
         return cls(CostModel(model, hardware), hardware.devices_per_node, float(restart_overhead))

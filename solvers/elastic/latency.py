@@ -19,15 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from moeplan.solvers.placement.baselines import solve_lpt
+from moeplan.solvers.placement.options import SolverOptions
+from moeplan.solvers.placement.problem import PlacementProblem, default_slots_per_device
 
 from moeplan.cost import SERVE_MEMORY_FRACTION, CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.plan import Placement
-from moeplan.solvers.placement.baselines import solve_lpt
-from moeplan.solvers.placement.options import SolverOptions
-from moeplan.solvers.placement.problem import PlacementProblem, default_slots_per_device
 
 BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 

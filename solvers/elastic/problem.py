@@ -23,13 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from moeplan.solvers.placement.problem import default_slots_per_device
 
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.plan import Placement
-from moeplan.solvers.placement.problem import default_slots_per_device
 
 DEFAULT_BALANCE_TARGET = 1.05
 DEFAULT_TOKENS_PER_DEVICE = 4096
@@ -99,7 +99,7 @@ class ScalingProblem:
         """Physical node of a device (union index)."""
         return np.asarray(device) // self.devices_per_node
 
-    def validate(self) -> "ScalingProblem":
+    def validate(self) -> ScalingProblem:
         nl, e = self.load.shape
         if self.old_slots.ndim != 3 or self.old_slots.shape[0] != nl:
             raise InputError(f"the current placement must be [{nl} layers, devices, slots], got "
@@ -129,7 +129,7 @@ class ScalingProblem:
     def from_arrays(cls, load: np.ndarray, old_slots: np.ndarray, new_devices: int, slots_per_device: int,
                     capacity_units: int | np.ndarray | None = None, devices_per_node: int | None = None,
                     expert_bytes: float = 1.0, non_expert_bytes: float = 0.0,
-                    balance_target: float = DEFAULT_BALANCE_TARGET, name: str = "") -> "ScalingProblem":
+                    balance_target: float = DEFAULT_BALANCE_TARGET, name: str = "") -> ScalingProblem:
         """A problem from raw arrays (hand-made cases): ``load`` [layers, experts] or [experts],
         ``old_slots`` [layers, N, S] or [N, S]; capacity defaults to unlimited; devices per
         node to one node holding everything."""
@@ -148,7 +148,7 @@ class ScalingProblem:
     def build(cls, model: ModelSpec, hardware: HardwareProfile, placement: Placement, load: np.ndarray,
               new_devices: int, slots_per_device: int | None = None,
               balance_target: float = DEFAULT_BALANCE_TARGET, tokens_per_device: int = DEFAULT_TOKENS_PER_DEVICE,
-              kv_tokens_per_device: float = 0.0) -> "ScalingProblem":
+              kv_tokens_per_device: float = 0.0) -> ScalingProblem:
         """The step from ``placement`` to ``new_devices`` devices of ``hardware`` (a profile whose
         ``devices_per_node`` is the physical node size). Slots per device default to the
         runtime-style rule (every expert once, plus one redundant slot per device when the experts

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from moeplan.errors import InputError
 
@@ -144,6 +145,20 @@ class MoveSchedule:
         out += [{"kind": "local_copy", "layer": c.layer, "expert": c.expert, "src": c.device, "src_slot": c.src_slot,
                  "dst": c.device, "slot": c.dst_slot, "bytes": 0} for c in self.local_copies]
         return out
+
+    def timeline(self) -> pd.DataFrame:
+        """One row per phase (bring-up, each round, switch): start and end seconds, transfers and
+        bytes, for plots of a step."""
+        rows = [{"phase": "bring-up", "start_s": 0.0, "end_s": self.bring_up_seconds, "transfers": len(self.bring_up),
+                 "bytes": self.bring_up_bytes}]
+        t = self.bring_up_seconds
+        per_round = np.bincount([x.round for x in self.transfers], minlength=self.rounds)
+        for r in range(self.rounds):
+            rows.append({"phase": f"round {r}", "start_s": t, "end_s": t + float(self.round_seconds[r]),
+                         "transfers": int(per_round[r]), "bytes": float(per_round[r] * self.expert_bytes)})
+            t += float(self.round_seconds[r])
+        rows.append({"phase": "switch", "start_s": t, "end_s": t + self.switch_seconds, "transfers": 0, "bytes": 0.0})
+        return pd.DataFrame(rows)
 
     def by_round(self) -> list[list[Transfer]]:
         """The transfers of each round."""

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from moeplan.solvers.placement.metrics import balancedness, layer_balancedness
 
 from moeplan.model import ModelSpec
 from moeplan.plan import Placement, Plan
-from moeplan.solvers.placement.metrics import balancedness, layer_balancedness
 
 from .assign import Assignment, assign
 from .costs import Baseline, TransferCosts, replica_baseline, restart_baseline
@@ -105,9 +105,9 @@ def plan_scaling(problem: ScalingProblem, costs: TransferCosts, old_placement: P
 
 
 def _plan(problem: ScalingProblem, costs: TransferCosts, old_placement: Placement | None, method: str,
-          balance_target: float | None) -> ScalingStep:
+          balance_target: float | None, incumbent: np.ndarray | None = None) -> ScalingStep:
     target = problem.balance_target if balance_target is None else balance_target
-    result = assign(problem, method, target)
+    result = assign(problem, method, target, incumbent)
     e = problem.num_experts
     new = Placement.from_slots(result.slot_expert, e, problem.new_devices)
     old = old_placement or Placement.from_slots(problem.old_slots.astype(np.int32), e, problem.old_devices)
@@ -148,11 +148,16 @@ class TradeoffRow:
 def tradeoff(problem: ScalingProblem, costs: TransferCosts, targets: tuple[float, ...] = DEFAULT_TRADEOFF_TARGETS,
              method: str = "greedy") -> list[TradeoffRow]:
     """Bytes moved vs balance after the step, one row per balance target (``inf``: move only what
-    the new device count forces); a row whose peak exceeds device memory says so."""
-    rows = []
-    for target in targets:
-        step = _plan(problem, costs, None, method, target)
+    the new device count forces); a row whose peak exceeds device memory says so. Targets are
+    solved tightest first, each answer offered to the next (a tighter cap's placement meets a
+    looser one), so transfers never grow as the target loosens."""
+    rows: dict[float, TradeoffRow] = {}
+    incumbent = None
+    for target in sorted(set(targets)):
+        step = _plan(problem, costs, None, method, target, incumbent)
+        incumbent = step.placement.slot_expert
         s = step.schedule
-        rows.append(TradeoffRow(target, step.balance_after, step.worst_layer_after, len(s.transfers), s.bytes_moved,
-                                s.seconds, int(s.extra_units.max()), bool(np.all(s.peak_units <= s.capacity_units))))
-    return rows
+        rows[target] = TradeoffRow(target, step.balance_after, step.worst_layer_after, len(s.transfers),
+                                   s.bytes_moved, s.seconds, int(s.extra_units.max()),
+                                   bool(np.all(s.peak_units <= s.capacity_units)))
+    return [rows[t] for t in targets]
