@@ -7,9 +7,11 @@ import typer
 from moeplan.solvers.cache import (CacheProblem, CacheSizing, StepShape, cache_table, evaluation_steps, regroup,
                                    solve)
 from moeplan.solvers.cache.sizing import evaluate
+from moeplan.solvers.cache.steptime import model_layer_times
 
 from moeplan.cli.apps import plan_app
 from moeplan.cli.common import console, guarded, human_bytes, print_table
+from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
@@ -103,21 +105,20 @@ def _print(sizing: CacheSizing) -> None:
 
 
 def _regroup(sizing: CacheSizing) -> dict[str, float]:
-    """Regroup the held-out requests and judge the plan's policy and sizes on both orders."""
+    """Regroup the held-out requests; judge the plan's policy and sizes on both orders."""
     p = sizing.problem
-    _, held, _ = evaluation_steps(p.trace, p.shape, p.fit_fraction, p.max_steps)
+    _, held, arrival = evaluation_steps(p.trace, p.shape, p.fit_fraction, p.max_steps)
     moved = regroup(held, p.shape)
-    after = p.shape.token_index(held.num_tokens, moved.order)[: p.max_steps]
-    before = sizing.evaluation("plan")
-    regrouped = evaluate("plan-regrouped", p.policy, sizing.sizes, held, after, sizing.predictor, sizing.times,
-                         p.shape.batch)
+    regrouped = p.shape.token_index(held.num_tokens, moved.order)[: p.max_steps]
     eb = sizing.budget.expert_bytes
-    out = {**moved.to_dict(), "hit_rate_before": before.to_dict(eb)["hit_rate"],
-           "hit_rate_after": regrouped.to_dict(eb)["hit_rate"], "tokens_per_s_before": before.tokens_per_s,
-           "tokens_per_s_after": regrouped.tokens_per_s}
-    print_table("Regrouping decode requests (ExpertFlow-style)", ["", "arrival order", "regrouped"],
+    runs = [evaluate(name, p.policy, sizing.sizes, held, index, sizing.predictor,
+                     model_layer_times(CostModel(p.model, p.hardware), held, index, p.shape.phase, p.context),
+                     p.shape.batch) for name, index in (("arrival", arrival), ("regrouped", regrouped))]
+    out = {**moved.to_dict(), "hit_rate_before": runs[0].to_dict(eb)["hit_rate"],
+           "hit_rate_after": runs[1].to_dict(eb)["hit_rate"], "tokens_per_s_before": runs[0].tokens_per_s,
+           "tokens_per_s_after": runs[1].tokens_per_s}
+    print_table("Regrouping decode requests (ExpertFlow-style), the plan's cache", ["", "arrival order", "regrouped"],
                 [("activated experts per layer per step", out["activated_before"], out["activated_after"]),
                  ("hit rate", out["hit_rate_before"], out["hit_rate_after"]),
                  ("tokens/s", out["tokens_per_s_before"], out["tokens_per_s_after"])])
     return out
-

@@ -35,7 +35,8 @@ def placement(
                                          "per GPU when the experts fill the GPUs exactly, within memory."),
     gpus: int = typer.Option(None, help="GPUs (default: the profile's cluster)."),
     nodes: int = typer.Option(None, help="Nodes (default: filled from the profile's GPUs per node)."),
-    time_limit: float = typer.Option(60.0, help="ILP: seconds for the whole run, warm start included."),
+    time_limit: float = typer.Option(60.0, help="ILP: seconds for the whole run (the warm-start heuristics always finish; "
+                                                     "the layer MILPs share the rest)."),
     gap: float = typer.Option(0.01, help="ILP: relative gap at which a layer's MILP stops."),
     milp: str = typer.Option("cpsat", help="ILP back end: cpsat (OR-Tools CP-SAT) or pulp (PuLP + HiGHS)."),
     flows: str = typer.Option("top1", help="Where a token is between layers: top1 (its top-1 expert's device, as "

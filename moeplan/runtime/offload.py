@@ -168,6 +168,17 @@ class OffloadStack:
         self.stall_cpu = 0.0
         self.copies = 0
 
+    def preload(self) -> None:
+        """Fill every cache with its layer's lowest-numbered experts (a warm start; with sizes = E
+        every expert is resident) and wait for the copies."""
+        for layer, size in enumerate(self.sizes.tolist()):
+            want = np.zeros((1, self.model.num_experts), dtype=bool)
+            want[0, :size] = True
+            before = self.state.held[layer].copy()
+            self.state.prefetch(want, -1, lanes=np.array([layer]))
+            self._load(layer, *self._install(layer, before))
+        synchronize(self.device)
+
     # ---- transfers ------------------------------------------------------------------------------
     def _copy(self, layer: int, expert: int, slots: _Slots, slot: int) -> None:
         """Queue host → device of ``expert`` of ``layer`` into ``slots[slot]``."""
@@ -211,9 +222,10 @@ class OffloadStack:
             self.stall_cpu += time.perf_counter() - start
 
     # ---- one step -------------------------------------------------------------------------------
-    def step(self, t: int, x: torch.Tensor, ids: np.ndarray, gates: torch.Tensor, record: dict[str, np.ndarray]) -> torch.Tensor:
-        """Step ``t``: tokens ``x`` [B, hidden] routed by ``ids`` [B, layers, k] with ``gates``
-        [B, layers, k] (float32, on the device); counts go into row t of ``record``'s arrays."""
+    def step(self, t: int, x: torch.Tensor, ids: np.ndarray, gates: torch.Tensor, record: dict[str, np.ndarray],
+             row: int) -> torch.Tensor:
+        """Step ``t`` (the caches' clock): tokens ``x`` [B, hidden] routed by ``ids`` [B, layers, k]
+        with ``gates`` [B, layers, k] (float32, on the device); counts go into ``record``'s ``row``."""
         nl, e = self.model.num_moe_layers, self.model.num_experts
         want = (self.predictor.predicted(ids[None], np.arange(nl), self.width)[0]
                 if self.policy == "prefetch" and self.predictor is not None else None)
@@ -222,24 +234,41 @@ class OffloadStack:
         for layer in range(nl):
             if self._done is not None:
                 self._done.synchronize()                 # layer l's routing is known once l−1 is done
+            choices = ids[:, layer].ravel()
             need = np.zeros(e, dtype=bool)
-            need[ids[:, layer].ravel()] = True
-            before = self.state.held[layer].copy()
+            need[choices] = True
+            normed = rms_norm(h)
+            out = self._shared(layer, normed)
+            per_choice = torch.empty(choices.size, self.model.hidden_size, dtype=normed.dtype, device=self.device)
+            cache = self.caches[layer]
+            before, slot_before = self.state.held[layer].copy(), self._slot_of(cache)
             hits, loads = self.state.demand(need[None], t, lanes=np.array([layer]))
-            experts, slots = self._install(layer, before)
-            self._load(layer, experts, slots)
+            leaving = np.flatnonzero(hits[0] & ~self.state.held[layer])
+            if leaving.size:                             # hits displaced by misses (more needed than the cache
+                self._run(normed, choices, leaving, slot_before, cache, per_choice)   # holds): run them first
+                if self.cuda:
+                    self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._load(layer, *self._install(layer, before))
             staged = np.flatnonzero(loads[0] & ~self.state.held[layer])
+            rounds = [staged[i:i + self.stage.expert.size] for i in range(0, staged.size, self.stage.expert.size)]
+            first = self._stage(layer, rounds[0], after_compute=False) if rounds else None
             if want is not None and layer + 1 < nl:
                 before = self.state.held[layer + 1].copy()
-                got = self.state.prefetch(want[layer + 1][None], t, lanes=np.array([layer + 1]))[0]
-                prefetched[layer + 1] = got
+                prefetched[layer + 1] = self.state.prefetch(want[layer + 1][None], t, lanes=np.array([layer + 1]))[0]
                 self._load(layer + 1, *self._install(layer + 1, before))
-            row = {"requests": need.sum(), "hits": hits.sum(), "loads": loads.sum(), "staged": staged.size,
-                   "prefetched": prefetched[layer].sum(), "prefetch_used": (prefetched[layer] & need).sum()}
-            for name, value in row.items():
-                record[name][t, layer] = value
-            normed = rms_norm(h)
-            out = self._moe(layer, normed, ids[:, layer], gates[:, layer], need, staged)
+            counts = {"requests": need.sum(), "hits": hits.sum(), "loads": loads.sum(), "staged": staged.size,
+                      "prefetched": prefetched[layer].sum(), "prefetch_used": (prefetched[layer] & need).sum()}
+            for name, value in counts.items():
+                record[name][row, layer] = value
+            slot_of = self._slot_of(cache)
+            self._run(normed, choices, np.flatnonzero(need & (slot_of >= 0)), slot_of, cache, per_choice)
+            for i, experts in enumerate(rounds):
+                ready = first if i == 0 else self._stage(layer, experts, after_compute=True)
+                self._run_staged(normed, choices, experts, ready, per_choice)
+            per = per_choice.view(ids.shape[0], -1, self.model.hidden_size)
+            g = gates[:, layer]
+            for j in range(per.shape[1]):
+                out += g[:, j:j + 1] * per[:, j].float()
             h = h + out.to(h.dtype)
             self._done = self._mark()
         if self.cuda:
@@ -254,34 +283,31 @@ class OffloadStack:
         ev.record()
         return ev
 
-    def _moe(self, layer: int, normed: torch.Tensor, ids: np.ndarray, gates: torch.Tensor, need: np.ndarray,
-             staged: np.ndarray) -> torch.Tensor:
-        """One MoE block: shared expert, wait for the layer's transfers, routed experts, gated sum."""
-        b, k = ids.shape
-        out = torch.zeros(b, self.model.hidden_size, dtype=torch.float32, device=self.device)
+    def _shared(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
+        """float32 [tokens, hidden]: the layer's shared expert (zeros when it has none)."""
+        out = torch.zeros(normed.shape[0], self.model.hidden_size, dtype=torch.float32, device=self.device)
         if layer in self.shared:
             w13, w2 = self.shared[layer]
             half = w13.shape[0] // 2
             sh = normed @ w13.T
             out += ((F.silu(sh[:, :half]) * sh[:, half:]) @ w2.T).float()
-        cache = self.caches[layer]
-        slot_of = np.full(self.model.num_experts, -1, dtype=np.int64)
-        held = cache.expert >= 0
-        slot_of[cache.expert[held]] = np.flatnonzero(held)
-        used = slot_of[np.flatnonzero(need & (slot_of >= 0))]
-        self._wait({cache.ready[s] for s in used})
-        for s in used:
-            cache.ready[s] = None                        # waited for once: resident from now on
-        choices = ids.reshape(-1)
-        per_choice = torch.empty(b * k, self.model.hidden_size, dtype=normed.dtype, device=self.device)
-        cached = np.flatnonzero(slot_of[choices] >= 0)
-        self._experts(normed, choices, cached, slot_of, cache, per_choice)
-        for start in range(0, staged.size, self.stage.expert.size):
-            self._staged_round(layer, normed, choices, staged[start:start + self.stage.expert.size], per_choice)
-        per = per_choice.view(b, k, -1)
-        for j in range(k):
-            out += gates[:, j:j + 1] * per[:, j].float()
         return out
+
+    def _slot_of(self, slots: _Slots) -> np.ndarray:
+        """[experts] the slot holding each expert, -1 if none."""
+        out = np.full(self.model.num_experts, -1, dtype=np.int64)
+        held = slots.expert >= 0
+        out[slots.expert[held]] = np.flatnonzero(held)
+        return out
+
+    def _run(self, normed: torch.Tensor, choices: np.ndarray, experts: np.ndarray, slot_of: np.ndarray,
+             slots: _Slots, per_choice: torch.Tensor) -> None:
+        """Wait for ``experts``' copies (the stall), then run their choices from ``slots``."""
+        used = slot_of[experts]
+        self._wait({slots.ready[s] for s in used})
+        for s in used:
+            slots.ready[s] = None                        # waited for once: resident from now on
+        self._experts(normed, choices, np.flatnonzero(np.isin(choices, experts)), slot_of, slots, per_choice)
 
     def _experts(self, normed: torch.Tensor, choices: np.ndarray, rows: np.ndarray, slot_of: np.ndarray,
                  slots: _Slots, per_choice: torch.Tensor) -> None:
@@ -296,25 +322,27 @@ class OffloadStack:
         y = self.kernel(normed[idx // k], self.kernel.groups(counts), slots.w13, slots.w2)
         per_choice[idx] = y
 
-    def _staged_round(self, layer: int, normed: torch.Tensor, choices: np.ndarray, experts: np.ndarray,
-                      per_choice: torch.Tensor) -> None:
-        """Load ``experts`` (misses the cache does not keep) into staging, wait, run them."""
-        stage = self.stage
+    def _stage(self, layer: int, experts: np.ndarray, after_compute: bool) -> Any:
+        """Queue ``experts`` (misses the cache does not keep) into the staging slots; after the
+        compute queued so far when an earlier round still uses them. The closing event."""
         start = time.perf_counter()
         with torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext():
-            if self.cuda:
-                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))   # staging is free again
+            if self.cuda and after_compute:
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             for s, e in enumerate(experts.tolist()):
-                self._copy(layer, e, stage, s)
+                self._copy(layer, e, self.stage, s)
             ev = self._close()
         if not self.cuda:
             self.stall_cpu += time.perf_counter() - start
-        self._wait({ev})
+        return ev
+
+    def _run_staged(self, normed: torch.Tensor, choices: np.ndarray, experts: np.ndarray, ready: Any,
+                    per_choice: torch.Tensor) -> None:
+        """Wait for a staging round's copies, then run its experts' choices."""
+        self._wait({ready})
         slot_of = np.full(self.model.num_experts, -1, dtype=np.int64)
         slot_of[experts] = np.arange(experts.size)
-        rows = np.flatnonzero(np.isin(choices, experts))
-        self._experts(normed, choices, rows, slot_of, stage, per_choice)
-        stage.expert[:] = -1
+        self._experts(normed, choices, np.flatnonzero(np.isin(choices, experts)), slot_of, self.stage, per_choice)
 
     def _wait(self, events: set[Any]) -> None:
         """Make the compute stream wait for ``events``, timing the wait with device events."""
@@ -331,22 +359,28 @@ class OffloadStack:
         self._stalls.append((a, z))
 
     # ---- a run ----------------------------------------------------------------------------------
-    def run(self, trace: RoutingTrace, index: np.ndarray, warmup: int = 2, seed: int = 0) -> tuple[OffloadRun, torch.Tensor]:
-        """Serve the steps ``index`` [steps, B] of ``trace`` from cold caches after ``warmup``
-        untimed steps (then the caches are emptied). Returns the run and the last step's output."""
+    def run(self, trace: RoutingTrace, index: np.ndarray, warmup: int = 2, seed: int = 0,
+            cold: bool = True) -> tuple[OffloadRun, torch.Tensor]:
+        """Serve the steps ``index`` [steps, B] of ``trace`` after ``warmup`` untimed steps, from
+        cold caches (emptied after the warm-up) unless ``cold`` is False. Returns the run and the
+        last step's output."""
         nl = self.model.num_moe_layers
         steps = index.shape[0]
         with torch.inference_mode():
             scratch = {k: np.zeros((max(warmup, 1), nl), dtype=np.int16) for k in RECORDS}
             for t in range(warmup):
-                self.step(t, *self._inputs(trace, index, t % steps, seed), scratch)
+                self.step(t, *self._inputs(trace, index, t % steps, seed), scratch, t)
             synchronize(self.device)
-            self.reset()
+            clock = 0 if cold else warmup
+            if cold:
+                self.reset()
+            else:
+                self._stalls, self.stall_cpu, self.copies = [], 0.0, 0
             record = {k: np.zeros((steps, nl), dtype=np.int16) for k in RECORDS}
             start = time.perf_counter()
             out = torch.empty(0)
             for t in range(steps):
-                out = self.step(t, *self._inputs(trace, index, t, seed), record)
+                out = self.step(clock + t, *self._inputs(trace, index, t, seed), record, t)
             synchronize(self.device)
             seconds = time.perf_counter() - start
         stall = sum(a.elapsed_time(z) for a, z in self._stalls) / 1e3 if self.cuda else self.stall_cpu
@@ -365,7 +399,6 @@ class OffloadStack:
         g = (trace.gate_weights[rows].astype(np.float32) if trace.gate_weights is not None
              else np.full(ids.shape, 1.0 / trace.top_k, dtype=np.float32))
         return x, ids, torch.from_numpy(g).to(self.device)
-
 
 
 def measure_offload(plan: Plan, config: CacheConfig, trace: RoutingTrace, hardware: HardwareProfile, steps: int,

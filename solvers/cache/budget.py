@@ -44,17 +44,6 @@ class MemoryBudget:
     def cache_bytes(self, sizes: np.ndarray | list[int], stage_slots: int) -> float:
         return (int(np.sum(sizes)) + stage_slots) * self.expert_bytes
 
-    def check(self, sizes: np.ndarray | list[int], stage_slots: int, source: str = "cache plan") -> None:
-        """Raise InputError with the numbers unless ``sizes`` (+ staging) fit what is left."""
-        need = self.cache_bytes(sizes, stage_slots)
-        if need > self.left:
-            raise InputError(
-                f"the expert cache does not fit: {int(np.sum(sizes))} cached + {stage_slots} staging experts × "
-                f"{self.expert_bytes / 2**20:.1f} MiB = {need / GIB:.2f} GiB, but only {self.left / GIB:.2f} GiB "
-                f"is left of {self.capacity / GIB:.2f} GiB after non-expert weights {self.non_expert / GIB:.2f} + "
-                f"KV cache {self.kv_cache / GIB:.2f} + activations {self.activations / GIB:.2f} GiB",
-                source=source, field="cache.sizes", fix="plan smaller caches, a smaller batch or context, or more memory")
-
     def to_dict(self) -> dict[str, Any]:
         return {"capacity_bytes": self.capacity, "non_expert_bytes": self.non_expert, "kv_cache_bytes": self.kv_cache,
                 "activation_bytes": self.activations, "left_bytes": self.left, "expert_bytes": self.expert_bytes,

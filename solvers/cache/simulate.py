@@ -19,7 +19,7 @@ import numpy as np
 
 from moeplan.errors import InputError
 from moeplan.solvers.cache.predict import TransitionPredictor
-from moeplan.solvers.cache.state import NEVER, CacheState, check_policy
+from moeplan.solvers.cache.state import MAX_STEPS, NEVER, CacheState, check_policy
 from moeplan.solvers.cache.steps import CHUNK_ELEMENTS, chunk_steps, iter_counts, step_counts
 from moeplan.trace import RoutingTrace
 
@@ -82,6 +82,9 @@ def simulate(trace: RoutingTrace, index: np.ndarray, sizes: np.ndarray, policy: 
         raise InputError(f"predictor has {predictor.num_layers} layers, the trace {nl}", field="predictor")
     lanes = layer_of.size
     steps = index.shape[0]
+    if steps >= MAX_STEPS:
+        raise InputError(f"{steps:,} steps: the policies' keys hold fewer than {MAX_STEPS:,}", field="steps",
+                         fix="simulate a shorter stretch of the trace")
     rec = {k: np.zeros((steps, lanes), dtype=np.int16) for k in RECORDS}
     state = CacheState(sizes, e, policy)
     width = np.minimum(predictor.width[layer_of], sizes) if policy == "prefetch" and predictor else None
@@ -135,12 +138,19 @@ def _next_use(needed: np.ndarray, start: int, after: np.ndarray) -> np.ndarray:
     return np.minimum(out, after[None])
 
 
-def lru_hit_curves(trace: RoutingTrace, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """LRU at every cache size at once: (hits [layers, experts + 1] — hits of a cache of s
-    experts in column s —, requests [layers]) over the steps ``index``, caches starting empty.
+def lru_hit_curves(trace: RoutingTrace, index: np.ndarray,
+                   depth: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LRU at every cache size at once, over the steps ``index``, caches starting empty:
+
+    * hits [layers, E + 1]: hits of a cache of s experts in column s;
+    * requests [layers]: experts needed, summed over steps;
+    * missing [depth, layers, E + 1]: ``missing[j - 1, l, s]`` = steps whose layer l misses at
+      least j experts with a cache of s (the j-th largest stack distance of the step is ≥ s).
+
     Matches :func:`simulate` with policy ``lru`` at each size (ties by lower expert id)."""
     nl, e = trace.num_layers, trace.num_experts
     hist = np.zeros((nl, e + 1), dtype=np.int64)
+    jth = np.zeros((depth, nl, e + 1), dtype=np.int64)   # steps by their j-th largest stack distance
     last = np.full((nl, e), -1, dtype=np.int32)       # last step that needed each expert
     per_step = nl * min(e, index.shape[1] * trace.top_k)              # needed experts per step, at most
     chunk = max(16, CHUNK_ELEMENTS // (per_step * e))
@@ -159,7 +169,19 @@ def lru_hit_curves(trace: RoutingTrace, index: np.ndarray) -> tuple[np.ndarray, 
         mine = rows[np.arange(s.size), expert]
         rank = np.where(before[s, layer, expert] >= 0, (rows > mine[:, None]).sum(axis=1), e)   # unseen: a miss
         hist += np.bincount(layer * (e + 1) + rank, minlength=nl * (e + 1)).reshape(nl, e + 1)
+        group = s.astype(np.int64) * nl + layer                               # one (step, layer) per group,
+        first = np.r_[0, np.flatnonzero(np.diff(group)) + 1]                  # contiguous in nonzero's order
+        if depth == 1:
+            top = np.maximum.reduceat(rank, first)
+            jth[0] += np.bincount(layer[first] * (e + 1) + top, minlength=nl * (e + 1)).reshape(nl, e + 1)
+        else:
+            by = np.lexsort((-rank, group))
+            place = np.arange(by.size) - np.repeat(first, np.diff(np.r_[first, by.size]))
+            for j in range(depth):
+                pick = by[place == j]
+                jth[j] += np.bincount(layer[pick] * (e + 1) + rank[pick], minlength=nl * (e + 1)).reshape(nl, e + 1)
         last = seen[-1]
     hits = np.zeros((nl, e + 1), dtype=np.int64)
     hits[:, 1:] = np.cumsum(hist[:, :e], axis=1)
-    return hits, hist.sum(axis=1)
+    missing = np.cumsum(jth[:, :, ::-1], axis=2)[:, :, ::-1]                   # j-th distance ≥ s
+    return hits, hist.sum(axis=1), missing

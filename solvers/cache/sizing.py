@@ -2,13 +2,15 @@
 latency target) within a device's memory, planned from a routing trace.
 
 1. **Budget** (:mod:`.budget`): slots left after non-expert weights, KV cache and activations.
-2. **Fit and judge**: the trace's first ``fit_fraction`` fits the prefetcher
-   (:class:`.predict.TransitionPredictor`); the rest (at most ``max_steps`` steps) is what
-   every curve and prediction below is measured on.
+2. **Fit, size, judge**: the trace's first ``fit_fraction`` fits the prefetcher
+   (:class:`.predict.TransitionPredictor`); of the held-out rest (at most ``max_steps``
+   steps) the first half is what the curves are measured on and the second half what every
+   configuration is judged on, so no figure is judged on the steps that chose it.
 3. **Curves** per layer and cache size s = 0..E: hit rate, transfers and seconds of stall per
    step (:func:`.steptime.separable_stall`). LRU's come exact for every size from stack
-   distances; other policies are simulated on a grid of sizes (lanes of one vectorised run)
-   and interpolated linearly in between.
+   distances (and its stall is exactly the full timeline's); other policies are simulated on a
+   grid of sizes (lanes of one vectorised run), their difference from LRU interpolated linearly
+   in between.
 4. **Allocation** (:mod:`.allocate`): exact DP over slots, its LP bound, the curve of predicted
    tokens/s against total cache slots and its knee.
 5. **Evaluation** with the full step timeline (:func:`.steptime.step_times`): the plan, every
@@ -116,8 +118,9 @@ class Evaluated:
 
 @dataclass
 class CacheSizing:
-    """The solved problem: the budget, layer times, curves, allocation and evaluations;
-    ``floor`` [layers] the probability of use a prefetch needs."""
+    """The solved problem: the budget, the layer times and curves of the sizing steps, the
+    allocation, the evaluations on the judged steps (``steps`` of them); ``floor`` [layers] the
+    probability of use a prefetch needs."""
 
     problem: CacheProblem
     budget: MemoryBudget
@@ -218,7 +221,7 @@ def size_grid(num_experts: int, top_k: int) -> np.ndarray:
     return np.unique(np.concatenate([grid, [1, top_k, min(2 * top_k, num_experts)]]))
 
 
-def size_curves(held: RoutingTrace, index: np.ndarray, policy: str, predictor: TransitionPredictor,
+def size_curves(held: RoutingTrace, index: np.ndarray, policy: str, predictor: TransitionPredictor | None,
                 times: LayerTimes) -> SizeCurves:
     """Per-layer curves over every cache size (see the module docstring, step 3): LRU's exact at
     every size; another policy's simulated on a grid of sizes, its difference from LRU
@@ -226,15 +229,18 @@ def size_curves(held: RoutingTrace, index: np.ndarray, policy: str, predictor: T
     nl, e = held.num_layers, held.num_experts
     tau = times.copy_seconds
     steps = index.shape[0]
-    hits, requests = lru_hit_curves(held, index)
+    most = min(e, index.shape[1] * held.top_k)                        # no step misses more experts than this
+    depth = int(min(max(np.ceil(times.post.max(initial=0.0) / tau), 1), most))
+    hits, requests, missing = lru_hit_curves(held, index, depth)
     misses = requests[:, None] - hits
-    lru = SizeCurves(misses * tau / steps, hits / np.maximum(requests[:, None], 1), misses / steps, np.arange(e + 1))
+    lru = SizeCurves(_demand_stall(misses, missing, times) / steps, hits / np.maximum(requests[:, None], 1),
+                     misses / steps, np.arange(e + 1))
     if policy == "lru":
         return lru
     grid = size_grid(e, held.top_k)
     lane_layer = np.repeat(np.arange(nl), grid.size)
     run = simulate(held, index, np.tile(grid, nl), policy, predictor, lane_layer)
-    measured = (separable_stall(run, times.window(), tau), run.hit_rate(), run.transfers())
+    measured = (separable_stall(run, times), run.hit_rate(), run.transfers())
     every = np.arange(e + 1)
     def fill(values: np.ndarray, exact: np.ndarray) -> np.ndarray:
         delta = values.reshape(nl, grid.size) - exact[:, grid]
@@ -242,8 +248,22 @@ def size_curves(held: RoutingTrace, index: np.ndarray, policy: str, predictor: T
     return SizeCurves(*(fill(v, x) for v, x in zip(measured, (lru.stall, lru.hit_rate, lru.transfers))), grid)
 
 
+def _demand_stall(misses: np.ndarray, missing: np.ndarray, times: LayerTimes) -> np.ndarray:
+    """[layers, E+1] LRU's stall summed over steps, exactly: a step that misses m experts of a
+    layer waits max(0, m·τ − post), the sum over j = 1..m of the j-th copy's exposed part
+    ``c_j`` = max(0, j·τ − post) − max(0, (j−1)·τ − post) (τ once j·τ ≥ post + τ), so the total
+    is τ · misses − Σ_j (τ − c_j) · (steps missing ≥ j), with ``missing`` [depth, layers, E+1]
+    deep enough that c_j = τ beyond it."""
+    tau, post = times.copy_seconds, times.post[:, None]
+    total = misses * tau
+    for j in range(1, missing.shape[0] + 1):
+        exposed = np.maximum(j * tau - post, 0.0) - np.maximum((j - 1) * tau - post, 0.0)
+        total = total - (tau - exposed) * missing[j - 1]
+    return total
+
+
 def evaluate(name: str, policy: str, sizes: np.ndarray, held: RoutingTrace, index: np.ndarray,
-             predictor: TransitionPredictor, times: LayerTimes, batch: int) -> Evaluated:
+             predictor: TransitionPredictor | None, times: LayerTimes, batch: int) -> Evaluated:
     """Judge one configuration with the full step timeline."""
     run = simulate(held, index, sizes, policy, predictor)
     st = step_times(run, times)
@@ -267,10 +287,15 @@ def solve(problem: CacheProblem) -> CacheSizing:
     budget = memory_budget(cost, shape, p.context, p.memory_bytes)
     slots = budget.slots(p.stage_slots)
     fit, held, index = evaluation_steps(p.trace, shape, p.fit_fraction, p.max_steps)
-    times = model_layer_times(cost, held, index, shape.phase, p.context)
-    width, floor = prefetch_limits(times.copy_seconds, times.window())
+    if index.shape[0] < 2:
+        raise InputError(f"the held-out part of the trace has {index.shape[0]} step(s); sizing and judging need 2",
+                         field="trace", fix="give a longer trace or a smaller batch")
+    sizing_index, judge_index = np.array_split(index, 2)
+    times = model_layer_times(cost, held, sizing_index, shape.phase, p.context)
+    judge = model_layer_times(cost, held, judge_index, shape.phase, p.context)
+    width, floor = prefetch_limits(times.copy_seconds, times.overlap())
     predictor = TransitionPredictor.fit(fit, shape).limited(width, floor)
-    curves = size_curves(held, index, p.policy, predictor, times)
+    curves = size_curves(held, sizing_index, p.policy, predictor, times)
     notes: list[str] = []
     allocation = allocate(curves.stall, slots)
     if p.latency_target is not None:
@@ -279,13 +304,13 @@ def solve(problem: CacheProblem) -> CacheSizing:
     if slots >= m.num_moe_layers * m.num_experts:
         notes.append("every expert fits: no offloading needed")
     sizes = allocation.sizes
-    evaluations = [evaluate("plan", p.policy, sizes, held, index, predictor, times, shape.batch),
+    evaluations = [evaluate("plan", p.policy, sizes, held, judge_index, predictor, judge, shape.batch),
                    evaluate("lru-uniform", "lru", uniform_sizes(int(sizes.sum()), m.num_moe_layers, m.num_experts),
-                            held, index, predictor, times, shape.batch)]
-    evaluations += [evaluate(f"{pol}-planned", pol, sizes, held, index, predictor, times, shape.batch)
+                            held, judge_index, predictor, judge, shape.batch)]
+    evaluations += [evaluate(f"{pol}-planned", pol, sizes, held, judge_index, predictor, judge, shape.batch)
                     for pol in POLICIES if pol != p.policy]
-    return CacheSizing(p, budget, slots, times, predictor, curves, allocation, evaluations, floor, index.shape[0],
-                       time.perf_counter() - start, notes)
+    return CacheSizing(p, budget, slots, times, predictor, curves, allocation, evaluations, floor,
+                       judge_index.shape[0], time.perf_counter() - start, notes)
 
 
 def _meet_latency(stall: np.ndarray, full: Allocation, times: LayerTimes, target: float) -> Allocation:

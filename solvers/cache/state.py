@@ -25,7 +25,8 @@ from moeplan.errors import InputError
 
 POLICIES = ("lru", "lfu", "belady", "prefetch")
 NEVER = 1 << 40              # "no next use" for Belady
-_COUNT_SHIFT = 1 << 21       # LFU: count × 2^21 + recency key (recency keys < 2^21 for < 1M steps)
+MAX_STEPS = 1 << 20          # steps one state serves: recency keys 2·step + 1 stay below 2^21
+_COUNT_SHIFT = 1 << 21       # LFU: count × 2^21 + recency key
 _FORCED = 1 << 46            # needed / prefetched experts rank above every key
 _ABSENT = np.iinfo(np.int64).max
 

@@ -13,8 +13,8 @@ Per MoE layer l of a step, in time order (one compute stream, one FIFO copy stre
 
 A step ends when both streams are idle. Steps are independent, so :func:`step_times` runs the
 recurrence vectorised over steps, looping over layers. :func:`separable_stall` is the per-layer
-approximation the sizing solver optimises: a layer's demand loads are exposed in full and its
-prefetch batch is exposed by what exceeds the compute window since it was issued.
+approximation the sizing solver optimises: each layer as if the copy stream were idle when the
+previous layer issued its prefetch batch.
 """
 from __future__ import annotations
 
@@ -43,11 +43,16 @@ class LayerTimes:
 
     def window(self) -> np.ndarray:
         """[steps, layers] compute between issuing a layer's prefetch (at the previous layer's
-        routing point) and the layer's wait: the previous layer's post + experts, this layer's
-        pre + post (0 for layer 0, which is never prefetched)."""
+        routing point) and the layer's own routing point: the previous layer's post + experts and
+        this layer's pre (0 for layer 0, which is never prefetched)."""
         w = np.zeros_like(self.expert)
-        w[:, 1:] = self.post[None, :-1] + self.expert[:, :-1] + self.pre[None, 1:] + self.post[None, 1:]
+        w[:, 1:] = self.post[None, :-1] + self.expert[:, :-1] + self.pre[None, 1:]
         return w
+
+    def overlap(self) -> np.ndarray:
+        """[steps, layers] all the compute a layer's prefetch can hide behind: :meth:`window` and
+        the layer's post."""
+        return self.window() + self.post[None, :]
 
     def resident_step(self) -> np.ndarray:
         """[steps] seconds of a step with every expert resident (nothing to wait for)."""
@@ -135,13 +140,17 @@ def step_times(run: CacheRun, times: LayerTimes) -> StepTimes:
     return StepTimes(np.maximum(t, f) + times.tail, stall, busy)
 
 
-def separable_stall(run: CacheRun, window: np.ndarray, tau: float) -> np.ndarray:
-    """[lanes] mean stall per step of each lane alone: its demand loads, plus the part of its
-    prefetch batch longer than ``window`` [steps, layers] when the layer waits for the copy
-    stream (it has misses, queued behind the batch, or uses a prefetched expert)."""
-    m = run.loads.astype(np.float64)
-    p = run.prefetched.astype(np.float64)
-    w = window[:, run.lane_layer]
-    waits = (run.loads > 0) | (run.prefetch_used > 0)
-    return (m * tau + np.where(waits, np.maximum(p * tau - w, 0.0), 0.0)).mean(axis=0)
-
+def separable_stall(run: CacheRun, times: LayerTimes) -> np.ndarray:
+    """[lanes] mean stall per step of each lane alone, the copy stream idle when the previous
+    layer issued this layer's prefetch batch: what is left of that batch at the routing point,
+    then the demand loads, less the post compute they overlap; or, with no demand load but a
+    prefetched expert in use, what the batch outlasts the layer's whole window."""
+    tau = times.copy_seconds
+    m = run.loads.astype(np.float64) * tau
+    p = run.prefetched.astype(np.float64) * tau
+    window = times.window()[:, run.lane_layer]
+    post = times.post[run.lane_layer][None, :]
+    backlog = np.maximum(p - window, 0.0)
+    stall = np.where(run.loads > 0, np.maximum(backlog + m - post, 0.0),
+                     np.where(run.prefetch_used > 0, np.maximum(backlog - post, 0.0), 0.0))
+    return stall.mean(axis=0)

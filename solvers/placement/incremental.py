@@ -17,9 +17,10 @@ every layer's shares are re-solved by the share LP (:func:`.layer.balance_shares
    device — scored by the drop of the layer's objective (its neighbours fixed) per byte; the best
    proposal over all layers is applied, until the budget or the gains run out.
 
-Each move records ``{layer, expert, src_device, dst_device, slot, bytes}``; ``src_device`` is a
-device holding the expert when the move is made (or, for an expert whose devices are being
-removed, one of those), preferring the destination's node.
+Each move records ``{step, layer, expert, src_device, dst_device, slot, bytes}``; the moves of one
+step (the two halves of a swap) read their sources before any of them writes. ``src_device`` is a
+device holding the expert when the step starts (or, for an expert whose devices are being removed,
+one of those), preferring the destination's node.
 """
 from __future__ import annotations
 
@@ -106,11 +107,15 @@ class _State:
         same = held[held // self.p.devices_per_node == dst // self.p.devices_per_node]
         return int(same[0] if same.size else held[0])
 
-    def write(self, layer: int, device: int, slot: int, expert: int) -> None:
-        src = self.source(layer, expert, device)
-        self.slot_expert[layer, device, slot] = expert
-        self.moves.append({"layer": layer, "expert": expert, "src_device": src, "dst_device": device, "slot": slot,
-                           "bytes": self.p.expert_bytes})
+    def write(self, layer: int, writes: list[tuple[int, int, int]]) -> None:
+        """Copy experts into slots, (device, slot, expert) each; all sources are read before any
+        slot is overwritten (a swap exchanges two experts)."""
+        sources = [self.source(layer, expert, device) for device, _, expert in writes]
+        step = self.moves[-1]["step"] + 1 if self.moves else 0
+        for (device, slot, expert), src in zip(writes, sources):
+            self.slot_expert[layer, device, slot] = expert
+            self.moves.append({"step": step, "layer": layer, "expert": expert, "src_device": src, "dst_device": device,
+                               "slot": slot, "bytes": self.p.expert_bytes})
 
 
 def _reshape(current: Placement, problem: PlacementProblem) -> tuple[np.ndarray, np.ndarray]:
@@ -154,12 +159,12 @@ def _mandatory(state: _State, layer: int) -> None:
             if not np.isfinite(value[dev, slot]):
                 raise InputError(f"layer {layer}: no slot left for expert {expert}", field="slots")
             counts[se[dev, slot]] -= 1
-        state.write(layer, dev, slot, int(expert))
+        state.write(layer, [(dev, slot, int(expert))])
         counts[expert] += 1
     for dev, slot in np.argwhere(se < 0):
         per = np.where((se[dev] == np.arange(p.num_experts)[:, None]).any(axis=1), -1.0, load / np.maximum(counts, 1))
         expert = int(per.argmax())
-        state.write(layer, int(dev), int(slot), expert)
+        state.write(layer, [(int(dev), int(slot), expert)])
         counts[expert] += 1
 
 
@@ -245,8 +250,7 @@ def replace_incremental(problem: PlacementProblem, current: Placement, budget_by
         cost = len(writes) * p.expert_bytes
         if spent + cost > budget_bytes:
             continue
-        for dev, slot, expert in writes:
-            state.write(layer, dev, slot, expert)
+        state.write(layer, writes)
         spent += cost
         for touched in (layer - 1, layer, layer + 1):
             if 0 <= touched < p.num_layers:

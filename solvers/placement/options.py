@@ -13,7 +13,8 @@ class SolverOptions:
     """Options of the placement solvers.
 
     Attributes:
-        time_limit: seconds for the whole ILP run, warm start included.
+        time_limit: seconds for the whole ILP run: the warm start (exflow, LPT, EPLB) always
+            completes, and the layer MILPs share what is left of the limit.
         gap: relative gap at which a MILP stops.
         milp: MILP back end, "cpsat" (OR-Tools CP-SAT) or "pulp" (PuLP with HiGHS).
         sweeps: passes over the layers (exflow and ILP re-place each layer with its neighbours fixed).
@@ -34,7 +35,7 @@ class SolverOptions:
     gap: float = 0.01
     milp: str = "cpsat"
     sweeps: int = 2
-    passes: int = 3
+    passes: int = 2
     slack: float = 0.02
     coactivation: float = 0.5
     balance_cap: float | None = 1.01

@@ -1,0 +1,62 @@
+"""Export: the Plan JSON of a solved placement and its runtime formats — SGLang's expert-location
+file and launch command, EPLB tensors, vLLM's launch script, Megatron-Core's arguments — written
+by the same exporters as ``moeplan export``."""
+from __future__ import annotations
+
+import streamlit as st
+
+from moeplan.cli.common import human_seconds
+from moeplan.dashboard import compute, views
+from moeplan.dashboard.compute import BACKGROUND, SOLVER_LABELS
+from moeplan.errors import InputError
+
+RUNTIMES = {"sglang": "SGLang", "eplb": "EPLB (DeepSeek)", "vllm": "vLLM", "megatron": "Megatron-Core"}
+MIME = {".json": "application/json", ".sh": "text/x-shellscript"}
+
+setup = views.require_setup()
+st.title("Export the plan")
+st.caption(views.title_line(setup))
+views.placement_slots(setup)
+problem_key, keys = views.solve_keys(setup)
+ready = [s for s in keys if s not in BACKGROUND or compute.job(keys[s]).done()]
+if not ready:
+    st.info("Pick and solve a placement on the Placement what-if page first.")
+    st.page_link(views.page("placement"), label="Placement what-if", icon=":material/grid_view:")
+    st.stop()
+if st.session_state.get("export_solver") not in ready:
+    st.session_state.export_solver = ready[0]
+st.selectbox("Placement to export", ready, key="export_solver", format_func=SOLVER_LABELS.get,
+             help=f"Solved with {problem_key.slots} expert slots per GPU and {problem_key.tokens_per_device:,} tokens "
+                  "per GPU per step on the Placement what-if page.")
+
+with views.guarded():
+    plan = compute.plan(keys[st.session_state.export_solver], int(st.session_state.metric_tokens))
+p = plan.predicted
+cols = st.columns(4)
+cols[0].metric("Balancedness", f"{p['balancedness']:.3f}")
+cols[1].metric("GPUs touched per token per layer", f"{p['devices_touched_per_token_layer']:.2f}")
+cols[2].metric("Predicted MoE time, standard EP", human_seconds(p["moe_seconds_ep"]))
+cols[3].metric("Predicted MoE time, ExFlow", human_seconds(p["moe_seconds_exflow"]))
+
+with views.guarded():
+    plan_file = compute.export(plan, "plan")
+st.download_button("Download plan JSON", plan_file.files["plan.json"], file_name="plan.json",
+                   mime="application/json", type="primary", icon=":material/download:", key="download_plan",
+                   help="The same file `moeplan plan placement -o plan.json` writes; read it back with "
+                        "`moeplan export plan.json --format …` or `moeplan simulate --plan plan.json`.")
+
+for tab, fmt in zip(st.tabs(list(RUNTIMES.values())), RUNTIMES):
+    with tab:
+        try:
+            out = compute.export(plan, fmt)
+        except InputError as exc:
+            st.error(compute.error_text(exc), icon="🚫")
+            continue
+        for name, data in out.files.items():
+            suffix = name[name.rfind("."):]
+            st.download_button(f"Download {name}", data, file_name=name, mime=MIME.get(suffix, "text/plain"),
+                               icon=":material/download:", key=f"download_{fmt}_{name}")
+        if out.command:
+            st.code(out.command, language="bash")
+        for note in out.notes:
+            st.markdown(f"- {note}")
