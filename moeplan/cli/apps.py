@@ -9,6 +9,6 @@ app = typer.Typer(
          "expert caching and elastic scaling, from real model configs, measured hardware and routing traces.",
 )
 trace_app = typer.Typer(no_args_is_help=True, help="Routing traces: synthesise, collect from a real model, summarise.")
-plan_app = typer.Typer(no_args_is_help=True, help="Solve for a plan: expert placement, parallel folding, cache sizes, scaling.")
+plan_app = typer.Typer(help="Solve for a plan: expert placement, parallel folding, cache sizes, scaling.")
 app.add_typer(trace_app, name="trace")
 app.add_typer(plan_app, name="plan")
