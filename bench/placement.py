@@ -15,10 +15,11 @@ held-out last third:
 4. **Incremental**: an EPLB placement fitted on one trace meets traffic from another seed (other
    hot experts); moves vs balancedness as the move budget grows.
 
-Predicted MoE time per step comes from ``moeplan.simulate`` (held-out tokens, 4096 tokens per GPU,
-datasheet H100 figures: roofline, not measured).
+Predicted MoE time per step comes from ``moeplan.simulate`` (held-out tokens, 4096 tokens per GPU)
+on the measured H100 profile (expert kernels measured on one H100; links from the datasheet).
 
-Usage: python bench/placement.py [--tokens 150000] [--time-limit 60] [--out bench/results/placement.md]
+Usage: python bench/placement.py [--hardware PROFILE] [--tokens 150000] [--time-limit 60]
+                                 [--out bench/results/placement.md]
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from moeplan.synth import SyntheticTraffic, synthesize
 from moeplan.trace import RoutingTrace
 
 MODEL = "deepseek-v3"
-HARDWARE = "h100-sxm"
+HARDWARE = "measured/h100-sxm"
 TOKENS_PER_DEVICE = 4096
 BASELINES = ("contiguous", "round_robin", "lpt", "eplb")
 TARGETS = {"balancedness": 1.02, "devices_touched_cut": 0.15, "top1_hops_cut": 0.30}
@@ -140,21 +141,24 @@ def probe_lines(spec: ModelSpec, hw: HardwareProfile, fit: RoutingTrace, held: R
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hardware", default=HARDWARE, help="hardware profile (name or YAML)")
     ap.add_argument("--tokens", type=int, default=150_000, help="tokens per synthetic trace (2/3 fit, 1/3 held out)")
     ap.add_argument("--time-limit", type=float, default=60.0, help="ILP seconds per run")
     ap.add_argument("--move-budget-gib", type=float, default=8.0, help="largest move budget of the curve")
     ap.add_argument("--out", type=Path, default=Path("bench/results/placement.md"))
     args = ap.parse_args()
     spec = ModelSpec.preset(MODEL)
-    hw32 = HardwareProfile.resolve(HARDWARE).with_cluster(devices=32)
+    profile = HardwareProfile.resolve(args.hardware)
+    hw32 = profile.with_cluster(devices=32)
     default = SolverOptions(time_limit=args.time_limit)
-    results: dict[str, Any] = {"model": spec.name, "hardware": HARDWARE, "tokens": args.tokens,
+    results: dict[str, Any] = {"model": spec.name, "hardware": args.hardware, "tokens": args.tokens,
                                "tokens_per_device": TOKENS_PER_DEVICE, "targets": TARGETS}
     lines = [f"# Expert placement: {spec.name}, synthetic traffic", "",
-             f"Command: `python bench/placement.py --tokens {args.tokens} --time-limit {args.time_limit:g}`. "
+             f"Command: `python bench/placement.py --hardware {args.hardware} --tokens {args.tokens} "
+             f"--time-limit {args.time_limit:g}`. "
              f"Traces: `moeplan.synth`, {args.tokens:,} tokens each, fitted on the first {2 * args.tokens // 3:,}, "
-             f"held out the last {args.tokens - 2 * args.tokens // 3:,}. Hardware: {HARDWARE} datasheet profile "
-             "(predictions are roofline, not measured). Metrics: balancedness = Σ max / Σ mean device load; "
+             f"held out the last {args.tokens - 2 * args.tokens // 3:,}. Hardware: {args.hardware} "
+             f"({profile.provenance_note()}). Metrics: balancedness = Σ max / Σ mean device load; "
              "devices/nodes touched per token per layer and top-1 hops use the expected value over replica shares. "
              "Objective = the planner's cost (Σ max device compute + inter-layer token moves, s per step at "
              f"{TOKENS_PER_DEVICE} tokens/GPU); bound = its proved lower bound.", ""]
@@ -194,7 +198,7 @@ def main() -> None:
     results["scale"] = []
     for gpus, slots in ((64, 320), (256, 512)):
         log(f"scale: {gpus} GPUs / {slots} slots")
-        hw = HardwareProfile.resolve(HARDWARE).with_cluster(devices=gpus)
+        hw = profile.with_cluster(devices=gpus)
         rows = run_solvers(spec, hw, fit, held, slots, [(s, s, default) for s in ("lpt", "eplb", "exflow", "ilp")])
         for r in rows:
             results["scale"].append({"gpus": gpus, "slots": slots, **r})

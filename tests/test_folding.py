@@ -25,6 +25,7 @@ from moeplan.solvers.folding import (
     violations,
     why_loses,
 )
+from moeplan.solvers.folding.solve import TIE_TOLERANCE
 from typer.testing import CliRunner
 
 from moeplan.cli import app
@@ -203,7 +204,8 @@ def test_slow_inter_node_link_keeps_ep_inside_a_node() -> None:
     assert fast.best.result.spans["ep"].nodes == 2
     crossing = [r for r in slow.ranked if r.result.spans["ep"].nodes > 1]
     assert all(r.score > slow.best.score for r in crossing)
-    assert [r.score for r in slow.ranked] == sorted(r.score for r in slow.ranked)
+    scores = [r.score for r in slow.ranked]  # best first; scores within the tie tolerance order by simplicity
+    assert all(b >= a - 2 * TIE_TOLERANCE * scores[0] for a, b in zip(scores, scores[1:]))
     assert all(r.reason for r in slow.ranked[1:]) and not slow.best.reason
     plan = slow.to_plan()
     assert set(plan.parallel) >= {"attention", "moe", "vpp", "micro_batch", "global_batch", "recompute",

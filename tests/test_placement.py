@@ -155,15 +155,15 @@ def test_metrics_on_a_hand_made_placement() -> None:
 
 # ---- incremental ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small_problem() -> tuple[PlacementProblem, ModelSpec, HardwareProfile]:
+def small_problem() -> PlacementProblem:
     spec = replace(ModelSpec.preset("qwen3-30b-a3b"), moe_layers=tuple(range(4)))  # 128 experts, top-8
     trace = synthesize(spec, SyntheticTraffic(tokens=3000, seed=2))
     hw = HardwareProfile.resolve("h100-sxm").with_cluster(devices=16)
-    return PlacementProblem.build(spec, hw, TraceStats.of(trace), 9), spec, hw
+    return PlacementProblem.build(spec, hw, TraceStats.of(trace), 9)
 
 
 def test_incremental_respects_the_move_budget(small_problem) -> None:
-    p = small_problem[0]
+    p = small_problem
     current = solve(p, "contiguous").placement
     budget = 6 * p.expert_bytes
     r = replace_incremental(p, current, budget)
@@ -182,7 +182,7 @@ def test_incremental_respects_the_move_budget(small_problem) -> None:
 
 
 def test_incremental_to_fewer_devices_moves_the_orphans(small_problem) -> None:
-    p16, spec, hw = small_problem
+    p16 = small_problem
     current = solve(p16, "lpt").placement
     p12 = replace(p16, num_devices=12, devices_per_node=4, slots_per_device=11)
     with pytest.raises(InputError, match="needs"):

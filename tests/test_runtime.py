@@ -315,7 +315,7 @@ def test_gpu_benchmark_script_runs_its_tiny_config_on_cpu(tmp_path: Path, capsys
     spec.loader.exec_module(bench)
     assert bench.main([str(tmp_path), "--tiny"]) == 0
     data = json.loads((tmp_path / "gpu_runtime.json").read_text())
-    assert len(data["replay"]) == 2 * 2 * 2 * 2 * 2          # shapes × traffic × devices × batch sizes × kernels
+    assert len(data["replay"]) == 2 * len(bench.TRAFFIC) * 2 * 2 * 2  # shapes × traffic × devices × batches × kernels
     row = data["replay"][0]
     assert row["contiguous"]["straggler_measured_s"] > 0 and row["balanced"]["straggler_predicted_s"] > 0
     assert row["cut_tokens"] > 1.0                           # skewed prefill: LPT relieves the straggler

@@ -246,7 +246,7 @@ def replace_incremental(problem: PlacementProblem, current: Placement, budget_by
     heapq.heapify(heap)
     spent = mandatory_bytes
     while heap:
-        neg_gain, layer, writes = heapq.heappop(heap)
+        _, layer, writes = heapq.heappop(heap)
         cost = len(writes) * p.expert_bytes
         if spent + cost > budget_bytes:
             continue

@@ -98,7 +98,7 @@ def touched(placement: Placement, expert_ids: np.ndarray, level: str = "device",
         if mode == "primary" or units.shape[1] == 1:
             out[layer] = _distinct(units[:, 0][ids]).mean()
             continue
-        t, k = ids.shape
+        t = ids.shape[0]
         out[layer] = _expected_distinct(units[ids].reshape(t, -1), probs[ids].reshape(t, -1)).mean()
     return out
 
@@ -138,7 +138,9 @@ class PlacementMetrics:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        mean = lambda a: float(a.mean()) if a.size else float("nan")  # noqa: E731
+        def mean(a: np.ndarray) -> float:
+            return float(a.mean()) if a.size else float("nan")
+
         return {"balancedness": self.balancedness, "worst_layer_balancedness": float(self.layer_balancedness.max()),
                 "devices_touched_per_token_layer": mean(self.devices_touched),
                 "nodes_touched_per_token_layer": mean(self.nodes_touched),

@@ -64,7 +64,9 @@ class LinearModel:
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(lower, upper, integer, cost, row_lo, row_hi, rows, cols, coefs) as flat arrays."""
-        cat = lambda parts, dt=np.float64: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
+        def cat(parts: list[np.ndarray], dt: type = np.float64) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dt)
+
         rows = cat([c[0] for c in self.coo], np.int64)
         cols = cat([c[1] for c in self.coo], np.int64)
         vals = cat([c[2] for c in self.coo])
