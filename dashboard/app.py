@@ -30,10 +30,15 @@ PAGES = {
     "Parallelism": [
         st.Page(views.page("folding"), url_path="folding", title="Parallel folding", icon=":material/account_tree:"),
     ],
+    "Serving": [
+        st.Page(views.page("cache"), url_path="cache", title="Cache sizing", icon=":material/cached:"),
+        st.Page(views.page("elastic"), url_path="elastic", title="Elastic scaling", icon=":material/expand:"),
+    ],
 }
 
 st.set_page_config(page_title="moeplan what-if", page_icon=":material/hub:", layout="wide")
 sidebar.init_state()
 page = st.navigation(PAGES)
 st.session_state["setup"] = sidebar.setup_panel()
+views.framed()
 page.run()

@@ -12,7 +12,8 @@ from typing import Any
 import streamlit as st
 
 from moeplan.dashboard import compute
-from moeplan.dashboard.compute import ModelChoice, Setup, TrafficChoice
+from moeplan.dashboard import uploads
+from moeplan.dashboard.keys import ModelChoice, Setup, TrafficChoice
 from moeplan.errors import InputError
 
 DEFAULTS: dict[str, Any] = {
@@ -23,12 +24,22 @@ DEFAULTS: dict[str, Any] = {
     "solvers": ["contiguous", "eplb", "lpt"], "tokens_per_device": 256, "execution": "Standard EP",
     "ilp_time_limit": 10, "balance_cap": 1.01, "flows": "top1", "metric_tokens": 1024,
     "map_layer": 0, "kv_tokens": 65536,
+    # trace
+    "sort_popularity": True, "affinity_layer": 0, "affinity_view": "probability", "segment_len": 16,
     # parallel folding
     "fold_mode": "serve", "fold_seq": 4096, "fold_batch": 256, "fold_mbs": "searched", "fold_overlap": False,
+    # cache sizing
+    "cache_policy": "prefetch", "cache_phase": "decode", "cache_batch": 1, "cache_context": 4096, "cache_budget": 0.0,
+    "cache_layer": 0,
+    # elastic scaling
+    "elastic_shape": "diurnal", "elastic_policy": "threshold", "elastic_seed": 0,
 }
-PAGE_KEYS = ("solvers", "slots", "slots_for", "tokens_per_device", "execution", "ilp_time_limit", "balance_cap",
-             "flows", "metric_tokens", "map_solver", "map_layer", "kv_tokens", "memory_solver", "export_solver",
-             "fold_mode", "fold_seq", "fold_batch", "fold_mbs", "fold_overlap", "fold_pick")
+PAGE_KEYS = ("solvers", "slots", "tokens_per_device", "execution", "ilp_time_limit", "balance_cap", "flows",
+             "metric_tokens", "map_solver", "map_layer", "kv_tokens", "export_solver", "fold_mode", "fold_seq",
+             "fold_batch", "fold_mbs", "fold_overlap", "fold_pick", "sort_popularity", "affinity_layer",
+             "affinity_view", "segment_len", "cache_experts", "cache_policy", "cache_phase", "cache_batch",
+             "cache_context", "cache_budget", "cache_layer", "elastic_sizes", "elastic_shape", "elastic_policy",
+             "elastic_seed")
 TOKEN_CHOICES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
@@ -65,11 +76,12 @@ def _model(bar: Any) -> ModelChoice | None:
         bar.selectbox("Model preset", list(labels), key="model_preset", format_func=labels.get)
         return ModelChoice(preset=st.session_state.model_preset)
     upload = bar.file_uploader("Hugging Face config.json", type=["json"], key="model_upload",
-                               help="The model's config.json (Mixtral, DeepSeek-V2/V3, Qwen-MoE, OLMoE, DBRX, GPT-OSS).")
+                               help="The model's config.json (Mixtral, DeepSeek-V2/V3, Qwen-MoE, OLMoE, DBRX, "
+                                    "GPT-OSS).")
     if upload is None:
         bar.info("Upload a config.json to continue.")
         return None
-    return ModelChoice(preset="", upload=compute.register_upload(upload.name, upload.getvalue()),
+    return ModelChoice(preset="", upload=uploads.register(upload.name, upload.getvalue()),
                        upload_name=upload.name)
 
 
@@ -100,7 +112,8 @@ def _traffic(bar: Any) -> TrafficChoice | None:
         if upload is None:
             bar.info("Upload a routing trace to continue.")
             return None
-        return TrafficChoice(upload=compute.register_upload(upload.name, upload.getvalue()), upload_name=upload.name)
+        return TrafficChoice(upload=uploads.register(upload.name, upload.getvalue()),
+                             upload_name=upload.name)
     bar.select_slider("Tokens", TOKEN_CHOICES, key="tokens", format_func=lambda t: f"{t:,}",
                       help="Tokens in the synthetic trace (more: steadier statistics, slower what-ifs).")
     bar.slider("Zipf skew", 0.0, 2.0, step=0.1, key="zipf", help="Expert popularity skew per layer (0 = uniform).")
@@ -118,6 +131,6 @@ def _traffic(bar: Any) -> TrafficChoice | None:
     try:
         choice.knobs().validate()
     except InputError as exc:
-        bar.error(compute.error_text(exc))
+        bar.error(uploads.error_text(exc))
         return None
     return choice

@@ -9,12 +9,15 @@ from typing import Any
 import streamlit as st
 
 from moeplan.dashboard import compute
-from moeplan.dashboard.compute import ProblemKey, Setup, SolveKey
+from moeplan.dashboard import uploads
+from moeplan.dashboard.keys import SOLVER_NAMES, ProblemKey, Setup, SolveKey, solve_key
 from moeplan.errors import InputError
 
 GIB = 2**30
 TOKENS_PER_GPU = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # choices of tokens per GPU per step
 PAGES = Path(__file__).parent / "pages"
+APP = Path(__file__).parent / "app.py"
+FRAMED, RETURN_TO = "_framed_by_app", "_return_to_page"
 
 
 def page(name: str) -> str:
@@ -22,13 +25,30 @@ def page(name: str) -> str:
     return str(PAGES / f"{name}.py")
 
 
-def require_setup() -> Setup:
-    """The sidebar's set-up; stops the page with a hint while it is incomplete."""
+def require_setup(page_file: str) -> Setup:
+    """The sidebar's set-up for the page in ``page_file``; stops the page with a hint while the
+    set-up is incomplete.
+
+    In a fresh server, Streamlit's first run may execute a page without app.py (it then treats
+    ``pages/`` as an old-style multipage folder, until the first ``st.navigation`` call). The
+    page notices (app.py did not mark this run) and hands over to app.py, which returns to it."""
+    if not st.session_state.pop(FRAMED, False):
+        st.session_state[RETURN_TO] = page_file
+        st.switch_page(str(APP))
     setup = st.session_state.get("setup")
     if setup is None:
         st.info("Complete the set-up in the sidebar.")
         st.stop()
     return setup
+
+
+def framed() -> None:
+    """Called by app.py before running the page: marks this run as framed by app.py, and goes
+    back to the page that handed over to it (:func:`require_setup`)."""
+    target = st.session_state.pop(RETURN_TO, None)
+    if target is not None:
+        st.switch_page(target)
+    st.session_state[FRAMED] = True
 
 
 @contextmanager
@@ -37,7 +57,7 @@ def guarded() -> Iterator[None]:
     try:
         yield
     except InputError as exc:
-        st.error(compute.error_text(exc), icon="🚫")
+        st.error(uploads.error_text(exc), icon=":material/block:")
         st.stop()
 
 
@@ -56,8 +76,9 @@ def gib(nbytes: float) -> float:
 
 def title_line(setup: Setup) -> str:
     """"DeepSeek-V3 on 32 × NVIDIA H100 … (4 nodes × 8)" for page captions."""
-    spec = compute.model_spec(setup.model)
-    hw = compute.hardware(setup.hardware, setup.gpus, setup.nodes)
+    with guarded():
+        spec = compute.model_spec(setup.model)
+        hw = compute.hardware(setup.hardware, setup.gpus, setup.nodes)
     return (f"{spec.name} on {hw.num_devices} × {hw.device.name} ({hw.nodes} node{'s' if hw.nodes > 1 else ''} × "
             f"{hw.devices_per_node} GPUs), profile {setup.hardware}")
 
@@ -88,7 +109,7 @@ def solve_keys(setup: Setup) -> tuple[ProblemKey, dict[str, SolveKey]]:
     settings (kept in the session)."""
     problem_key = ProblemKey(setup, int(st.session_state.slots), int(st.session_state.tokens_per_device),
                              st.session_state.flows)
-    keys = {s: compute.solve_key(problem_key, s, float(st.session_state.balance_cap),
+    keys = {s: solve_key(problem_key, s, float(st.session_state.balance_cap),
                                  float(st.session_state.ilp_time_limit))
-            for s in compute.SOLVER_NAMES if s in st.session_state.solvers}
+            for s in SOLVER_NAMES if s in st.session_state.solvers}
     return problem_key, keys

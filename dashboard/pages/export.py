@@ -7,13 +7,16 @@ import streamlit as st
 
 from moeplan.cli.common import human_seconds
 from moeplan.dashboard import compute, views
-from moeplan.dashboard.compute import BACKGROUND, SOLVER_LABELS
+from moeplan.dashboard.exports import export
+from moeplan.dashboard.keys import BACKGROUND, SOLVER_LABELS
+from moeplan.dashboard.uploads import error_text
+from moeplan.dashboard.views import fact
 from moeplan.errors import InputError
 
 RUNTIMES = {"sglang": "SGLang", "eplb": "EPLB (DeepSeek)", "vllm": "vLLM", "megatron": "Megatron-Core"}
 MIME = {".json": "application/json", ".sh": "text/x-shellscript"}
 
-setup = views.require_setup()
+setup = views.require_setup(__file__)
 st.title("Export the plan")
 st.caption(views.title_line(setup))
 views.placement_slots(setup)
@@ -24,8 +27,9 @@ if not ready:
     st.page_link(views.page("placement"), label="Placement what-if", icon=":material/grid_view:")
     st.stop()
 if st.session_state.get("export_solver") not in ready:
-    st.session_state.export_solver = ready[0]
-st.selectbox("Placement to export", ready, key="export_solver", format_func=SOLVER_LABELS.get,
+    st.session_state.export_solver = st.session_state.get("fastest_solver") if st.session_state.get(
+        "fastest_solver") in ready else ready[0]
+st.columns([1, 2])[0].selectbox("Placement to export", ready, key="export_solver", format_func=SOLVER_LABELS.get,
              help=f"Solved with {problem_key.slots} expert slots per GPU and {problem_key.tokens_per_device:,} tokens "
                   "per GPU per step on the Placement what-if page.")
 
@@ -33,13 +37,13 @@ with views.guarded():
     plan = compute.plan(keys[st.session_state.export_solver], int(st.session_state.metric_tokens))
 p = plan.predicted
 cols = st.columns(4)
-cols[0].metric("Balancedness", f"{p['balancedness']:.3f}")
-cols[1].metric("GPUs touched per token per layer", f"{p['devices_touched_per_token_layer']:.2f}")
-cols[2].metric("Predicted MoE time, standard EP", human_seconds(p["moe_seconds_ep"]))
-cols[3].metric("Predicted MoE time, ExFlow", human_seconds(p["moe_seconds_exflow"]))
+fact(cols[0], "Balancedness", f"{p['balancedness']:.3f}", "max ÷ mean GPU load")
+fact(cols[1], "GPUs touched per token", f"{p['devices_touched_per_token_layer']:.2f}", "per MoE layer")
+fact(cols[2], "MoE time, standard EP", human_seconds(p["moe_seconds_ep"]), "predicted per step")
+fact(cols[3], "MoE time, ExFlow", human_seconds(p["moe_seconds_exflow"]), "context-coherent execution")
 
 with views.guarded():
-    plan_file = compute.export(plan, "plan")
+    plan_file = export(plan, "plan")
 st.download_button("Download plan JSON", plan_file.files["plan.json"], file_name="plan.json",
                    mime="application/json", type="primary", icon=":material/download:", key="download_plan",
                    help="The same file `moeplan plan placement -o plan.json` writes; read it back with "
@@ -48,9 +52,9 @@ st.download_button("Download plan JSON", plan_file.files["plan.json"], file_name
 for tab, fmt in zip(st.tabs(list(RUNTIMES.values())), RUNTIMES):
     with tab:
         try:
-            out = compute.export(plan, fmt)
+            out = export(plan, fmt)
         except InputError as exc:
-            st.error(compute.error_text(exc), icon="🚫")
+            st.warning(f"{RUNTIMES[fmt]} cannot run this plan: {error_text(exc)}", icon=":material/block:")
             continue
         for name, data in out.files.items():
             suffix = name[name.rfind("."):]

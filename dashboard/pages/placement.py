@@ -10,13 +10,13 @@ import streamlit as st
 from moeplan.solvers.placement.metrics import MAX_TOKENS
 
 from moeplan.dashboard import charts, compute, views
-from moeplan.dashboard.compute import BACKGROUND, SOLVER_HELP, SOLVER_LABELS, SOLVER_NAMES
+from moeplan.dashboard.keys import BACKGROUND, SOLVER_HELP, SOLVER_LABELS, SOLVER_NAMES
 from moeplan.dashboard.views import fact
 
 METRIC_SAMPLES = (1024, 2048, 4096, 8192, 16384, MAX_TOKENS)
 EXECUTION = ("Standard EP", "Context-coherent (ExFlow)")
 
-setup = views.require_setup()
+setup = views.require_setup(__file__)
 st.title("Placement what-if")
 st.caption(views.title_line(setup))
 
@@ -35,7 +35,7 @@ if fewest < most:
                help=f"{fewest} holds every expert once; more slots hold replicas of hot experts (up to what fits in "
                     f"memory: {most}). Default {default}, as `moeplan plan placement`.")
 else:
-    mid.metric("Expert slots per GPU", fewest, "all that fit in memory", delta_color="off")
+    fact(mid, "Expert slots per GPU", str(fewest), "all that fit in memory")
 right.select_slider("Tokens per GPU per step", views.TOKENS_PER_GPU, key="tokens_per_device",
                     format_func=lambda t: f"{t:,}", help="Batch each GPU holds per step: sets the objective's weights, "
                                                          "the activation memory and the simulated step.")
@@ -47,16 +47,17 @@ mid.caption(f"{slots} × {hw.num_devices} GPUs = {physical:,} physical slots for
 with st.expander("Solver and prediction settings"):
     a, b, c, d, e = st.columns(5)
     a.segmented_control("Execution", EXECUTION, key="execution",
-            help="How the simulator moves tokens: dispatch from and combine to each token's home GPU, or ExFlow's "
-                 "context-coherent execution (a token stays where its last expert ran).")
+                        help="How the simulator moves tokens: dispatch from and combine to each token's home GPU, or "
+                             "ExFlow's context-coherent execution (a token stays where its last expert ran).")
     b.number_input("ILP time limit (s)", min_value=1, max_value=3600, step=5, key="ilp_time_limit",
                    help="For the whole ILP run, warm start included.")
     c.number_input("Balance cap (max ÷ mean GPU load)", min_value=1.0, max_value=2.0, step=0.01, format="%.2f",
-                   key="balance_cap", help="ExFlow and ILP hold each layer's max GPU load to this where replicas allow.")
+                   key="balance_cap",
+                   help="ExFlow and ILP hold each layer's max GPU load to this where replicas allow.")
     d.radio("Token flow between layers", ("top1", "spread"), key="flows",
             help="Where a token is between layers: at its top-1 expert's GPU, or spread over its k experts' GPUs.")
     e.select_slider("Tokens for per-token metrics", METRIC_SAMPLES, key="metric_tokens",
-                    format_func=lambda t: "all (as the CLI)" if t == MAX_TOKENS else f"{t:,}",
+                    format_func=lambda t: f"up to {t:,} (CLI)" if t == MAX_TOKENS else f"{t:,}",
                     help="GPUs/nodes touched and top-1 hops are averaged over this many evenly spaced tokens of the "
                          "trace (balancedness always over all of them). Fewer: faster what-ifs.")
 
@@ -105,6 +106,7 @@ if rows:
     best = table["MoE time (ms)"].idxmin()
     base = table["MoE time (ms)"].iloc[0]
     fastest = table.loc[best]
+    st.session_state.fastest_solver = next(s for s in ready if SOLVER_LABELS[s] == best)
     cols = st.columns(4)
     fact(cols[0], f"Fastest predicted: {best}", f"{fastest['MoE time (ms)']:.2f} ms", "MoE time per step")
     fact(cols[1], "Its balancedness", f"{fastest['balancedness']:.3f}", "max ÷ mean GPU load (1 = even)")
@@ -138,20 +140,21 @@ if rows:
     if per_gpu < problem_key.tokens_per_device:
         st.warning(f"The trace holds {sim_any.tokens:,} tokens, less than one step of "
                    f"{problem_key.tokens_per_device:,} tokens per GPU × {hw.num_devices} GPUs: the simulated step has "
-                   f"{per_gpu:,.0f} tokens per GPU. Add tokens in the sidebar or lower the tokens per GPU.", icon="⚠️")
+                   f"{per_gpu:,.0f} tokens per GPU. Add tokens in the sidebar or lower the tokens per GPU.",
+                   icon=":material/warning:")
 
     st.subheader("Where the MoE time goes")
-    st.plotly_chart(charts.moe_breakdown(phases), key="breakdown")
+    st.plotly_chart(charts.moe_breakdown(phases), key="chart_breakdown")
 
     st.subheader("Load per GPU and layer")
-    st.caption("Each GPU's token-choices ÷ its layer's mean: blue below, red above the mean. A red cell is a straggler "
-               "the whole layer waits for.")
-    st.plotly_chart(charts.load_heatmaps(loads, titles, spec.moe_layers, hw.devices_per_node), key="heatmaps")
+    st.caption("Each GPU's token-choices ÷ its layer's mean: blue below, red above the mean. A red cell is a "
+               "straggler the whole layer waits for; lines separate nodes.")
+    st.plotly_chart(charts.load_heatmaps(loads, titles, spec.moe_layers, hw.devices_per_node), key="chart_heatmaps")
 
     st.subheader("Expert → GPU map of one layer")
     a, b = st.columns([2, 5])
     if st.session_state.get("map_solver") not in ready:
-        st.session_state.map_solver = next(s for s in ready if SOLVER_LABELS[s] == best)
+        st.session_state.map_solver = st.session_state.fastest_solver
     a.selectbox("Solver", ready, key="map_solver", format_func=SOLVER_LABELS.get)
     st.session_state.map_layer = min(int(st.session_state.map_layer), spec.num_moe_layers - 1)
     b.slider("MoE layer", 0, spec.num_moe_layers - 1, key="map_layer",
@@ -164,7 +167,7 @@ if rows:
     st.plotly_chart(charts.layer_map(placement.slot_expert[layer], slot_tokens, placement.replica_counts()[layer],
                                      f"{SOLVER_LABELS[chosen]}: decoder layer {spec.moe_layers[layer]} "
                                      f"(MoE layer {layer}); * = replicated expert", hw.devices_per_node),
-                    key="layer_map")
+                    key="chart_layer_map")
 
     with st.expander("Notes: how each number was obtained"):
         for label, lines in notes.items():

@@ -13,11 +13,11 @@ from moeplan.cli.common import console, guarded
 
 def streamlit_command(port: int, address: str) -> list[str]:
     """``python -m streamlit run <moeplan/dashboard/app.py>`` headless on ``address:port``, without
-    usage statistics, file watcher or deploy menu."""
+    usage statistics, file watcher or deploy button (the Stop button stays)."""
     entry = resources.files("moeplan.dashboard").joinpath("app.py")
     return [sys.executable, "-m", "streamlit", "run", str(entry), "--server.headless", "true",
             "--server.port", str(port), "--server.address", address, "--server.fileWatcherType", "none",
-            "--client.toolbarMode", "minimal", "--browser.gatherUsageStats", "false"]
+            "--client.toolbarMode", "viewer", "--browser.gatherUsageStats", "false"]
 
 
 @app.command("dashboard")
