@@ -18,7 +18,9 @@ def predict_moe_step(model: ModelSpec, hardware: HardwareProfile, placement: Pla
     """MoE seconds per step (all MoE layers) at ``tokens_per_device`` tokens per device:
     ``moe_seconds_ep`` (dispatch from and combine to each token's home device) and
     ``moe_seconds_exflow`` (dispatch from the previous layer's top-1 device), with the
-    simulator's notes on what is unmeasured."""
+    simulator's notes on what is unmeasured. A trace too short for one step at
+    ``tokens_per_device`` is replayed as one smaller step, and the result says which size it used."""
+    tokens_per_device = max(1, min(tokens_per_device, trace.num_tokens // placement.num_devices))  # what one step can hold
     work = Workload(tokens_per_device=tokens_per_device)
     ep = simulate(model, hardware, placement, trace, work, CostOptions())
     coherent = simulate(model, hardware, placement, trace, work, CostOptions(exflow=True))
