@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from moeplan.cost import ParallelMapping
 from moeplan.errors import InputError
 from moeplan.export.common import Export, arg_lines, output_file, shell_command
 from moeplan.io import Fields, write_text
@@ -57,17 +58,10 @@ TOP_KEYS = ("attention", "moe", "vpp", "micro_batch", "global_batch", "recompute
 
 
 @dataclass(frozen=True)
-class ParallelLayout:
-    """``Plan.parallel`` as typed sizes (see the module docstring)."""
+class ParallelLayout(ParallelMapping):
+    """``Plan.parallel`` as typed sizes: the cost model's :class:`ParallelMapping` plus the schedule
+    and serving settings a plan carries (see the module docstring)."""
 
-    tp: int
-    cp: int
-    dp: int
-    pp: int
-    etp: int
-    ep: int
-    edp: int
-    vpp: int = 1
     micro_batch: int | None = None
     global_batch: int | None = None
     recompute: bool = False
@@ -75,10 +69,6 @@ class ParallelLayout:
     seq_len: int | None = None
     sequence_parallel: bool = False
     mode: str = "train"
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.cp * self.dp * self.pp
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> "ParallelLayout":
@@ -100,7 +90,7 @@ class ParallelLayout:
                      seq_len=f.int("seq_len", minimum=1) if f.has("seq_len") else None,
                      sequence_parallel=f.bool("sequence_parallel", att.int("tp", minimum=1) > 1),
                      mode=f.str("mode", "train", choices=("train", "serve")))
-        if layout.etp * layout.ep * layout.edp * layout.pp != layout.world:
+        if layout.expert_world != layout.world:
             raise f.fail("moe", f"etp×ep×edp×pp = {layout.etp}×{layout.ep}×{layout.edp}×{pp} differs from "
                                 f"attention tp×cp×dp×pp = {layout.world}",
                          "MoE and attention layers fold onto the same ranks")
