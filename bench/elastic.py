@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from moeplan.solvers.elastic import ScalingProblem, ScalingStep, TransferCosts, plan_scaling, tradeoff
+from moeplan.solvers.elastic import ScalingProblem, ScalingStep, TransferCosts, plan_scaling, scaling_plans, tradeoff
 from moeplan.solvers.elastic.autoscale import summary_frame
 from moeplan.solvers.elastic.costs import DEFAULT_RESTART_OVERHEAD
 from moeplan.solvers.elastic.study import prepare, run_all
 from moeplan.solvers.placement import PlacementProblem, solve
 
+from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json, write_text
 from moeplan.model import ModelSpec
@@ -77,12 +78,12 @@ def scaling_steps(hw: HardwareProfile, tokens: int) -> tuple[list[dict[str, Any]
     rows: list[dict[str, Any]] = []
     ds = ModelSpec.preset("deepseek-v3")
     load = TraceStats.of(synthesize(ds, SyntheticTraffic(tokens=tokens, seed=0))).load.astype(np.float64)
-    costs = TransferCosts.of(ds, hw)
+    costs = TransferCosts.of(CostModel(ds, hw))
     start = solve(PlacementProblem.from_arrays(load, 32, 9, hw.devices_per_node, n_group=ds.n_group), "eplb").placement
     current: Placement = start
     trade: list[dict[str, Any]] = []
     for n, m in ((32, 40), (40, 48), (48, 32)):
-        problem = ScalingProblem.build(ds, hw, current, load, m)
+        problem = ScalingProblem.build(CostModel(ds, hw), current, load, m)
         step = plan_scaling(problem, costs, current)
         rows.append({"model": ds.name, **step_row(f"{n} → {m}", step, costs)})
         if (n, m) == (32, 40):
@@ -90,9 +91,9 @@ def scaling_steps(hw: HardwareProfile, tokens: int) -> tuple[list[dict[str, Any]
         current = step.placement
     mx = ModelSpec.preset("mixtral-8x22b")
     load = TraceStats.of(synthesize(mx, SyntheticTraffic(tokens=tokens, seed=0))).load.astype(np.float64)
-    costs = TransferCosts.of(mx, hw)
+    costs = TransferCosts.of(CostModel(mx, hw))
     old = contiguous_placement(mx.num_moe_layers, mx.num_experts, 8, hw.devices_per_node)
-    step = plan_scaling(ScalingProblem.build(mx, hw, old, load, 16), costs, old)
+    step = plan_scaling(ScalingProblem.build(CostModel(mx, hw), old, load, 16), costs, old)
     rows.append({"model": mx.name, **step_row("8 → 16", step, costs)})
     return rows, trade
 
@@ -101,7 +102,7 @@ def autoscaling(hw: HardwareProfile, tokens: int, seeds: int) -> tuple[list[dict
     """Section 2."""
     ds = ModelSpec.preset("deepseek-v3")
     load = TraceStats.of(synthesize(ds, SyntheticTraffic(tokens=tokens, seed=0))).load
-    study = prepare(ds, hw, load, (32, 40, 48, 56, 64))
+    study = prepare(CostModel(ds, hw), load, (32, 40, 48, 56, 64))
     runs = run_all(study, ("step", "spike", "diurnal"), tuple(range(seeds)), ("threshold", "lookahead"))
     table = summary_frame(runs)
     grouped = (table.groupby(["shape", "strategy", "policy"], sort=False)
@@ -139,8 +140,10 @@ def _live_worker(rank: int, world: int, port: int, out: str, batches: int, every
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = small_model()
     trace = synthesize(model, SyntheticTraffic(tokens=4000, zipf=1.0, seed=3))
-    report = run_elastic(Comm(rank, world, torch.device("cpu")), model,
-                         contiguous_placement(4, 16, 2, 1, 9), trace, [2, 3, 2], batches, 192, every,
+    start = contiguous_placement(4, 16, 2, 1, 9)
+    plans = scaling_plans(CostModel(model, HardwareProfile.resolve("h100-sxm")), start, TraceStats.of(trace).load,
+                          [2, 3, 2])
+    report = run_elastic(Comm(rank, world, torch.device("cpu")), model, start, trace, plans, batches, 192, every,
                          rounds_per_batch=ROUNDS_PER_BATCH)
     if rank == 0:
         Path(out).write_text(json.dumps(report))

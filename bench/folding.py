@@ -23,7 +23,8 @@ from pathlib import Path
 
 from moeplan.solvers.folding import Candidate, FoldingProblem, explain_invalid, price, solve
 
-from moeplan.cost import ParallelMapping
+from moeplan.parallel import ParallelMapping
+from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_text
 from moeplan.model import ModelSpec
@@ -106,7 +107,7 @@ def run(hardware: str) -> tuple[str, list[str]]:
     for row in ROWS:
         model = ModelSpec.preset(row.model)
         hw = HardwareProfile.resolve(hardware).with_cluster(devices=row.gpus)
-        problem = FoldingProblem(model, hw, "train", 4096, row.global_batch, 1, tp_comm_overlap=True)
+        problem = FoldingProblem(CostModel(model, hw), "train", 4096, row.global_batch, 1, tp_comm_overlap=True)
         paper = Candidate(row.mapping())
         invalid = explain_invalid(problem, paper)
         if invalid:
@@ -159,7 +160,7 @@ def folding_gain(hardware: str) -> list[str]:
     out = []
     for model, gpus, fold, mcore in (("mixtral-8x22b", 128, 0, 1), ("qwen2-57b-a14b", 64, 2, 3)):
         hw = HardwareProfile.resolve(hardware).with_cluster(devices=gpus)
-        problem = FoldingProblem(ModelSpec.preset(model), hw, "train", 4096, 256, 1, tp_comm_overlap=True)
+        problem = FoldingProblem(CostModel(ModelSpec.preset(model), hw), "train", 4096, 256, 1, tp_comm_overlap=True)
         a, b = (price(problem, Candidate(ROWS[i].mapping())) for i in (fold, mcore))
         out.append(f"{problem.model.name} on {gpus} GPUs: folding over coupled MCore mapping — published "
                    f"{ROWS[fold].mfu / ROWS[mcore].mfu:.3f}×, predicted {b.score / a.score:.3f}×")
@@ -168,7 +169,7 @@ def folding_gain(hardware: str) -> list[str]:
 
 def planning_time(hardware: str) -> str:
     hw = HardwareProfile.resolve(hardware).with_cluster(devices=256)
-    problem = FoldingProblem(ModelSpec.preset("mixtral-8x22b"), hw, "train", 4096, 1024)
+    problem = FoldingProblem(CostModel(ModelSpec.preset("mixtral-8x22b"), hw), "train", 4096, 1024)
     start = time.perf_counter()
     result = solve(problem)
     seconds = time.perf_counter() - start

@@ -32,7 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moeplan.cost import CostModel, CostOptions, ParallelMapping, attention_shard_time, expert_shard
+from moeplan.cost import CostModel, CostOptions
+from moeplan.parallel import ParallelMapping
+from moeplan.parallel_step import attention_shard_time, expert_shard
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import AttentionSpec, ModelSpec

@@ -159,7 +159,7 @@ def run(model_names: list[str], profile: HardwareProfile, device: torch.device, 
                 net.forward(tokens, caches, record=True)
                 counts = np.stack(net.counts)
                 times = time_step(lambda: net.forward(tokens, caches), device)
-            pred = cost.forward_time(n_tokens, context, phase, counts)
+            pred = cost.forward_time(n_tokens, context, phase, counts).to_dict()
             measured = statistics.median(times)
             rows.append({"model": m.name, "phase": phase, "batch": batch, "seq": seq, "tokens": n_tokens,
                          "measured_s": measured, "min_s": min(times), "max_s": max(times),

@@ -55,7 +55,6 @@ from moeplan.runtime.offload import HostExperts, OffloadStack
 from moeplan.runtime.stack import default_dtype
 from moeplan.solvers.cache import (LayerTimes, StepShape, TransitionPredictor, allocate, simulate, stack_layer_times,
                                    step_times)
-from moeplan.solvers.cache import copy_seconds as profile_copy_seconds
 from moeplan.solvers.cache.predict import prefetch_limits
 from moeplan.solvers.cache.simulate import RECORDS
 from moeplan.solvers.cache.sizing import size_curves, uniform_sizes
@@ -176,6 +175,7 @@ def bench_shape(shape: Shape, device: torch.device, hw: HardwareProfile, deadlin
                 log: list[str]) -> dict[str, Any]:
     m = shape.model
     dtype = default_dtype(device)
+    cost = CostModel(m, hw)
     t0 = time.perf_counter()
     host = HostExperts.materialise(m, 0, dtype, device.type == "cuda", device)
     gen_s = time.perf_counter() - t0
@@ -187,10 +187,9 @@ def bench_shape(shape: Shape, device: torch.device, hw: HardwareProfile, deadlin
     shape_out: dict[str, Any] = {"model": shape.label, "layers": m.num_moe_layers, "experts": m.num_experts,
                                  "expert_bytes": host.expert_bytes, "all_experts_bytes": all_bytes,
                                  "weights_made_s": gen_s, "copy_s_per_expert": tau,
-                                 "profile_copy_s_per_expert": profile_copy_seconds(hw, host.expert_bytes),
+                                 "profile_copy_s_per_expert": cost.host_copy_time(host.expert_bytes),
                                  "traces": []}
     batch = StepShape("decode", 1)
-    cost = CostModel(m, hw)
     nl, e = m.num_moe_layers, m.num_experts
     for name, locality, affinity in TRACES:
         if time.perf_counter() > deadline:

@@ -35,6 +35,7 @@ from moeplan.solvers.placement.incremental import replace_incremental
 from moeplan.solvers.placement.metrics import evaluate
 from moeplan.solvers.placement.predict import predict_moe_step
 
+from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json, write_text
 from moeplan.model import ModelSpec
@@ -57,13 +58,13 @@ def run_solvers(spec: ModelSpec, hw: HardwareProfile, fit: RoutingTrace, held: R
                 solvers: list[tuple[str, str, SolverOptions]]) -> list[dict[str, Any]]:
     """Fit every (label, solver, options) on ``fit``; measure on fit and held-out tokens."""
     fit_stats, held_stats = TraceStats.of(fit), TraceStats.of(held)
-    problem = PlacementProblem.build(spec, hw, fit_stats, slots // hw.num_devices, TOKENS_PER_DEVICE)
+    problem = PlacementProblem.build(CostModel(spec, hw), fit_stats, slots // hw.num_devices, TOKENS_PER_DEVICE)
     rows = []
     for label, name, options in solvers:
         result = solve(problem, name, options)
         fitted = evaluate(result.placement, fit, stats=fit_stats).summary()
         heldout = evaluate(result.placement, held, stats=held_stats).summary()
-        predicted = predict_moe_step(spec, hw, result.placement, held, TOKENS_PER_DEVICE)
+        predicted = predict_moe_step(CostModel(spec, hw), result.placement, held, TOKENS_PER_DEVICE)
         row = {"label": label, "solver": name, "objective": result.objective, "bound": result.bound,
                "gap": result.gap, "seconds": result.seconds, "notes": result.notes, "fit": fitted, "held": heldout,
                "predicted": predicted, "traffic": traffic_report(problem, result.placement),
@@ -119,7 +120,7 @@ def probe_lines(spec: ModelSpec, hw: HardwareProfile, fit: RoutingTrace, held: R
     """How much locality the trace holds at all: exflow with every balance limit lifted, once
     scoring only co-activation (no replicas, devices only: a pure co-activation partition) and
     once only the layer-to-layer flows (no co-activation)."""
-    problem = PlacementProblem.build(spec, hw, TraceStats.of(fit), 9, TOKENS_PER_DEVICE)
+    problem = PlacementProblem.build(CostModel(spec, hw), TraceStats.of(fit), 9, TOKENS_PER_DEVICE)
     free = replace(options, balance_cap=None, slack=1e3)
     w = problem.weights
     coact_only = replace(problem, slots_per_device=spec.num_experts // hw.num_devices, flows=problem.flows * 0.0,
@@ -212,9 +213,9 @@ def main() -> None:
 
     log("incremental: EPLB placement meets traffic from another seed")
     drift = synthesize(spec, SyntheticTraffic(tokens=args.tokens // 3, seed=11))
-    base_problem = PlacementProblem.build(spec, hw32, TraceStats.of(fit), 9, TOKENS_PER_DEVICE)
+    base_problem = PlacementProblem.build(CostModel(spec, hw32), TraceStats.of(fit), 9, TOKENS_PER_DEVICE)
     current = solve(base_problem, "eplb", default).placement
-    new_problem = PlacementProblem.build(spec, hw32, TraceStats.of(drift), 9, TOKENS_PER_DEVICE)
+    new_problem = PlacementProblem.build(CostModel(spec, hw32), TraceStats.of(drift), 9, TOKENS_PER_DEVICE)
     inc = replace_incremental(new_problem, current, args.move_budget_gib * 2**30, default)
     scratch = solve(new_problem, "exflow", default)
     scratch_moves = int((scratch.placement.slot_expert != current.slot_expert).sum())

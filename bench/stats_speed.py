@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.plan import contiguous_placement
@@ -36,9 +37,9 @@ def main() -> None:
     _, rows["full summary (load, affinity, SRP, SCH)"] = timed(lambda: TraceStats.of(trace).summary())
     hw = HardwareProfile.resolve("h100-sxm").with_cluster(devices=32)
     placement = contiguous_placement(model.num_moe_layers, model.num_experts, 32, 8, 9)
-    _, rows["simulate, prefill 4096 tok/device"] = timed(lambda: simulate(model, hw, placement, trace))
+    _, rows["simulate, prefill 4096 tok/device"] = timed(lambda: simulate(CostModel(model, hw), placement, trace))
     _, rows["simulate, decode 128 tok/device"] = timed(
-        lambda: simulate(model, hw, placement, trace, Workload("decode", 128, 4096)))
+        lambda: simulate(CostModel(model, hw), placement, trace, Workload("decode", 128, 4096)))
     print(f"| step ({tokens:,} tokens × 58 layers × top-8) | seconds |\n| --- | ---: |")
     for name, secs in rows.items():
         print(f"| {name} | {secs:.2f} |")

@@ -26,15 +26,16 @@ from moeplan.solvers.folding import solve as solve_folding
 from moeplan.solvers.placement import PlacementProblem, SolveResult, solve
 from moeplan.solvers.placement.exflow import traffic_report
 from moeplan.solvers.placement.metrics import PlacementMetrics, device_loads, evaluate
-from moeplan.solvers.placement.predict import predict_moe_step
+from moeplan.solvers.placement.pipeline import placement_plan, placement_quality
 from moeplan.solvers.placement.problem import check_memory, default_slots_per_device
 
-from moeplan.cost import CostModel, CostOptions, MemoryReport
+from moeplan.cost import CostModel, MemoryReport
 from moeplan.dashboard import jobs
 from moeplan.dashboard.jobs import Job
 from moeplan.dashboard.keys import (BACKGROUND, CacheChoice, ElasticChoice, FoldingChoice, ModelChoice, ProblemKey,
                                     Setup, SolveKey, TrafficChoice)
 from moeplan.dashboard.uploads import upload_path
+from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan
@@ -141,8 +142,7 @@ def slot_range(setup: Setup, tokens_per_device: int) -> tuple[int, int, int]:
 @st.cache_resource(show_spinner="Reading the trace's traffic…", max_entries=2)
 def problem(key: ProblemKey) -> PlacementProblem:
     s = key.setup
-    return PlacementProblem.build(model_spec(s.model), hardware(s.hardware, s.gpus, s.nodes),
-                                  trace_stats(s.model, s.traffic), key.slots, key.tokens_per_device, cost_model(s),
+    return PlacementProblem.build(cost_model(s), trace_stats(s.model, s.traffic), key.slots, key.tokens_per_device,
                                   key.flows)
 
 
@@ -181,9 +181,8 @@ def simulation(key: SolveKey, exflow: bool) -> SimResult:
     """:func:`simulate` of the placement at the problem's tokens per GPU, standard expert
     parallelism or context-coherent (ExFlow) execution."""
     s = key.problem.setup
-    return simulate(model_spec(s.model), hardware(s.hardware, s.gpus, s.nodes), solution(key).placement,
-                    trace(s.model, s.traffic), Workload(tokens_per_device=key.problem.tokens_per_device),
-                    CostOptions(exflow=exflow))
+    return simulate(cost_model(s).with_options(exflow=exflow), solution(key).placement, trace(s.model, s.traffic),
+                    Workload(tokens_per_device=key.problem.tokens_per_device))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -201,25 +200,35 @@ def memory(key: ProblemKey, slots: int, kv_tokens_per_device: float) -> MemoryRe
 
 
 @st.cache_resource(show_spinner="Predicting the MoE step (standard EP and ExFlow)…", max_entries=16)
-def plan(key: SolveKey, metric_tokens: int) -> Plan:
-    """The Plan ``moeplan plan placement`` writes for these inputs: the placement, the solver's
-    report, and predicted = the metrics shown, :func:`predict_moe_step` and :func:`traffic_report`."""
+def plan(key: SolveKey) -> Plan:
+    """The Plan of these inputs through the CLI's pipeline (:func:`placement_plan`), judged on the
+    whole trace the dashboard fits (the page says so)."""
     s, p = key.problem.setup, key.problem
-    spec, hw = model_spec(s.model), hardware(s.hardware, s.gpus, s.nodes)
     result = solution(key)
-    predicted = {**metrics(key, metric_tokens).summary(),
-                 **predict_moe_step(spec, hw, result.placement, trace(s.model, s.traffic), p.tokens_per_device),
-                 **traffic(key)}
-    return Plan(model=spec, hardware=hw.name, devices_per_node=hw.devices_per_node, nodes=hw.nodes,
-                placement=result.placement, solver={**result.report(), "flows": p.flows, "slots_per_device": p.slots},
-                predicted=predicted).validate()
+    return placement_plan(problem(p), cost_model(s), result.placement, result.report(), trace(s.model, s.traffic),
+                          p.tokens_per_device, judged_on="the fitted tokens (the dashboard holds nothing out)",
+                          stats=trace_stats(s.model, s.traffic))
+
+
+def plan_cost(plan: Plan) -> CostModel:
+    """The cost model a saved plan is priced with: its own hardware profile (checked by digest),
+    cluster and cost options — what ``moeplan run``, ``compare`` and ``plan scale`` use."""
+    return CostModel(plan.model, plan.cluster_hardware(), plan.cost_options)
+
+
+def price_plan(plan: Plan, judged: RoutingTrace, tokens_per_device: int) -> dict[str, Any]:
+    """A saved plan's placement on ``judged`` tokens, priced by :func:`plan_cost` (the row
+    ``moeplan compare`` prints for it)."""
+    if plan.placement is None:
+        raise InputError("the plan has no placement to price", field="placement")
+    return placement_quality(plan_cost(plan), plan.placement, judged, tokens_per_device)
 
 
 # ---- parallel folding ------------------------------------------------------------------------
 @st.cache_resource(show_spinner="Ranking every valid parallel mapping…", max_entries=8)
 def folding(choice: FoldingChoice) -> FoldingResult:
     s = choice.setup
-    return solve_folding(FoldingProblem(model_spec(s.model), hardware(s.hardware, s.gpus, s.nodes), choice.mode,
+    return solve_folding(FoldingProblem(cost_model(s), choice.mode,
                                         choice.seq_len, choice.global_batch, choice.micro_batch,
                                         tp_comm_overlap=choice.tp_comm_overlap).validate(), top=20)
 
@@ -228,7 +237,7 @@ def folding(choice: FoldingChoice) -> FoldingResult:
 @st.cache_resource(show_spinner="Sizing every layer's expert cache…", max_entries=4)
 def cache_sizing(choice: CacheChoice) -> CacheSizing:
     s = choice.setup
-    return solve_cache(CacheProblem(model_spec(s.model), profile(s.hardware), trace(s.model, s.traffic),
+    return solve_cache(CacheProblem(CostModel(model_spec(s.model), profile(s.hardware)), trace(s.model, s.traffic),
                                     StepShape(choice.phase, choice.batch), choice.policy, choice.context,
                                     choice.budget_bytes))
 
@@ -244,8 +253,8 @@ def cache_view(choice: CacheChoice) -> dict[str, Any]:
 @st.cache_resource(show_spinner="Pricing latency at every size and the scaling steps between them…", max_entries=4)
 def elastic_study(setup: Setup, sizes: tuple[int, ...]) -> AutoscaleStudy:
     """:func:`moeplan.solvers.elastic.study.prepare` for the set-up at these sizes."""
-    return prepare(model_spec(setup.model), profile(setup.hardware), trace_stats(setup.model, setup.traffic).load,
-                   sizes)
+    return prepare(CostModel(model_spec(setup.model), profile(setup.hardware)),
+                   trace_stats(setup.model, setup.traffic).load, sizes)
 
 
 @st.cache_data(show_spinner="Simulating autoscaling…", max_entries=8)

@@ -11,6 +11,8 @@ Units: bytes, seconds, FLOP/s, bytes/s. Link bandwidth is per device per directi
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -202,6 +204,18 @@ class HardwareProfile:
     def is_measured(self) -> bool:
         return bool(self.runs)
 
+    def digest(self) -> str:
+        """A short SHA-256 of the profile's figures and curves (the cluster shape left out, so a
+        profile re-shaped with :meth:`with_cluster` keeps its digest)."""
+        content = {k: v for k, v in self.to_dict().items() if k != "cluster"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def ref(self) -> "HardwareRef":
+        """How a plan names this profile: the bundled name when it is one, else its file's absolute path."""
+        bundled = {str(Path(v).resolve()): k for k, v in self.bundled().items()}
+        path = str(Path(self.source_file).resolve()) if self.source_file else ""
+        return HardwareRef(self.name, bundled.get(path, path), self.digest(), self.is_measured)
+
     def provenance_note(self) -> str:
         """One line saying what is measured and what is datasheet, for every place a profile is shown."""
         if not self.is_measured:
@@ -285,6 +299,43 @@ class HardwareProfile:
             return cls.load(p)
         raise InputError(f"unknown hardware profile '{ref}'", field="hardware",
                          fix=f"use one of: {', '.join(bundled)}, or a path to a profile YAML")
+
+
+@dataclass(frozen=True)
+class HardwareRef:
+    """The hardware profile a plan was priced with: its ``name``, the ``file`` it came from (a
+    bundled name such as ``measured/h200-sxm``, or a YAML file's absolute path), the
+    :meth:`HardwareProfile.digest` of its content and whether its figures are ``measured``.
+    ``digest`` is "" only for plans of schema 1, which named the profile alone."""
+
+    name: str
+    file: str
+    digest: str
+    measured: bool
+
+    def load(self, source: str = "plan") -> HardwareProfile:
+        """The very profile the plan was priced with: InputError when its file is gone or its
+        content changed (nothing falls back to another profile)."""
+        bundled = HardwareProfile.bundled()
+        path = bundled.get(self.file) or (Path(self.file) if self.file and Path(self.file).is_file() else None)
+        if path is None:
+            raise InputError(f"the plan was priced with hardware profile '{self.name}' from {self.file or '(no file)'}, "
+                             "which cannot be found", source=source, field="hardware.file",
+                             fix="pass --hardware PATH naming that profile (or another one, to re-price the plan)")
+        profile = HardwareProfile.load(path)
+        if self.digest and profile.digest() != self.digest:
+            raise InputError(f"hardware profile {self.file} changed since the plan was made (digest "
+                             f"{profile.digest()}, the plan's {self.digest})", source=source, field="hardware.digest",
+                             fix="pass --hardware PATH to price the plan with a profile anyway, or re-plan")
+        return profile
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "file": self.file, "digest": self.digest, "measured": self.measured}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "HardwareRef":
+        f = Fields(data, source, "hardware.")
+        return cls(f.str("name"), f.str("file"), f.str("digest"), f.bool("measured"))
 
 
 def _link_dict(link: Link) -> dict[str, Any]:

@@ -1,16 +1,24 @@
-"""Plan: what moeplan decided, in one versioned JSON file.
+"""Plan: what moeplan decided, in one versioned JSON file — the contract from the solvers to the
+exporters and the runtime.
 
-A plan names the model and the cluster it was made for and holds any of:
+A plan names the model and the cluster it was made for, the hardware profile and cost options
+that priced it, and holds any of:
 
 * ``placement`` (:class:`Placement`): for every MoE layer, the logical expert in each physical
   slot of each device (replicas allowed; equal slots per device; devices numbered rank-major,
-  node by node) and the share of an expert's tokens each of its replicas serves;
-* ``parallel``: the attention and MoE parallel mapping (parallel folding);
-* ``cache``: per-layer expert-cache sizes (offloading);
-* ``moves``: the ordered expert moves of an elastic scaling step.
+  node by node), the share of an expert's tokens each of its replicas serves and the dispatch
+  model those shares assume;
+* ``parallel`` (:class:`~moeplan.parallel.ParallelLayout`): the attention and MoE parallel
+  mapping (parallel folding);
+* ``cache`` (:class:`~moeplan.cache_config.CacheConfig`): per-layer expert-cache sizes (offloading);
+* ``moves`` (:class:`~moeplan.moves.Move`): the ordered moves that reach this placement from the
+  previous one (incremental re-placement, elastic scaling), which the runtime executes.
 
-The solver's report (objective, bound, gap, wall time) and the cost model's predicted metrics
-travel with it. :meth:`Plan.validate` runs before every write and after every read.
+``hardware`` is a :class:`~moeplan.hardware.HardwareRef` (name, file, content digest, measured):
+:meth:`Plan.hardware_profile` returns that very profile or says why it cannot, so a plan is
+never re-priced with another profile by accident. The solver's report and the cost model's
+predicted metrics travel with it. :meth:`Plan.validate` runs before every write and after every
+read. Schema 1 plans (hardware by name, untyped sections) load converted, with a note.
 """
 from __future__ import annotations
 
@@ -20,12 +28,21 @@ from typing import Any
 
 import numpy as np
 
+from moeplan.cache_config import CacheConfig
+from moeplan.cost import CostOptions
 from moeplan.errors import InputError
+from moeplan.hardware import HardwareProfile, HardwareRef
 from moeplan.io import Fields, guarded_load, read_json, write_json
 from moeplan.model import ModelSpec
+from moeplan.moves import Move
+from moeplan.parallel import ParallelLayout
 
 FORMAT = "moeplan-plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DISPATCH_MODELS = ("weighted", "even", "sglang-static")
+"""How a runtime splits an expert's tokens over its replicas: ``weighted`` by the plan's
+replica shares, ``even`` equally, ``sglang-static`` by SGLang's static dispatch rule
+(:mod:`moeplan.dispatch`)."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +55,14 @@ class Placement:
             slot serves; the shares of one expert's replicas sum to 1.
         num_experts: logical experts per layer.
         devices_per_node: devices in one node (devices are numbered node-major).
+        dispatch: the dispatch model the shares assume (one of :data:`DISPATCH_MODELS`).
     """
 
     slot_expert: np.ndarray
     replica_share: np.ndarray
     num_experts: int
     devices_per_node: int
+    dispatch: str = "weighted"
 
     @property
     def num_layers(self) -> int:
@@ -67,7 +86,7 @@ class Placement:
 
     @classmethod
     def from_slots(cls, slot_expert: np.ndarray, num_experts: int, devices_per_node: int,
-                   replica_share: np.ndarray | None = None) -> "Placement":
+                   replica_share: np.ndarray | None = None, dispatch: str = "weighted") -> "Placement":
         """Build with equal token shares among each expert's replicas unless shares are given."""
         se = np.asarray(slot_expert, dtype=np.int32)
         if replica_share is None:
@@ -75,7 +94,7 @@ class Placement:
             for layer in range(se.shape[0]):
                 counts = np.bincount(se[layer].ravel(), minlength=num_experts)
                 replica_share[layer] = 1.0 / np.maximum(counts[se[layer]], 1)
-        return cls(se, np.asarray(replica_share, dtype=np.float64), num_experts, devices_per_node)
+        return cls(se, np.asarray(replica_share, dtype=np.float64), num_experts, devices_per_node, dispatch)
 
     def replica_counts(self) -> np.ndarray:
         """[layers, experts]: replicas of each expert."""
@@ -98,6 +117,9 @@ class Placement:
 
     def validate(self, source: str = "plan") -> "Placement":
         se, rs = self.slot_expert, self.replica_share
+        if self.dispatch not in DISPATCH_MODELS:
+            raise InputError(f"unknown dispatch model {self.dispatch!r}", source=source, field="placement.dispatch",
+                             fix=f"use one of: {', '.join(DISPATCH_MODELS)}")
         if se.ndim != 3 or min(se.shape) < 1:
             raise InputError(f"slot_expert must be [layers, devices, slots], got shape {se.shape}", source=source,
                              field="placement.slot_expert")
@@ -133,7 +155,7 @@ class Placement:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_experts": self.num_experts, "devices_per_node": self.devices_per_node,
+        return {"num_experts": self.num_experts, "devices_per_node": self.devices_per_node, "dispatch": self.dispatch,
                 "devices": self.num_devices, "slots_per_device": self.slots_per_device,
                 "slot_expert": self.slot_expert.tolist(),
                 "replica_share": np.round(self.replica_share, 9).tolist()}
@@ -146,7 +168,8 @@ class Placement:
         num_experts = f.int("num_experts", minimum=1)
         if num_experts > se[0].size:
             raise f.fail("num_experts", f"{se[0].size} slots per layer cannot hold {num_experts} experts")
-        p = cls.from_slots(se, num_experts, f.int("devices_per_node", minimum=1), rs)
+        p = cls.from_slots(se, num_experts, f.int("devices_per_node", minimum=1), rs,
+                           f.str("dispatch", "weighted", choices=DISPATCH_MODELS))
         if f.has("devices") and f.int("devices") != p.num_devices:
             raise f.fail("devices", f"says {f.int('devices')} but slot_expert has {p.num_devices}")
         return p.validate(source)
@@ -173,25 +196,27 @@ class Plan:
 
     Attributes:
         model: the ModelSpec it was made for (embedded, so a plan is self-contained).
-        hardware: the hardware profile's name.
+        hardware: the hardware profile that priced it.
         devices_per_node, nodes: the cluster shape.
         placement: expert placement, if any.
-        parallel: parallel mapping {attention: {tp, cp, dp, pp}, moe: {etp, ep, edp, pp}, ...}, if any.
-        cache: {"sizes": [per MoE layer], "policy": ...}, if any.
-        moves: ordered moves [{layer, expert, src, dst, slot, bytes}], if any.
-        solver: {name, objective, bound, gap, seconds, ...}.
+        parallel: the parallel layout, if any.
+        cache: the expert-cache configuration, if any.
+        moves: ordered moves reaching ``placement`` from the previous placement (may be empty).
+        cost_options: how the cost model priced the runtime (kernel, overlap, ExFlow, …).
+        solver: the solver's report {name, objective, bound, gap, seconds, ...}.
         predicted: cost-model metrics at planning time.
-        notes: free text for users.
+        notes: free text for users (a converted schema-1 plan says so here).
     """
 
     model: ModelSpec
-    hardware: str
+    hardware: HardwareRef
     devices_per_node: int
     nodes: int
     placement: Placement | None = None
-    parallel: dict[str, Any] | None = None
-    cache: dict[str, Any] | None = None
-    moves: list[dict[str, Any]] | None = None
+    parallel: ParallelLayout | None = None
+    cache: CacheConfig | None = None
+    moves: tuple[Move, ...] = ()
+    cost_options: CostOptions = field(default_factory=CostOptions)
     solver: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
@@ -202,6 +227,16 @@ class Plan:
 
     def with_(self, **changes: Any) -> "Plan":
         return replace(self, **changes)
+
+    def hardware_profile(self, override: str | None = None, source: str = "plan") -> HardwareProfile:
+        """The profile that priced this plan, as its file has it (the physical node size);
+        ``override`` (a bundled name or a YAML path, the CLI's ``--hardware``) prices the plan
+        with another profile on purpose. Nothing falls back silently (:meth:`HardwareRef.load`)."""
+        return HardwareProfile.resolve(override) if override else self.hardware.load(source)
+
+    def cluster_hardware(self, override: str | None = None, source: str = "plan") -> HardwareProfile:
+        """:meth:`hardware_profile` shaped to this plan's cluster."""
+        return self.hardware_profile(override, source).with_cluster(devices=self.num_devices, nodes=self.nodes)
 
     def validate(self, source: str = "plan") -> "Plan":
         if self.devices_per_node < 1 or self.nodes < 1:
@@ -219,25 +254,39 @@ class Plan:
                 raise InputError(f"placement spans {p.num_devices} devices ({p.devices_per_node} per node), the "
                                  f"cluster {self.num_devices} ({self.devices_per_node} per node)", source=source,
                                  field="placement.devices")
+        if self.parallel is not None and self.parallel.world != self.num_devices:
+            raise InputError(f"tp×cp×dp×pp = {self.parallel.world}, the cluster has {self.num_devices} devices",
+                             source=source, field="parallel.attention")
         if self.cache is not None:
-            sizes = self.cache.get("sizes")
-            if (not isinstance(sizes, list) or len(sizes) != self.model.num_moe_layers
-                    or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= self.model.num_experts
-                           for s in sizes)):
-                raise InputError(f"cache.sizes must list {self.model.num_moe_layers} integers in "
-                                 f"0..{self.model.num_experts}", source=source, field="cache.sizes")
+            self.cache.check_model(self.model, source)
+        if self.moves:
+            if p is None:
+                raise InputError("moves need the placement they lead to", source=source, field="moves")
+            union = max(self.num_devices, 1 + max(m.src for m in self.moves))
+            for i, m in enumerate(self.moves):
+                m.validate(union, p.slots_per_device, p.num_layers, p.num_experts, source, i)
+                if m.dst >= self.num_devices:
+                    raise InputError(f"device {m.dst} is not in the plan's {self.num_devices} devices",
+                                     source=source, field=f"moves[{i}].dst")
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        o = self.cost_options
         d: dict[str, Any] = {
             "format": FORMAT, "schema_version": SCHEMA_VERSION, "model": self.model.to_dict(),
-            "hardware": self.hardware, "cluster": {"devices_per_node": self.devices_per_node, "nodes": self.nodes},
+            "hardware": self.hardware.to_dict(),
+            "cluster": {"devices_per_node": self.devices_per_node, "nodes": self.nodes},
+            "cost_options": {"kernel": o.kernel, "overlap": o.overlap, "exflow": o.exflow, "act_bytes": o.act_bytes,
+                             "overlap_chunks": o.overlap_chunks},
         }
         if self.placement is not None:
             d["placement"] = self.placement.to_dict()
-        for key in ("parallel", "cache", "moves"):
-            if getattr(self, key) is not None:
-                d[key] = getattr(self, key)
+        if self.parallel is not None:
+            d["parallel"] = self.parallel.to_dict()
+        if self.cache is not None:
+            d["cache"] = self.cache.to_dict()
+        if self.moves:
+            d["moves"] = [m.to_dict() for m in self.moves]
         d["solver"] = self.solver
         d["predicted"] = self.predicted
         if self.notes:
@@ -258,14 +307,23 @@ class Plan:
             version = f.int("schema_version", minimum=1)
             if version > SCHEMA_VERSION:
                 raise f.fail("schema_version", f"written by a newer moeplan (schema {version})", "upgrade moeplan")
+            model = ModelSpec.from_dict(f.raw("model"), source=f"{source}: model")
             cl = f.sub("cluster")
+            notes = [f.str("notes", "")] if f.has("notes") else []
+            if version == 1:
+                hardware, moves, converted = _v1_hardware_and_moves(f, source)
+                notes.append(converted)
+            else:
+                hardware = HardwareRef.from_dict(f.raw("hardware"), source)
+                moves = tuple(Move.from_dict(m, source, i) for i, m in enumerate(f.list("moves", [])))
             plan = cls(
-                model=ModelSpec.from_dict(f.raw("model"), source=f"{source}: model"),
-                hardware=f.str("hardware"), devices_per_node=cl.int("devices_per_node", minimum=1),
+                model=model, hardware=hardware, devices_per_node=cl.int("devices_per_node", minimum=1),
                 nodes=cl.int("nodes", minimum=1),
                 placement=Placement.from_dict(f.raw("placement"), source) if f.has("placement") else None,
-                parallel=f.raw("parallel", None), cache=f.raw("cache", None), moves=f.raw("moves", None),
-                solver=f.raw("solver", {}), predicted=f.raw("predicted", {}), notes=f.str("notes", ""),
+                parallel=ParallelLayout.from_dict(f.raw("parallel"), source) if f.has("parallel") else None,
+                cache=CacheConfig.from_dict(f.raw("cache"), model, source) if f.has("cache") else None,
+                moves=moves, cost_options=_cost_options(f.sub("cost_options", {})),
+                solver=f.raw("solver", {}), predicted=f.raw("predicted", {}), notes="\n".join(notes),
             )
             return plan.validate(source)
         return guarded_load(build, source)
@@ -273,6 +331,32 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Plan":
         return cls.from_dict(read_json(path), str(path))
+
+
+def _cost_options(f: Fields) -> CostOptions:
+    defaults = CostOptions()
+    try:
+        return CostOptions(f.str("kernel", defaults.kernel), f.bool("overlap", defaults.overlap),
+                           f.bool("exflow", defaults.exflow), f.float("act_bytes", defaults.act_bytes, positive=True),
+                           f.int("overlap_chunks", defaults.overlap_chunks, minimum=1)).validate()
+    except InputError as exc:
+        raise InputError(str(exc.args[0]), source=f.source, field=f"cost_options.{exc.field or 'kernel'}") from None
+
+
+def _v1_hardware_and_moves(f: Fields, source: str) -> tuple[HardwareRef, tuple[Move, ...], str]:
+    """Schema 1 named the profile alone and kept moves as dicts of two shapes: the elastic
+    scheduler's (with ``kind`` and source slots) convert; the incremental solver's (no source
+    slot) cannot be executed and are dropped."""
+    name = f.str("hardware")
+    note = (f"converted from plan schema 1, which named its hardware profile '{name}' only: it is read as the "
+            f"bundled profile of that name unless you pass --hardware PATH")
+    hardware = HardwareRef(name, name, "", False)
+    raw = f.list("moves", [])
+    if raw and all(isinstance(m, dict) and "kind" in m for m in raw):
+        return hardware, tuple(Move.from_dict(m, source, i) for i, m in enumerate(raw)), note
+    if raw:
+        note += f"; its {len(raw)} incremental moves carry no source slots and were dropped (re-plan to execute them)"
+    return hardware, (), note
 
 
 def contiguous_placement(num_layers: int, num_experts: int, devices: int, devices_per_node: int,

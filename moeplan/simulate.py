@@ -12,8 +12,10 @@ serving). For every batch and MoE layer the simulator builds, vectorised:
 * with ``exflow``, the dispatch starts from the device of each token's previous-layer top-1
   expert and the combine ends at this layer's top-1 device (from top-1 → choice pair counts).
 
-Then :meth:`moeplan.cost.CostModel.moe_layer` prices every batch of a layer at once. Attention
-and dense layers are added per device for the end-to-end step.
+Then :meth:`moeplan.cost.CostModel.moe_layer` prices every batch of a layer at once and
+:meth:`moeplan.cost.CostModel.step_cost` composes the end-to-end step (attention, dense layers,
+norms and the head per device on top of the MoE layers): ``SimResult.step`` is that
+:class:`~moeplan.cost.StepCost`, and ``step_total`` per batch averages to its total.
 """
 from __future__ import annotations
 
@@ -22,10 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from moeplan.cost import CostModel, CostOptions
+from moeplan.cost import CostModel, StepCost
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.model import ModelSpec
 from moeplan.plan import Placement
 from moeplan.trace import RoutingTrace
 
@@ -53,12 +53,12 @@ class Workload:
 @dataclass
 class SimResult:
     """Simulation output. Per-layer arrays are means over batches (seconds); ``step_moe`` and
-    ``step_total`` are per batch; loads are token-choices; crossings count token-choices."""
+    ``step_total`` are per batch; ``step`` is the step by part (means over batches); loads are
+    token-choices; crossings count token-choices."""
 
     layers: dict[str, np.ndarray]
     step_moe: np.ndarray
-    step_attention: float
-    step_dense: float
+    step: StepCost
     device_load: np.ndarray
     device_compute: np.ndarray
     cross_device_tokens: float
@@ -70,7 +70,8 @@ class SimResult:
 
     @property
     def step_total(self) -> np.ndarray:
-        return self.step_moe + self.step_attention + self.step_dense
+        """[batches] seconds of each batch's whole step: its MoE layers plus the per-device parts."""
+        return self.step_moe + (self.step.total - self.step.moe)
 
     def summary(self) -> dict[str, float]:
         step = float(np.mean(self.step_total))
@@ -78,7 +79,8 @@ class SimResult:
         return {
             "batches": self.batches, "tokens": self.tokens,
             "step_seconds": step, "moe_seconds": float(np.mean(self.step_moe)),
-            "attention_seconds": self.step_attention, "dense_seconds": self.step_dense,
+            "attention_seconds": self.step.attention, "dense_seconds": self.step.dense,
+            "head_seconds": self.step.head, "norms_seconds": self.step.norms,
             "tokens_per_second": tok_per_step / step if step > 0 else float("nan"),
             "dispatch_seconds": float(self.layers["dispatch"].sum()), "compute_seconds": float(self.layers["compute"].sum()),
             "combine_seconds": float(self.layers["combine"].sum()),
@@ -89,7 +91,7 @@ class SimResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "per_layer": {k: v.tolist() for k, v in self.layers.items()},
+        return {"summary": self.summary(), "step_s": self.step.to_dict(), "per_layer": {k: v.tolist() for k, v in self.layers.items()},
                 "step_moe_seconds": self.step_moe.tolist(), "device_load": self.device_load.tolist(),
                 "device_compute_seconds": self.device_compute.tolist(), "notes": self.notes}
 
@@ -121,16 +123,16 @@ def _pair_counts(first: np.ndarray, choices: np.ndarray, batch_of: np.ndarray, b
     return np.bincount(flat, minlength=batches * e * e).reshape(batches, e, e)
 
 
-def simulate(model: ModelSpec, hardware: HardwareProfile, placement: Placement, trace: RoutingTrace,
-             workload: Workload | None = None, options: CostOptions | None = None) -> SimResult:
-    """Replay ``trace`` through ``placement`` on ``hardware`` (see the module docstring)."""
+def simulate(cost: CostModel, placement: Placement, trace: RoutingTrace,
+             workload: Workload | None = None) -> SimResult:
+    """Replay ``trace`` through ``placement`` with ``cost`` (its model, hardware and options; see
+    the module docstring)."""
     work = (workload or Workload()).validate()
-    opts = options or CostOptions()
+    model, hardware, opts = cost.model, cost.hw, cost.opt
     trace.check_model(model.num_experts, model.num_moe_layers, model.top_k)
     if placement.num_devices != hardware.num_devices:
         raise InputError(f"placement spans {placement.num_devices} devices, the hardware {hardware.num_devices}",
                          field="gpus", fix="pass --gpus matching the plan")
-    cost = CostModel(model, hardware, opts)
     d, e, nl = placement.num_devices, model.num_experts, model.num_moe_layers
     counts = home_counts(trace.expert_ids, d, work.tokens_per_device, e)
     batches = counts.shape[0]
@@ -139,6 +141,7 @@ def simulate(model: ModelSpec, hardware: HardwareProfile, placement: Placement, 
     share = placement.expert_device_share()  # [L, E, D]
     per_layer = {k: np.zeros(nl) for k in ("dispatch", "compute", "combine", "straggler_wait", "total")}
     step_moe = np.zeros(batches)
+    layer_costs = []
     device_load = np.zeros(d)
     device_compute = np.zeros(d)
     cross_dev = cross_node = total = 0.0
@@ -164,6 +167,7 @@ def simulate(model: ModelSpec, hardware: HardwareProfile, placement: Placement, 
             combine = np.einsum("bae,ex,ay->bxy", pairs, s, s, optimize=True)
         home = c.sum(axis=2) / model.top_k
         lc = cost.moe_layer(dispatch, slot_tokens, combine, home)
+        layer_costs.append(lc)
         bd = lc.breakdown()
         for key in per_layer:
             per_layer[key][layer] = bd[key]
@@ -173,14 +177,12 @@ def simulate(model: ModelSpec, hardware: HardwareProfile, placement: Placement, 
         cross_dev += float(lc.cross_device_bytes.sum()) / row_bytes
         cross_node += float(lc.cross_node_bytes.sum()) / row_bytes
         total += float(c.sum())
-    tpd = work.tokens_per_device
-    attention = model.num_layers * cost.attention_time(tpd, work.context, work.phase)
-    dense = len(model.dense_layers) * cost.dense_ffn_time(tpd)
+    step = cost.step_cost(work.tokens_per_device, work.context, work.phase, layer_costs)
     notes = []
     if not cost.compute_measured:
         notes.append(f"expert compute is roofline from datasheet figures ({hardware.name} has no measured "
                      f"{opts.kernel} curve for {model.hidden_size}×{model.expert_ffn} experts): unmeasured")
     if not hardware.links_measured:
         notes.append("all-to-all uses datasheet link bandwidth (no measured collective curves): unmeasured")
-    return SimResult(per_layer, step_moe, attention, dense, device_load, device_compute / batches,
+    return SimResult(per_layer, step_moe, step, device_load, device_compute / batches,
                      cross_dev, cross_node, total, batches, used_tokens, notes)

@@ -174,7 +174,7 @@ def test_solve_plans_within_the_budget_and_reports(tiny_trace: RoutingTrace) -> 
     hw = HardwareProfile.resolve("h100-sxm")
     budget = CostModel(m, hw).memory(0, 1, kv_tokens_per_device=4096, batch_tokens_per_device=1)
     cap = budget.non_expert_weights + budget.kv_cache + budget.activations + 14.5 * m.expert_bytes()
-    sizing = solve(CacheProblem(m, hw, tiny_trace, StepShape("decode", 1), "prefetch", memory_bytes=cap))
+    sizing = solve(CacheProblem(CostModel(m, hw), tiny_trace, StepShape("decode", 1), "prefetch", memory_bytes=cap))
     assert sizing.slots == 12 and sizing.sizes.sum() <= 12
     s = sizing.summary()
     assert s["memory_saved_bytes"] == pytest.approx((24 - sizing.sizes.sum() - 2) * m.expert_bytes())
@@ -183,7 +183,8 @@ def test_solve_plans_within_the_budget_and_reports(tiny_trace: RoutingTrace) -> 
     lru = sizing.evaluation("lru-planned").run.summary(1)
     assert belady["loads"] <= lru["loads"]
     plan = sizing.to_plan().validate()
-    config = CacheConfig.from_dict(plan.cache, m, "plan")
+    assert plan.cache is not None
+    config = CacheConfig.from_dict(plan.cache.to_dict(), m, "plan")
     assert config.sizes == tuple(sizing.sizes.tolist()) and config.prefetch
     table = cache_table(sizing)
     assert len(table["rows"]) == 3 * 9 and table["memory"]["freed_bytes"] == s["memory_saved_bytes"]
@@ -319,8 +320,8 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_trace: RoutingTrace) ->
 def test_plan_cache_then_run_offload(files: dict[str, Path]) -> None:
     pytest.importorskip("torch")
     plan = Plan.load(files["plan"])
-    assert plan.cache is not None and plan.cache["policy"] == "prefetch" and plan.cache["prefetch"] is True
-    assert len(plan.cache["sizes"]) == 3 and plan.cache["budget_bytes"] > 0
+    assert plan.cache is not None and plan.cache.policy == "prefetch" and plan.cache.prefetch is True
+    assert len(plan.cache.sizes) == 3 and plan.cache.budget_bytes > 0
     report = json.loads((files["root"] / "r.json").read_text())
     assert len(report["table"]["rows"]) == 27
     out_json = files["root"] / "run.json"

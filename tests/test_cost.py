@@ -117,7 +117,7 @@ def test_home_counts_and_simulator_agree_with_the_layer_formula() -> None:
     assert counts[0, 0, 0].tolist() == [1, 2, 2, 2, 1, 0, 0, 0]
     hw = datasheet(devices=2, per_node=2)
     placement = contiguous_placement(2, 8, 2, 2)
-    result = simulate(m, hw, placement, trace, Workload("prefill", 4, 4))
+    result = simulate(CostModel(m, hw), placement, trace, Workload("prefill", 4, 4))
     share = placement.expert_device_share()[0]
     dispatch = counts[:, :, 0, :] @ share
     slot_tokens = counts[:, :, 0, :].sum(axis=1)[:, placement.slot_expert[0]] * placement.replica_share[0]

@@ -93,11 +93,11 @@ def test_placement_numbers_equal_the_library_and_follow_the_slots_slider(small: 
         at.slider(key="slots").set_value(slots).run()
         assert not at.exception
         table = at.dataframe[0].value
-        problem = PlacementProblem.build(spec, hw, stats, slots, 256, cost, "top1")
+        problem = PlacementProblem.build(cost, stats, slots, 256, "top1")
         for solver, label in (("contiguous", "contiguous"), ("eplb", "EPLB"), ("lpt", "LPT")):
             result = solve(problem, solver, SolverOptions(balance_cap=1.01))
             metrics = evaluate(result.placement, trace, max_tokens=1024, stats=stats).summary()
-            sim = simulate(spec, hw, result.placement, trace, Workload(tokens_per_device=256)).summary()
+            sim = simulate(cost, result.placement, trace, Workload(tokens_per_device=256)).summary()
             row = table.loc[label]
             assert row["balancedness"] == pytest.approx(metrics["balancedness"], rel=1e-9)
             assert row["GPUs touched"] == pytest.approx(metrics["devices_touched_per_token_layer"], rel=1e-9)
@@ -169,11 +169,11 @@ def test_export_page_offers_the_plan_and_every_runtime(small: AppTest) -> None:
     assert "--init-expert-location expert_location.json" in sglang and "--ep-num-redundant-experts" in sglang
     assert any("Megatron-Core cannot run this plan" in w.value for w in at.warning)  # replicas: Megatron has none
     spec, hw, trace, stats = library()
-    problem = PlacementProblem.build(spec, hw, stats, int(at.session_state["slots"]), 256, CostModel(spec, hw))
+    problem = PlacementProblem.build(CostModel(spec, hw), stats, int(at.session_state["slots"]), 256)
     result = solve(problem, "lpt", SolverOptions(balance_cap=1.01))
     assert metric(at, "Balancedness") == f"{evaluate(result.placement, trace, stats=stats).balancedness:.3f}"
     at.selectbox(key="export_solver").set_value("eplb").run()  # EPLB may put two replicas of an expert on one GPU
-    eplb = Plan(model=spec, hardware=hw.name, devices_per_node=8, nodes=2,
+    eplb = Plan(model=spec, hardware=hw.ref(), devices_per_node=8, nodes=2,
                 placement=solve(problem, "eplb", SolverOptions(balance_cap=1.01)).placement)
     try:
         location_map(eplb)
@@ -187,14 +187,14 @@ def test_folding_page_ranks_like_the_folding_solver(tmp_path: Path) -> None:
     at = go(at, "folding")
     spec = ModelSpec.preset("qwen3-30b-a3b")
     hw = HardwareProfile.resolve("h100-sxm").with_cluster(devices=16)
-    problem = FoldingProblem(spec, hw, "train", 4096, 1024).validate()
+    problem = FoldingProblem(CostModel(spec, hw), "train", 4096, 1024).validate()
     result = solve_folding(problem, top=20)
     table = at.dataframe[0].value
     assert table.iloc[0]["step (ms)"] == pytest.approx(result.best.score * 1e3, rel=1e-9)
     assert table.iloc[1]["why it loses"] == result.ranked[1].reason
     second = result.ranked[1]
     at.selectbox(key="fold_pick").set_value(second.candidate.label()).run()
-    plan = Plan(model=spec, hardware=hw.name, devices_per_node=8, nodes=2, parallel=problem.parallel(second.candidate))
+    plan = Plan(model=spec, hardware=hw.ref(), devices_per_node=8, nodes=2, parallel=problem.parallel(second.candidate))
     assert at.code[0].value == " ".join(megatron_args(plan))
 
 
@@ -242,7 +242,7 @@ def test_cache_page_shows_the_cache_planner(tmp_path: Path) -> None:
     gpu = HardwareProfile.resolve("h100-sxm")
     for policy in ("prefetch", "lru"):
         at.selectbox(key="cache_policy").set_value(policy).run()
-        sizing = solve_cache(CacheProblem(spec, gpu, trace, StepShape("decode", 1), policy, 4096, None))
+        sizing = solve_cache(CacheProblem(CostModel(spec, gpu), trace, StepShape("decode", 1), policy, 4096, None))
         summary = sizing.summary()
         assert metric(at, "Predicted throughput") == f"{summary['tokens_per_s']:,.1f} tokens/s"
         assert metric(at, "Memory freed") == human_bytes(summary["memory_saved_bytes"])
@@ -252,7 +252,7 @@ def test_cache_page_shows_the_cache_planner(tmp_path: Path) -> None:
 def test_elastic_page_shows_the_autoscaling_study(tmp_path: Path) -> None:
     at = go(open_app(tmp_path, model_preset="mixtral-8x7b", gpus=8), "elastic")
     spec, _, _, stats = library("mixtral-8x7b", gpus=8)
-    study = prepare(spec, HardwareProfile.resolve("h100-sxm"), stats.load, (8, 16, 24, 32, 40))
+    study = prepare(CostModel(spec, HardwareProfile.resolve("h100-sxm")), stats.load, (8, 16, 24, 32, 40))
     for shape in ("diurnal", "spike"):
         at.selectbox(key="elastic_shape").set_value(shape).run()
         expected = summary_frame(run_all(study, (shape,), (0,), ("threshold",))).set_index("strategy")

@@ -12,7 +12,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import pytest
-from moeplan.solvers.elastic import ScalingProblem, TransferCosts, plan_scaling, tradeoff
+from moeplan.solvers.elastic import ScalingProblem, TransferCosts, plan_scaling, scaling_plans, tradeoff
 from moeplan.solvers.elastic.assign import kept_upper_bound
 from moeplan.solvers.elastic.autoscale import (Policy, autoscale_frame, simulate_autoscale, static_strategy,
                                                strategies, summary_frame)
@@ -23,6 +23,7 @@ from moeplan.solvers.placement.metrics import layer_balancedness
 from typer.testing import CliRunner
 
 from moeplan.cli import app
+from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
@@ -38,7 +39,7 @@ def tiny_model() -> ModelSpec:
                                shared_ffn=8, num_shared_experts=1, n_group=1, topk_group=1).validate()
 
 
-COSTS = TransferCosts.of(tiny_model(), HardwareProfile.resolve("h100-sxm"))
+COSTS = TransferCosts.of(CostModel(tiny_model(), HardwareProfile.resolve("h100-sxm")))
 
 
 def replay(problem: ScalingProblem, new: np.ndarray, step: Any) -> list[np.ndarray]:
@@ -64,9 +65,9 @@ def replay(problem: ScalingProblem, new: np.ndarray, step: Any) -> list[np.ndarr
             assert new[t.layer, t.dst, t.dst_slot] == t.expert
             staged.add((t.layer, t.dst, t.dst_slot))
         serving.append(counts(old))                                 # old placement serves until the switch
-    local = {(c.layer, c.device, c.dst_slot) for c in sched.local_copies}
+    local = {(c.layer, c.dst, c.dst_slot) for c in sched.local_copies}
     for c in sched.local_copies:
-        assert old[c.layer, c.device, c.src_slot] == c.expert == new[c.layer, c.device, c.dst_slot]
+        assert old[c.layer, c.src, c.src_slot] == c.expert == new[c.layer, c.dst, c.dst_slot]
     for layer in range(nl):
         for d in range(problem.new_devices):
             for s in range(problem.slots_per_device):
@@ -190,8 +191,8 @@ def test_step_time_and_baselines_come_from_the_profile() -> None:
     hw = HardwareProfile.resolve("h100-sxm")
     stats_load = TraceStats.of(synthesize(model, SyntheticTraffic(tokens=2000, seed=0))).load
     old = contiguous_placement(model.num_moe_layers, 8, 8, 8)
-    costs = TransferCosts.of(model, hw)
-    step = plan_scaling(ScalingProblem.build(model, hw, old, stats_load, 16), costs, old)
+    costs = TransferCosts.of(CostModel(model, hw))
+    step = plan_scaling(ScalingProblem.build(CostModel(model, hw), old, stats_load, 16), costs, old)
     s = step.summary()
     assert s["transfers"] == s["transfers_lower_bound"] == 8 * model.num_moe_layers
     per_transfer = costs.p2p(model.expert_bytes(), "inter_node")
@@ -254,7 +255,7 @@ def test_elastic_autoscaling_tracks_demand_and_restarts_lose_slo() -> None:
 def tiny_files(tmp_path: Path) -> tuple[Path, Path]:
     model = tiny_model()
     plan = tmp_path / "plan.json"
-    Plan(model, "h100-sxm", 2, 1, contiguous_placement(3, 8, 2, 2, 5)).save(plan)
+    Plan(model, HardwareProfile.resolve("h100-sxm").ref(), 2, 1, contiguous_placement(3, 8, 2, 2, 5)).save(plan)
     trace = tmp_path / "trace.npz"
     synthesize(model, SyntheticTraffic(tokens=600, zipf=1.0, seed=3)).save(trace)
     return plan, trace
@@ -269,9 +270,9 @@ def test_plan_scale_cli_writes_the_new_plan_with_ordered_moves(tiny_files, tmp_p
     assert "restart at the new size" in res.output and "Bytes moved vs balance" in res.output
     new = Plan.load(out)
     assert new.num_devices == 4 and new.placement.slot_expert.shape == (3, 4, 3)   # 8 experts + 1 redundant per device
-    kinds = [m["kind"] for m in new.moves]
+    kinds = [m.kind for m in new.moves]
     assert "transfer" in kinds and "bring_up" in kinds
-    rounds = [m["round"] for m in new.moves if m["kind"] == "transfer"]
+    rounds = [m.round for m in new.moves if m.kind == "transfer"]
     assert rounds == sorted(rounds)
     assert new.predicted["scaling"]["from_devices"] == 2 and new.predicted["scaling"]["downtime_s"] == 0
 
@@ -295,7 +296,7 @@ def test_plan_scale_cli_bad_input_exits_2(tiny_files, tmp_path: Path, args: list
 def test_plan_scale_cli_rejects_a_plan_without_placement(tiny_files, tmp_path: Path) -> None:
     _, trace = tiny_files
     bare = tmp_path / "bare.json"
-    Plan(tiny_model(), "h100-sxm", 2, 1).save(bare)
+    Plan(tiny_model(), HardwareProfile.resolve("h100-sxm").ref(), 2, 1).save(bare)
     res = CliRunner().invoke(app, ["plan", "scale", "--plan", str(bare), "--trace", str(trace), "--to", "4"])
     assert res.exit_code == 2 and "no placement" in res.output
 
@@ -327,8 +328,10 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     trace = synthesize(model, SyntheticTraffic(tokens=600, zipf=1.0, seed=3))
     start = contiguous_placement(3, 8, 2, 1, 5)
     comm = Comm(rank, world, torch.device("cpu"))
-    scaled = run_elastic(comm, model, start, trace, [2, 3, 2], 12, 24, 4, rounds_per_batch=4)
-    failed = run_elastic(comm, model, start, trace, [2, 3, 2], 8, 24, 2, rounds_per_batch=4, fault_at_chunk={0: 1})
+    plans = scaling_plans(CostModel(model, HardwareProfile.resolve("h100-sxm")), start, TraceStats.of(trace).load,
+                          [2, 3, 2])
+    scaled = run_elastic(comm, model, start, trace, plans, 12, 24, 4, rounds_per_batch=4)
+    failed = run_elastic(comm, model, start, trace, plans, 8, 24, 2, rounds_per_batch=4, fault_at_chunk={0: 1})
     if rank == 0:
         Path(folder, "report.json").write_text(json.dumps({"scaled": scaled, "failed": failed}))
     dist.destroy_process_group()

@@ -40,6 +40,7 @@ from moeplan.export.vllm import export_vllm, layout_kind
 from moeplan.hardware import HardwareProfile
 from moeplan.model import AttentionSpec, ModelSpec
 from moeplan.plan import Placement, Plan
+from moeplan.parallel import ParallelLayout
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 runner = CliRunner()
@@ -60,8 +61,9 @@ def toy_model(dense: int, moe: int, experts: int, n_group: int = 1) -> ModelSpec
 def make_plan(model: ModelSpec, slots: np.ndarray, parallel: dict | None = None) -> Plan:
     cluster = h100().with_cluster(devices=slots.shape[1])
     placement = Placement.from_slots(slots, model.num_experts, cluster.devices_per_node)
-    return Plan(model=model, hardware=cluster.name, devices_per_node=cluster.devices_per_node, nodes=cluster.nodes,
-                placement=placement, parallel=parallel).validate()
+    layout = ParallelLayout.from_dict(parallel, "plan") if parallel is not None else None
+    return Plan(model=model, hardware=cluster.ref(), devices_per_node=cluster.devices_per_node, nodes=cluster.nodes,
+                placement=placement, parallel=layout).validate()
 
 
 def replica_counts(rng: np.random.Generator, experts: int, physical: int, cap: int) -> np.ndarray:
@@ -378,7 +380,8 @@ def test_megatron_folding_arguments_follow_megatrons_rules(tmp_path: Path) -> No
     parallel = {"attention": {"tp": 2, "cp": 2, "dp": 2, "pp": 2}, "moe": {"etp": 1, "ep": 8, "edp": 1, "pp": 2},
                 "vpp": 2, "micro_batch": 1, "global_batch": 64, "recompute": True, "distributed_optimizer": True,
                 "seq_len": 4096, "sequence_parallel": True, "mode": "train"}  # the folding solver's record
-    plan = Plan(model=model, hardware="h100-sxm", devices_per_node=8, nodes=2, parallel=parallel)
+    plan = Plan(model=model, hardware=HardwareProfile.resolve("h100-sxm").ref(), devices_per_node=8, nodes=2,
+                parallel=ParallelLayout.from_dict(parallel, "plan"))
     result = export_megatron(plan, tmp_path / "args.sh")
     words = command_words(result.command)
     tp, cp, pp = (int(flag(words, f)) for f in ("--tensor-model-parallel-size", "--context-parallel-size",
@@ -406,9 +409,9 @@ def test_megatron_folding_arguments_follow_megatrons_rules(tmp_path: Path) -> No
      "parallel.mode"),
 ])
 def test_megatron_bad_mapping_names_the_field(parallel: dict, field: str) -> None:
-    plan = Plan(model=ModelSpec.preset("qwen3-30b-a3b"), hardware="h100-sxm", devices_per_node=8, nodes=1,
-                parallel=parallel)
     with pytest.raises(InputError) as err:
+        plan = Plan(model=ModelSpec.preset("qwen3-30b-a3b"), hardware=HardwareProfile.resolve("h100-sxm").ref(),
+                    devices_per_node=8, nodes=1, parallel=ParallelLayout.from_dict(parallel, "plan"))
         megatron_args(plan)
     assert err.value.field == field
 

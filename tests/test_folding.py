@@ -29,16 +29,9 @@ from moeplan.solvers.folding.solve import TIE_TOLERANCE
 from typer.testing import CliRunner
 
 from moeplan.cli import app
-from moeplan.cost import (
-    CostModel,
-    ParallelMapping,
-    ServeSetup,
-    TrainSetup,
-    group_spans,
-    serve_step,
-    train_memory,
-    train_step,
-)
+from moeplan.cost import CostModel
+from moeplan.parallel import ParallelMapping, group_spans
+from moeplan.parallel_step import ServeSetup, TrainSetup, serve_step, train_memory, train_step
 from moeplan.hardware import HardwareProfile, Quantity
 from moeplan.model import AttentionSpec, ModelSpec
 from moeplan.plan import Plan
@@ -55,7 +48,7 @@ def h100(devices: int) -> HardwareProfile:
 def tiny_problem(mode: str = "train", **kw: object) -> FoldingProblem:
     args = dict(seq_len=64, global_batch=8, micro_batch=1)
     args.update(kw)
-    return FoldingProblem(TINY, h100(8), mode, **args).validate()  # type: ignore[arg-type]
+    return FoldingProblem(CostModel(TINY, h100(8)), mode, **args).validate()  # type: ignore[arg-type]
 
 
 # ---- enumeration ---------------------------------------------------------------------------------
@@ -114,7 +107,7 @@ def test_rule_texts_cite_their_source() -> None:
     p = tiny_problem()
     assert "NVIDIA/Megatron-LM megatron/core/transformer/transformer_config.py" in explain_invalid(
         p, ParallelMapping(4, 1, 2, 1, 1, 1, 8))
-    odd = FoldingProblem(TINY, h100(8), "train", seq_len=6, global_batch=8, micro_batch=1)
+    odd = FoldingProblem(CostModel(TINY, h100(8)), "train", seq_len=6, global_batch=8, micro_batch=1)
     assert violations(odd, ParallelMapping(1, 2, 4, 1, 1, 1, 8))[0].id == "seq_cp"
     # serving accepts TP above the KV heads (replicated), training does not; serving refuses CP
     assert explain_invalid(tiny_problem("serve"), ParallelMapping(4, 1, 2, 1, 1, 1, 8)) is None
@@ -181,7 +174,7 @@ def test_train_step_parts_sum_and_mfu() -> None:
 def test_paper_folding_beats_coupled_mapping() -> None:
     # MoE Parallel Folding (arXiv 2504.14960) Table 3, Mixtral-8x22B on 128 H100, GBS 256: folding
     # TP2·EP8·ETP1·PP8 (49.3% MFU) beats MCore's coupled TP2·EP4·(ETP=TP=2)·PP8 (46.3%).
-    p = FoldingProblem(ModelSpec.preset("mixtral-8x22b"), h100(128), "train", 4096, 256, 1)
+    p = FoldingProblem(CostModel(ModelSpec.preset("mixtral-8x22b"), h100(128)), "train", 4096, 256, 1)
     folded = price(p, Candidate(ParallelMapping(2, 1, 8, 8, 1, 8, 2)))
     coupled = price(p, Candidate(ParallelMapping(2, 1, 8, 8, 2, 4, 2)))
     assert folded.fits and coupled.fits and folded.score < coupled.score
@@ -198,8 +191,8 @@ def test_slow_inter_node_link_keeps_ep_inside_a_node() -> None:
     # Qwen3-30B-A3B (128 experts) on 2 nodes of 8: over a slow inter-node link the best mapping keeps
     # its EP group inside a node; over an NVLink-class one it spreads EP across both nodes.
     model = ModelSpec.preset("qwen3-30b-a3b")
-    slow = solve(FoldingProblem(model, slow_network(16, 5e9), "train", 4096, 64, 1))
-    fast = solve(FoldingProblem(model, slow_network(16, 4.5e11), "train", 4096, 64, 1))
+    slow = solve(FoldingProblem(CostModel(model, slow_network(16, 5e9)), "train", 4096, 64, 1))
+    fast = solve(FoldingProblem(CostModel(model, slow_network(16, 4.5e11)), "train", 4096, 64, 1))
     assert slow.best.candidate.mapping.ep >= 2 and slow.best.result.spans["ep"].nodes == 1
     assert fast.best.result.spans["ep"].nodes == 2
     crossing = [r for r in slow.ranked if r.result.spans["ep"].nodes > 1]
@@ -208,15 +201,16 @@ def test_slow_inter_node_link_keeps_ep_inside_a_node() -> None:
     assert all(b >= a - 2 * TIE_TOLERANCE * scores[0] for a, b in zip(scores, scores[1:]))
     assert all(r.reason for r in slow.ranked[1:]) and not slow.best.reason
     plan = slow.to_plan()
-    assert set(plan.parallel) >= {"attention", "moe", "vpp", "micro_batch", "global_batch", "recompute",
-                                  "distributed_optimizer", "sequence_parallel", "mode"}
-    moe, attention = plan.parallel["moe"], plan.parallel["attention"]
+    assert plan.parallel is not None
+    assert set(plan.parallel.to_dict()) >= {"attention", "moe", "vpp", "micro_batch", "global_batch", "recompute",
+                                            "distributed_optimizer", "sequence_parallel", "mode"}
+    moe, attention = plan.parallel.to_dict()["moe"], plan.parallel.to_dict()["attention"]
     assert moe["etp"] * moe["ep"] * moe["edp"] * attention["pp"] == 16
 
 
 def test_reason_names_the_node_crossing() -> None:
     model = ModelSpec.preset("qwen3-30b-a3b")
-    p = FoldingProblem(model, slow_network(16, 5e9), "train", 4096, 64, 1)
+    p = FoldingProblem(CostModel(model, slow_network(16, 5e9)), "train", 4096, 64, 1)
     inside = price(p, Candidate(ParallelMapping(1, 1, 16, 1, 1, 8, 2)))
     across = price(p, Candidate(ParallelMapping(1, 1, 16, 1, 1, 16, 1)))
     assert across.score > inside.score
@@ -251,7 +245,7 @@ def test_cli_writes_plan(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     assert "--expert-model-parallel-size" in r.output and "--moe-token-dispatcher-type alltoall" in r.output
     plan = Plan.load(out)
-    assert plan.parallel["mode"] == "train" and plan.parallel["global_batch"] == 32
+    assert plan.parallel is not None and plan.parallel.mode == "train" and plan.parallel.global_batch == 32
     data = json.loads(out.read_text())
     assert data["predicted"]["step_s"] > 0 and "runner_ups" in data["predicted"]
 

@@ -20,8 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moeplan.errors import InputError
+from moeplan.cache_config import CacheConfig
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
+from moeplan.moves import Move
+from moeplan.parallel import ParallelLayout
 from moeplan.plan import Placement, Plan
 from moeplan.synth import SyntheticTraffic, synthesize
 from moeplan.trace import RoutingTrace
@@ -208,10 +211,11 @@ def test_trace_load_random_bytes(tmp_path: Path, raw: bytes) -> None:
 def _valid_plan() -> dict[str, Any]:
     spec = ModelSpec.preset("mixtral-8x7b")
     slots = np.tile(np.array([[0, 1, 2, 3, 0], [4, 5, 6, 7, 4]]), (spec.num_moe_layers, 1, 1))  # 0, 4 replicated
-    plan = Plan(model=spec, hardware="h100-sxm", devices_per_node=2, nodes=1,
-                placement=Placement.from_slots(slots, 8, 2), parallel={"attention": {"tp": 2}},
-                cache={"sizes": [4] * spec.num_moe_layers, "policy": "lru"},
-                moves=[{"layer": 0, "expert": 1, "src": 0, "dst": 1, "slot": 3, "bytes": 1.0}],
+    plan = Plan(model=spec, hardware=HardwareProfile.resolve("h100-sxm").ref(), devices_per_node=2, nodes=1,
+                placement=Placement.from_slots(slots, 8, 2),
+                parallel=ParallelLayout(tp=2, cp=1, dp=1, pp=1, etp=1, ep=2, edp=1),
+                cache=CacheConfig(sizes=(4,) * spec.num_moe_layers, policy="lru", budget_bytes=80e9),
+                moves=(Move.of_expert(0, 1, 0, 1, 1, 3, 1.0),),
                 solver={"name": "test", "objective": 1.0}, predicted={"step_s": 0.01}, notes="fuzz")
     return plan.validate().to_dict()
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from moeplan.cli.apps import app  # noqa: E402
+from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec  # noqa: E402
 from moeplan.plan import Placement, Plan  # noqa: E402
 from moeplan.runtime.batches import BatchSource  # noqa: E402
@@ -29,7 +30,7 @@ from moeplan.runtime.host_moves import time_host_moves  # noqa: E402
 from moeplan.runtime.kernels import ExpertKernel  # noqa: E402
 from moeplan.runtime.ledger import BatchLedger, LedgerError  # noqa: E402
 from moeplan.runtime.local_stack import time_local_stack  # noqa: E402
-from moeplan.runtime.migration import plan_moves  # noqa: E402
+from moeplan.moves import diff_moves  # noqa: E402
 from moeplan.runtime.replay import replay_devices, replay_slot_tokens, trace_window  # noqa: E402
 from moeplan.runtime.serving import Migrate, serve  # noqa: E402
 from moeplan.runtime.stack import MoEStack  # noqa: E402
@@ -168,7 +169,7 @@ def test_expert_parallel_equals_single_process_reference(distributed, kernel) ->
 def test_live_replacement_moves_experts_and_keeps_outputs_exact(distributed) -> None:
     world, ranks = distributed
     old, new = placements(world)
-    transfers = [m for m in plan_moves(old, new, [0, 1, 2]) if m.src != m.dst]
+    transfers = [m for m in diff_moves(old, new, 1.0, [0, 1, 2]) if m.src != m.dst]
     for r in ranks:
         mv = r["move"]
         assert mv["state"] == "committed" and mv["version"] == 1 and mv["placement_is_new"]
@@ -270,7 +271,7 @@ def tiny_files(tmp_path: Path) -> tuple[Path, Path]:
     model = tiny_model()
     placement, _ = placements(2)
     plan = tmp_path / "plan.json"
-    Plan(model, "h100-sxm", 2, 1, placement).save(plan)
+    Plan(model, HardwareProfile.resolve("h100-sxm").ref(), 2, 1, placement).save(plan)
     trace = tmp_path / "trace.npz"
     tiny_trace(model).save(trace)
     return plan, trace
@@ -330,7 +331,7 @@ def test_torchrun_entry_point_migrates_with_two_ranks(tiny_files, tmp_path: Path
     plan, trace = tiny_files
     _, new = placements(2)
     new_plan = tmp_path / "new.json"
-    Plan(tiny_model(), "h100-sxm", 2, 1, new).save(new_plan)
+    Plan(tiny_model(), HardwareProfile.resolve("h100-sxm").ref(), 2, 1, new).save(new_plan)
     out = tmp_path / "run.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "moeplan.runtime", "--plan", str(plan), "--trace", str(trace), "--new-plan", str(new_plan),

@@ -9,9 +9,10 @@ from moeplan.cli.common import human_seconds
 from moeplan.dashboard import compute, views
 from moeplan.dashboard.exports import export
 from moeplan.dashboard.keys import BACKGROUND, SOLVER_LABELS
-from moeplan.dashboard.uploads import error_text
+from moeplan.dashboard.uploads import error_text, register, upload_path
 from moeplan.dashboard.views import fact
 from moeplan.errors import InputError
+from moeplan.plan import Plan
 
 RUNTIMES = {"sglang": "SGLang", "eplb": "EPLB (DeepSeek)", "vllm": "vLLM", "megatron": "Megatron-Core"}
 MIME = {".json": "application/json", ".sh": "text/x-shellscript"}
@@ -34,7 +35,7 @@ st.columns([1, 2])[0].selectbox("Placement to export", ready, key="export_solver
                   "per GPU per step on the Placement what-if page.")
 
 with views.guarded():
-    plan = compute.plan(keys[st.session_state.export_solver], int(st.session_state.metric_tokens))
+    plan = compute.plan(keys[st.session_state.export_solver])
 p = plan.predicted
 cols = st.columns(4)
 fact(cols[0], "Balancedness", f"{p['balancedness']:.3f}", "max ÷ mean GPU load")
@@ -64,3 +65,23 @@ for tab, fmt in zip(st.tabs(list(RUNTIMES.values())), RUNTIMES):
             st.code(out.command, language="bash")
         for note in out.notes:
             st.markdown(f"- {note}")
+
+st.subheader("Price a saved plan")
+saved = st.file_uploader("Plan JSON (from `moeplan plan`, `plan placement` or `plan scale`)", type=["json"],
+                         key="price_plan_upload",
+                         help="Priced with the hardware profile the plan names (checked by its digest), its cluster "
+                              "and cost options, on this page's trace — the figures `moeplan compare` prints.")
+if saved is not None:
+    try:
+        saved_plan = Plan.load(upload_path(register(saved.name, saved.getvalue())))
+        row = compute.price_plan(saved_plan, compute.trace(setup.model, setup.traffic), problem_key.tokens_per_device)
+    except InputError as exc:
+        st.error(error_text(exc), icon=":material/error:")
+    else:
+        ref = saved_plan.hardware
+        st.caption(f"{saved_plan.model.name} on {saved_plan.num_devices} GPUs, priced with {ref.file} "
+                   f"(digest {ref.digest or 'none: schema 1'}, {'measured' if ref.measured else 'datasheet'})")
+        cols = st.columns(3)
+        fact(cols[0], "Balancedness", f"{row['balancedness']:.3f}", "on this trace")
+        fact(cols[1], "MoE time, standard EP", human_seconds(row["moe_seconds_ep"]), "predicted per step")
+        fact(cols[2], "MoE time, ExFlow", human_seconds(row["moe_seconds_exflow"]), "context-coherent execution")

@@ -8,7 +8,7 @@ import streamlit as st
 from moeplan.solvers.folding.solve import PART_NAMES, Ranked
 
 from moeplan.cli.common import human_bytes
-from moeplan.cost import TrainStep
+from moeplan.parallel_step import TrainStep
 from moeplan.dashboard import charts, compute, views
 from moeplan.dashboard.keys import FoldingChoice
 from moeplan.dashboard.views import fact
@@ -120,7 +120,7 @@ with right:
                   f"; KV cache for {problem.global_batch:,} sequences of {problem.seq_len:,} tokens"))
 
 st.subheader("Megatron-Core arguments")
-chosen_plan = Plan(model=problem.model, hardware=problem.hardware.name, devices_per_node=problem.devices_per_node,
+chosen_plan = Plan(model=problem.model, hardware=problem.hardware.ref(), devices_per_node=problem.devices_per_node,
                    nodes=problem.hardware.nodes, parallel=problem.parallel(chosen.candidate))
 with views.guarded():
     st.code(" ".join(megatron_args(chosen_plan)), language="bash", wrap_lines=True)

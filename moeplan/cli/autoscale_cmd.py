@@ -12,6 +12,7 @@ from moeplan.solvers.elastic.traffic import SHAPES
 
 from moeplan.cli.apps import app
 from moeplan.cli.common import console, guarded, print_table
+from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
@@ -68,7 +69,7 @@ def autoscale(
         trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))
     else:
         trace = synthesize(spec, SyntheticTraffic(tokens=20_000, seed=0))
-    study = prepare(spec, hw, TraceStats.of(trace).load, _ints(sizes, "sizes"), slo / 1e3 if slo else None, context,
+    study = prepare(CostModel(spec, hw), TraceStats.of(trace).load, _ints(sizes, "sizes"), slo / 1e3 if slo else None, context,
                     restart_overhead)
     runs = run_all(study, shapes, _ints(seeds, "seeds"), policies, horizon, interval)
     table = summary_frame(runs)

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moeplan.errors import InputError
+
+if TYPE_CHECKING:
+    from moeplan.export.common import Export
 
 _WIDTH = None if sys.stdout.isatty() else 160
 console = Console(stderr=False, soft_wrap=True, width=_WIDTH)
@@ -108,3 +111,13 @@ def human_seconds(s: float) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.3f} ms"
     return f"{s * 1e6:.1f} µs"
+
+
+def report_export(result: Export) -> None:
+    """Print what an export wrote, its notes and its command line."""
+    for path in result.files:
+        console.print(f"wrote {path}", highlight=False, markup=False)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    if result.command:
+        console.print("\n" + result.command, highlight=False, markup=False, soft_wrap=True)

@@ -7,20 +7,16 @@ import numpy as np
 import typer
 
 from moeplan.cli.apps import app
-from moeplan.cli.common import console, err_console, guarded, print_table
+from moeplan.cli.common import console, err_console, guarded, print_table, report_export
 from moeplan.errors import InputError
-from moeplan.export.common import Export, require_placement, same_rank_replica
-from moeplan.export.eplb import export_eplb
+from moeplan.export.common import require_placement, same_rank_replica
 from moeplan.export.importers import import_eplb, import_sglang_dump, import_sglang_location
-from moeplan.export.megatron import export_megatron
-from moeplan.export.sglang import export_sglang
-from moeplan.export.vllm import export_vllm
+from moeplan.export.registry import EXPORTERS, export_plan, exporter
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan
 
-EXPORT_FORMATS = ("sglang", "eplb", "vllm", "megatron")
 IMPORT_FORMATS = ("sglang", "eplb", "sglang-dump")
 
 
@@ -28,10 +24,9 @@ IMPORT_FORMATS = ("sglang", "eplb", "sglang-dump")
 @guarded
 def export(
     plan_path: Path = typer.Argument(..., metavar="PLAN", help="Plan file (.json)."),
-    fmt: str = typer.Option(..., "--format", "-f", help=f"Target: {', '.join(EXPORT_FORMATS)}."),
+    fmt: str = typer.Option(..., "--format", "-f", help=f"Target: {', '.join(EXPORTERS)}."),
     output: Path = typer.Option(..., "-o", "--output",
-                                help="sglang: .json/.pt file or folder; eplb: folder or .json/.pt stem; "
-                                     "vllm: folder; megatron: .sh file or folder."),
+                                help="; ".join(e.output_help for e in EXPORTERS.values()) + "."),
     model_path: str = typer.Option(None, "--model-path", help="Model path for the command line "
                                                                "(default: the preset's Hugging Face repository)."),
     rebalance_every: int = typer.Option(None, "--rebalance-every", min=1,
@@ -39,27 +34,9 @@ def export(
                                              "(sglang, vllm); default: static placement."),
 ) -> None:
     """Write a plan in a runtime's own format and print the command line that runs it."""
-    if fmt not in EXPORT_FORMATS:
-        raise InputError(f"unknown format {fmt!r}", field="format", fix=f"use one of {', '.join(EXPORT_FORMATS)}")
+    exporter(fmt)
     plan = Plan.load(plan_path)
-    if fmt == "sglang":
-        result = export_sglang(plan, output, model_path, rebalance_every)
-    elif fmt == "vllm":
-        result = export_vllm(plan, output, model_path, rebalance_every)
-    else:
-        if rebalance_every is not None or model_path is not None:
-            raise InputError(f"--rebalance-every and --model-path do not apply to {fmt}", field="format")
-        result = export_eplb(plan, output) if fmt == "eplb" else export_megatron(plan, output)
-    _report(result)
-
-
-def _report(result: Export) -> None:
-    for path in result.files:
-        console.print(f"wrote {path}", highlight=False, markup=False)
-    for note in result.notes:
-        console.print(f"note: {note}", highlight=False, markup=False)
-    if result.command:
-        console.print("\n" + result.command, highlight=False, markup=False, soft_wrap=True)
+    report_export(export_plan(plan, fmt, output, model_path, rebalance_every))
 
 
 @app.command("import")

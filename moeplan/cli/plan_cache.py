@@ -52,7 +52,7 @@ def cache(
     if regroup_requests and not request_tokens:
         raise InputError("--regroup batches requests: give their length", field="request_tokens",
                          fix="add --request-tokens N")
-    problem = CacheProblem(spec, HardwareProfile.resolve(hardware), trace,
+    problem = CacheProblem(CostModel(spec, HardwareProfile.resolve(hardware)), trace,
                            StepShape(phase, batch, request_tokens), policy, context,
                            None if budget_gb is None else budget_gb * 2**30,
                            None if latency_ms is None else latency_ms / 1e3, fit_fraction, stage_slots, max_steps)
@@ -112,7 +112,7 @@ def _regroup(sizing: CacheSizing) -> dict[str, float]:
     regrouped = p.shape.token_index(held.num_tokens, moved.order)[: p.max_steps]
     eb = sizing.budget.expert_bytes
     runs = [evaluate(name, p.policy, sizing.sizes, held, index, sizing.predictor,
-                     model_layer_times(CostModel(p.model, p.hardware), held, index, p.shape.phase, p.context),
+                     model_layer_times(p.cost, held, index, p.shape.phase, p.context),
                      p.shape.batch) for name, index in (("arrival", arrival), ("regrouped", regrouped))]
     out = {**moved.to_dict(), "hit_rate_before": runs[0].to_dict(eb)["hit_rate"],
            "hit_rate_after": runs[1].to_dict(eb)["hit_rate"], "tokens_per_s_before": runs[0].tokens_per_s,

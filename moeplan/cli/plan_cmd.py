@@ -8,33 +8,20 @@ from typing import Any
 import typer
 
 from moeplan.cli.apps import app, plan_app
-from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table
+from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.export.eplb import export_eplb
-from moeplan.export.sglang import export_sglang
+from moeplan.export.registry import EXPORTERS, export_plan
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
-from moeplan.plan import Placement, Plan
+from moeplan.plan import Plan
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
-from moeplan.solvers.placement.metrics import evaluate
-from moeplan.solvers.placement.predict import predict_moe_step
-from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, slots_per_device_of
+from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, placement_plan, placement_quality,
+                                                split_for_judging)
+from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE
 from moeplan.stats import TraceStats
 from moeplan.synth import SyntheticTraffic, synthesize
 from moeplan.trace import RoutingTrace
-
-HOLDOUT = 0.7  # fit on the first 70 % of the trace, judge on the rest: plans serve future traffic
-
-
-def plan_quality(name: str, spec: ModelSpec, hw: HardwareProfile, placement: Placement, trace: RoutingTrace,
-                 tokens_per_device: int) -> dict[str, Any]:
-    """The figures `plan` and `compare` print for one placement on one trace."""
-    metrics = evaluate(placement, trace).summary()
-    predicted = predict_moe_step(spec, hw, placement, trace, tokens_per_device)
-    memory = CostModel(spec, hw).memory(placement.slots_per_device, placement.num_devices,
-                                        batch_tokens_per_device=tokens_per_device)
-    return {"name": name, **metrics, **predicted, "memory_peak_bytes": memory.peak, "memory_fits": memory.fits}
 
 
 def print_quality(title: str, rows: list[dict[str, Any]]) -> None:
@@ -67,18 +54,23 @@ def plan_end_to_end(
     trace_path: Path = typer.Option(None, "--trace", help="Routing trace (.npz); default: synthesise one."),
     tokens: int = typer.Option(50_000, help="Tokens to synthesise when no --trace is given."),
     solver: str = typer.Option("ilp", help=f"Placement solver: {' | '.join(SOLVERS)}."),
-    slots: int = typer.Option(None, help="Physical expert slots over all GPUs (default: experts + one redundant slot "
-                                         "per GPU, as DeepSeek deploys V3: 288 on 32 GPUs)."),
+    slots: int = typer.Option(None, help="Physical expert slots over all GPUs (default: every expert once plus one "
+                                         "redundant slot per GPU when the experts fill the GPUs exactly, within "
+                                         "memory, as DeepSeek deploys V3: 288 on 32 GPUs)."),
     time_limit: float = typer.Option(30.0, help="ILP time limit, seconds."),
-    export: str = typer.Option("sglang", help="Runtime format to export: sglang, eplb or none."),
+    export: str = typer.Option("sglang", help=f"Runtime format to export: {', '.join(EXPORTERS)} or none."),
     out_dir: Path = typer.Option(Path("moeplan-out"), "--out", help="Folder for the trace, plan and exports."),
 ) -> None:
     """Plan expert placement end to end: trace → stats → placement → validate → export, with EPLB
     (what users run today) side by side on held-out traffic. With a subcommand, runs that step alone."""
     if ctx.invoked_subcommand is not None:
         return
+    if export != "none" and export not in EXPORTERS:
+        raise InputError(f"unknown export format '{export}'", field="export",
+                         fix=f"use {', '.join(EXPORTERS)} or none")
     spec = ModelSpec.resolve(model)
     hw = HardwareProfile.resolve(hardware).with_cluster(devices=gpus, nodes=nodes)
+    cost = CostModel(spec, hw)
     out_dir.mkdir(parents=True, exist_ok=True)
     if trace_path is None:
         trace_path = out_dir / f"{spec.name.lower()}-synthetic.npz"
@@ -86,33 +78,29 @@ def plan_end_to_end(
             synthesize(spec, SyntheticTraffic(tokens=tokens)).save(trace_path)
     trace = RoutingTrace.load(trace_path)
     trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))
-    fit, held = trace.split(HOLDOUT)
+    fit, held = split_for_judging(trace, JUDGE_FRACTION)
     with console.status("2/5 trace statistics"):
         stats = TraceStats.of(fit)
         summary = stats.summary()
     console.print(f"trace {trace_path}: {trace.num_tokens:,} tokens; load max/mean {summary['max_over_mean_load_mean']:.2f}, "
                   f"top-1 affinity {summary['top1_affinity_mean']:.3f}, SRP {summary['srp_16']:.3f}; fitted on "
                   f"{fit.num_tokens:,}, judged on {held.num_tokens:,} held-out tokens", highlight=False)
-    per_device = slots_per_device_of(slots if slots is not None else spec.num_experts + hw.num_devices,
-                                     hw.num_devices, spec.num_experts)
-    cost = CostModel(spec, hw)
+    per_device = default_slots(cost, slots, DEFAULT_TOKENS_PER_DEVICE)
     with console.status("3/5 building the placement problem"):
-        problem = PlacementProblem.build(spec, hw, stats, per_device, DEFAULT_TOKENS_PER_DEVICE, cost)
+        problem = PlacementProblem.build(cost, stats, per_device, DEFAULT_TOKENS_PER_DEVICE)
     options = SolverOptions(time_limit=time_limit).validate()
     results = {}
     for name in dict.fromkeys(["eplb", solver]):
         with console.status(f"3/5 solving placement with {name}"):
             results[name] = solve(problem, name, options)
     chosen = results[solver]
-    plan = Plan(model=spec, hardware=hw.name, devices_per_node=hw.devices_per_node, nodes=hw.nodes,
-                placement=chosen.placement, solver={**chosen.report(), "slots_per_device": per_device})
+    tpd = max(1, min(DEFAULT_TOKENS_PER_DEVICE, held.num_tokens // hw.num_devices))
     with console.status("4/5 validating: structure, memory, held-out quality"):
-        plan.validate()
-        memory = cost.memory(per_device, hw.num_devices, batch_tokens_per_device=DEFAULT_TOKENS_PER_DEVICE)
-        memory.check(f"{spec.name} with {per_device} expert slots per GPU")
-        tpd = max(1, min(DEFAULT_TOKENS_PER_DEVICE, held.num_tokens // hw.num_devices))
-        rows = [plan_quality(name, spec, hw, r.placement, held, tpd) for name, r in results.items()]
-    plan = plan.with_(predicted=rows[-1])
+        cost.memory(per_device, hw.num_devices, batch_tokens_per_device=DEFAULT_TOKENS_PER_DEVICE).check(
+            f"{spec.name} with {per_device} expert slots per GPU")
+        plan = placement_plan(problem, cost, chosen.placement, chosen.report(), held, tpd)
+        rows = [{"name": name, **placement_quality(cost, r.placement, held, tpd)}
+                for name, r in results.items() if name != solver] + [{"name": solver, **plan.predicted}]
     plan_path = out_dir / "plan.json"
     plan.save(plan_path)
     print_quality(f"{spec.name} on {hw.num_devices}× {hw.device.name}, {per_device * hw.num_devices} slots "
@@ -123,16 +111,8 @@ def plan_end_to_end(
     console.print(f"wrote {plan_path}")
     if export != "none":
         with console.status(f"5/5 exporting to {export}"):
-            if export == "sglang":
-                result = export_sglang(plan, out_dir / "sglang")
-            elif export == "eplb":
-                result = export_eplb(plan, out_dir / "eplb")
-            else:
-                raise InputError(f"unknown export format '{export}'", field="export", fix="use sglang, eplb or none")
-        for f in result.files:
-            console.print(f"wrote {f}")
-        if result.command:
-            console.print(result.command, highlight=False, soft_wrap=True)
+            result = export_plan(plan, export, out_dir / export)
+        report_export(result)
 
 
 @app.command("compare")
@@ -140,7 +120,8 @@ def plan_end_to_end(
 def compare(
     plans: list[Path] = typer.Argument(..., help="Plan JSON files (moeplan's, or imported with `moeplan import`)."),
     trace_path: Path = typer.Option(..., "--trace", help="Routing trace (.npz) both plans serve."),
-    hardware: str = typer.Option(None, help="Hardware profile (default: the first plan's)."),
+    hardware: str = typer.Option(None, help="Hardware profile name or YAML (default: the one the first plan was "
+                                            "priced with)."),
     tokens_per_device: int = typer.Option(DEFAULT_TOKENS_PER_DEVICE, help="Tokens per GPU per step."),
 ) -> None:
     """Evaluate plans on the same traffic with the cost model: balancedness, devices and nodes touched
@@ -154,13 +135,14 @@ def compare(
                 (first.model.num_experts, first.model.num_moe_layers, first.num_devices):
             raise InputError(f"{p.model.name} on {p.num_devices} devices differs from the first plan's "
                              f"{first.model.name} on {first.num_devices}", source=str(path), field="placement")
-    hw = HardwareProfile.resolve(hardware or first.hardware).with_cluster(devices=first.num_devices, nodes=first.nodes)
+    hw = first.cluster_hardware(hardware, str(plans[0]))
     trace = RoutingTrace.load(trace_path)
     trace.check_model(first.model.num_experts, first.model.num_moe_layers, first.model.top_k, str(trace_path))
     rows = []
     for path, p in zip(plans, loaded):
         with console.status(f"evaluating {path.name}"):
-            rows.append(plan_quality(path.stem, p.model, hw, p.placement, trace, tokens_per_device))
+            rows.append({"name": path.stem, **placement_quality(CostModel(p.model, hw, p.cost_options), p.placement,
+                                                                trace, tokens_per_device)})
     print_quality(f"{first.model.name} on {hw.num_devices}× {hw.device.name}: {trace.num_tokens:,} tokens of "
                   f"{trace_path.name}", rows)
     console.print(f"[dim]{hw.provenance_note()}[/]")

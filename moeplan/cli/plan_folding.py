@@ -8,8 +8,9 @@ from moeplan.solvers.folding import FoldingProblem, FoldingResult, Ranked, solve
 
 from moeplan.cli.apps import plan_app
 from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table
-from moeplan.cost import TrainStep
+from moeplan.parallel_step import TrainStep
 from moeplan.export.megatron import megatron_args
+from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 
@@ -38,7 +39,7 @@ def folding(
     the cost model, and print the ranking, why each runner-up loses, and the Megatron-Core arguments."""
     hw = HardwareProfile.resolve(hardware).with_cluster(devices=gpus, nodes=nodes)
     batch = gbs if gbs is not None else DEFAULT_GLOBAL_BATCH.get(mode, 0)
-    problem = FoldingProblem(ModelSpec.resolve(model), hw, mode, seq, batch, mbs,
+    problem = FoldingProblem(CostModel(ModelSpec.resolve(model), hw), mode, seq, batch, mbs,
                              tp_comm_overlap=tp_comm_overlap).validate()
     result = solve(problem, top=top)
     _print_ranking(result, top)

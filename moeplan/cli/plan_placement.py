@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
-from moeplan.solvers.placement.exflow import traffic_report
 from moeplan.solvers.placement.incremental import replace_incremental
-from moeplan.solvers.placement.metrics import evaluate
-from moeplan.solvers.placement.predict import predict_moe_step
-from moeplan.solvers.placement.problem import (DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS, default_slots_per_device,
-                                               slots_per_device_of)
+from moeplan.solvers.placement.pipeline import JUDGE_FRACTION, default_slots, placement_plan, split_for_judging
+from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
 from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table
@@ -18,6 +16,7 @@ from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
+from moeplan.moves import Move
 from moeplan.plan import Plan
 from moeplan.stats import TraceStats
 from moeplan.trace import RoutingTrace
@@ -45,14 +44,17 @@ def placement(
                                                  "the replicas allow (0 = trade balance for traffic freely)."),
     tokens_per_device: int = typer.Option(DEFAULT_TOKENS_PER_DEVICE, help="Tokens per GPU per step for the "
                                                                           "objective, memory and prediction."),
+    judge_fraction: float = typer.Option(JUDGE_FRACTION, help="Share of the trace (its end) held out: the solver "
+                                                              "fits the rest, the printed and saved figures judge "
+                                                              "the plan on it (0: judge on the fitted tokens)."),
     current: Path = typer.Option(None, help="Re-place this plan's placement incrementally instead of solving "
                                             "from scratch (needs --move-budget)."),
     move_budget: float = typer.Option(None, help="With --current: GiB of expert weights that may move."),
     output: Path = typer.Option(..., "-o", "--output", help="Plan JSON to write."),
 ) -> None:
-    """Solve expert placement for a trace, write a Plan and print its quality: balancedness, devices
-    and nodes touched per token, top-1 hops between layers, predicted MoE time, and the solver's
-    objective, bound, gap and time."""
+    """Solve expert placement for a trace, write a Plan and print its quality on held-out tokens:
+    balancedness, devices and nodes touched per token, top-1 hops between layers, predicted MoE
+    time, and the solver's objective, bound, gap and time."""
     spec = ModelSpec.resolve(model)
     hw = HardwareProfile.resolve(hardware)
     if gpus is not None or nodes is not None:
@@ -67,13 +69,12 @@ def placement(
     options = SolverOptions(time_limit=time_limit, gap=gap, milp=milp,
                             balance_cap=balance_cap if balance_cap > 0 else None).validate()
     cost = CostModel(spec, hw)
-    d = hw.num_devices
-    per_device = (slots_per_device_of(slots, d, spec.num_experts) if slots is not None
-                  else default_slots_per_device(cost, spec.num_experts, d, tokens_per_device))
-    stats = TraceStats.of(trace)
-    with console.status(f"reading the trace's traffic ({trace.num_tokens:,} tokens)"):
-        problem = PlacementProblem.build(spec, hw, stats, per_device, tokens_per_device, cost, flows)
-    moves = None
+    per_device = default_slots(cost, slots, tokens_per_device)
+    fit, judged = split_for_judging(trace, judge_fraction)
+    stats = TraceStats.of(fit)
+    with console.status(f"reading the trace's traffic ({fit.num_tokens:,} tokens)"):
+        problem = PlacementProblem.build(cost, stats, per_device, tokens_per_device, flows)
+    moves: tuple[Move, ...] = ()
     if current is not None:
         base = Plan.load(current)
         if base.placement is None:
@@ -88,19 +89,17 @@ def placement(
             result = solve(problem, solver, options)
         placed, report = result.placement, result.report()
     with console.status("measuring and simulating the placement"):
-        metrics = evaluate(placed, trace, stats=stats)
-        predicted = {**predict_moe_step(spec, hw, placed, trace, tokens_per_device),
-                     **traffic_report(problem, placed)}
-    plan = Plan(model=spec, hardware=hw.name, devices_per_node=hw.devices_per_node, nodes=hw.nodes, placement=placed,
-                moves=moves, solver={**report, "flows": flows, "slots_per_device": per_device},
-                predicted={**metrics.summary(), **predicted})
+        plan = placement_plan(problem, cost, placed, report, judged, tokens_per_device, moves,
+                              "held-out tokens" if judge_fraction > 0 else "the fitted tokens (nothing held out)",
+                              stats if judge_fraction == 0 else None)
     plan.save(output)
-    _print(plan, metrics.summary(), predicted, report, moves)
+    _print(plan, report, current is not None)
     console.print(f"wrote {output}")
 
 
-def _print(plan: Plan, metrics: dict, predicted: dict, report: dict, moves: list | None) -> None:
-    p = plan.placement
+def _print(plan: Plan, report: dict[str, Any], incremental: bool) -> None:
+    p, predicted = plan.placement, plan.predicted
+    metrics = predicted
     rows = [("solver", report["name"]),
             ("GPUs × slots", f"{plan.num_devices} ({plan.nodes} node(s) × {plan.devices_per_node}) × "
                              f"{p.slots_per_device} = {p.num_physical} physical for {p.num_experts} experts"),
@@ -115,8 +114,8 @@ def _print(plan: Plan, metrics: dict, predicted: dict, report: dict, moves: list
             ("objective (s/step)", fmt(report["objective"]))]
     if "bound" in report:
         rows += [("proved lower bound (s/step)", fmt(report["bound"])), ("gap", f"{100 * report['gap']:.2f}%")]
-    if moves is not None:
-        rows += [("moves", f"{len(moves)} ({human_bytes(report['bytes_moved'])})"),
+    if incremental:
+        rows += [("moves", f"{len(plan.moves)} ({human_bytes(report['bytes_moved'])})"),
                  ("balancedness before", report["balancedness_before"])]
     rows.append(("solver time", human_seconds(report["seconds"])))
     rows += [("cross-device hops per token per layer (of top-k rows)", predicted["cross_device_hops_per_token_layer"]),
@@ -124,5 +123,6 @@ def _print(plan: Plan, metrics: dict, predicted: dict, report: dict, moves: list
               f"{human_bytes(predicted['alltoall_bytes_per_step_ep'])} → "
               f"{human_bytes(predicted['alltoall_bytes_per_step_coherent'])}")]
     print_table(f"{plan.model.name}: expert placement", ["quantity", "value"], rows)
-    for note in list(report.get("notes", [])) + list(metrics.get("notes", [])) + list(predicted.get("notes", [])):
+    rows.append(("judged on", f"{predicted['judged_tokens']:,} {predicted['judged_on']}"))
+    for note in list(report.get("notes", [])) + list(predicted.get("notes", [])):
         console.print(f"[dim]note: {note}[/]", highlight=False)

@@ -13,6 +13,7 @@ from moeplan.solvers.elastic.step import DEFAULT_TRADEOFF_TARGETS, ScalingStep
 
 from moeplan.cli.apps import plan_app
 from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table
+from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
@@ -29,7 +30,7 @@ def scale(
     to: int = typer.Option(None, "--to", help="Devices after the step."),
     to_nodes: int = typer.Option(None, "--to-nodes", help="Whole nodes after the step (instead of --to)."),
     model: str = typer.Option(None, help="Model preset or config.json (default: the plan's model)."),
-    hardware: str = typer.Option(None, help="Hardware profile name or YAML (default: the plan's, else h100-sxm)."),
+    hardware: str = typer.Option(None, help="Hardware profile name or YAML (default: the one the plan was priced with)."),
     balance: float = typer.Option(DEFAULT_BALANCE_TARGET, help="Max / mean device load each layer should stay within."),
     slots: int = typer.Option(None, help="Expert slots per device after the step (default: every expert once, "
                                          "+1 redundant per device when the experts fill the devices exactly)."),
@@ -57,7 +58,7 @@ def scale(
     if spec.num_experts != plan.model.num_experts or spec.num_moe_layers != plan.model.num_moe_layers:
         raise InputError(f"--model {model} has {spec.num_moe_layers} MoE layers × {spec.num_experts} experts, the "
                          f"plan's model {plan.model.num_moe_layers} × {plan.model.num_experts}", field="model")
-    hw = HardwareProfile.resolve(hardware or _plan_hardware(plan))
+    hw = plan.hardware_profile(hardware, str(plan_path))
     if (to is None) == (to_nodes is None):
         raise InputError("give exactly one of --to (devices) and --to-nodes", field="to")
     if to_nodes is not None and to_nodes < 1:
@@ -69,9 +70,10 @@ def scale(
     new_cluster = hw.with_cluster(devices=target)
     trace = RoutingTrace.load(trace_path)
     trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))
-    problem = ScalingProblem.build(spec, hw, plan.placement, TraceStats.of(trace).load, target, slots, balance,
+    cost = CostModel(spec, hw, plan.cost_options)
+    problem = ScalingProblem.build(cost, plan.placement, TraceStats.of(trace).load, target, slots, balance,
                                    tokens_per_device, kv_tokens)
-    costs = TransferCosts.of(spec, hw, restart_overhead)
+    costs = TransferCosts.of(cost, restart_overhead)
     step = plan_scaling(problem, costs, plan.placement, method)
     _print_step(step, spec, hw)
     if show_tradeoff:
@@ -83,13 +85,8 @@ def scale(
                       f"{r.worst_layer_after:.3f}", r.transfers, human_bytes(r.bytes_moved), human_seconds(r.seconds),
                       r.peak_extra_slots, r.fits) for r in rows])
     if output:
-        step.to_plan(spec, hw.name, new_cluster.devices_per_node).save(output)
+        step.to_plan(spec, hw.ref(), new_cluster.devices_per_node, plan.cost_options).save(output)
         console.print(f"wrote {output}")
-
-
-def _plan_hardware(plan: Plan) -> str:
-    """The plan's hardware when it names a bundled profile, else h100-sxm."""
-    return plan.hardware if plan.hardware in HardwareProfile.bundled() else "h100-sxm"
 
 
 def _print_step(step: ScalingStep, spec: ModelSpec, hw: HardwareProfile) -> None:

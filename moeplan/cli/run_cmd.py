@@ -16,6 +16,7 @@ multi-rank runtime is launched with torchrun instead: ``python -m moeplan.runtim
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,8 @@ import typer
 
 from moeplan.cli.apps import app
 from moeplan.cli.common import console, guarded, print_table
-from moeplan.cost import CostModel, CostOptions
+from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.plan import Plan
 from moeplan.trace import RoutingTrace
@@ -47,7 +47,8 @@ def run(
     repeats: int = typer.Option(10, "--repeats", help="Timed runs (the median is reported, min and max kept)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
     layers: str = typer.Option(None, "--layers", help="Comma-separated MoE-layer indices (default: all)."),
-    hardware: str = typer.Option(None, "--hardware", help="Hardware profile for the prediction (default: the plan's)."),
+    hardware: str = typer.Option(None, "--hardware", help="Hardware profile name or YAML for the prediction "
+                                                          "(default: the one the plan was priced with)."),
     device: str = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when present)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and activations."),
     output: Path = typer.Option(None, "-o", "--output", help="Write the measurements and predictions as JSON."),
@@ -73,8 +74,8 @@ def run(
     trace = RoutingTrace.load(trace_path)
     m = plan.model
     trace.check_model(m.num_experts, m.num_moe_layers, m.top_k, str(trace_path))
-    hw = HardwareProfile.resolve(hardware or plan.hardware)
-    cost = CostModel(m, hw, CostOptions(kernel=kernel))
+    hw = plan.cluster_hardware(hardware, str(plan_path))
+    cost = CostModel(m, hw, replace(plan.cost_options, kernel=kernel))
     dev = _device(device, torch)
     dtype = default_dtype(dev)
     chosen = parse_layers(layers, m.num_moe_layers)
@@ -110,7 +111,6 @@ def _offload(cache_plan: Path | None, trace_path: Path | None, hardware: str | N
     """``--offload``: measure the cache plan on this device and print it beside the prediction."""
     from moeplan.runtime.offload import measure_offload
     from moeplan.runtime.stack import default_dtype
-    from moeplan.solvers.cache import CacheConfig
     from moeplan.synth import SyntheticTraffic, synthesize
 
     if cache_plan is None:
@@ -121,13 +121,13 @@ def _offload(cache_plan: Path | None, trace_path: Path | None, hardware: str | N
     if plan.cache is None:
         raise InputError("the plan has no cache section", source=str(cache_plan), field="cache",
                          fix="plan one with 'moeplan plan cache'")
-    config = CacheConfig.from_dict(plan.cache, plan.model, str(cache_plan))
+    config = plan.cache
     m = plan.model
     trace = (RoutingTrace.load(trace_path) if trace_path else
              synthesize(m, SyntheticTraffic(tokens=max(20_000, int(2 * steps * config.batch / (1 - config.fit_fraction))),
                                             seed=seed)))
     dev = _device(device, torch)
-    report = measure_offload(plan, config, trace, HardwareProfile.resolve(hardware or plan.hardware), steps, warmup,
+    report = measure_offload(plan, config, trace, plan.hardware_profile(hardware, str(cache_plan)), steps, warmup,
                              kernel, dev, default_dtype(dev), seed, str(cache_plan))
     report.update(command="moeplan run --offload", cache_plan=str(cache_plan),
                   trace=str(trace_path) if trace_path else "synthetic (moeplan.synth defaults)")

@@ -1,13 +1,14 @@
 """``moeplan simulate``: replay a trace through a plan with the cost model."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from moeplan.cli.apps import app
 from moeplan.cli.common import console, guarded, human_seconds, print_table
-from moeplan.cost import CostOptions
+from moeplan.cost import CostModel, CostOptions
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
@@ -23,13 +24,15 @@ def simulate_cmd(
     trace_path: Path = typer.Option(..., "--trace", help="Routing trace (.npz)."),
     plan_path: Path = typer.Option(None, "--plan", help="Plan JSON; default: contiguous placement (the runtime default)."),
     model: str = typer.Option(None, help="Model preset or config.json (default: the plan's model, else deepseek-v3)."),
-    hardware: str = typer.Option("h100-sxm", help="Hardware profile name or YAML."),
+    hardware: str = typer.Option(None, help="Hardware profile name or YAML (default: the one the plan was priced "
+                                            "with; without a plan, h100-sxm)."),
     gpus: int = typer.Option(None, help="Devices (default: the plan's cluster, else 8)."),
     nodes: int = typer.Option(None, help="Nodes (default: filled from the profile's devices per node)."),
     phase: str = typer.Option("prefill", help="prefill or decode."),
     tokens_per_device: int = typer.Option(None, help="Tokens per device per step (default 4096 prefill, 128 decode)."),
     context: int = typer.Option(4096, help="Sequence length (prefill) or KV-cache length (decode)."),
-    kernel: str = typer.Option("grouped", help="Expert kernel the runtime uses: grouped or loop."),
+    kernel: str = typer.Option(None, help="Expert kernel the runtime uses: grouped or loop (default: the plan's, "
+                                          "else grouped)."),
     overlap: bool = typer.Option(False, help="Overlap dispatch with expert compute."),
     exflow: bool = typer.Option(False, help="Context-coherent execution (ExFlow): tokens stay where their last expert ran."),
     output: Path = typer.Option(None, "-o", "--output", help="Write the full result as JSON."),
@@ -42,7 +45,10 @@ def simulate_cmd(
         raise InputError(f"--model {model} has {spec.num_experts} experts, the plan's model {plan.model.num_experts}",
                          field="model")
     devices = gpus or (plan.num_devices if plan else 8)
-    hw = HardwareProfile.resolve(hardware).with_cluster(devices=devices, nodes=nodes or (plan.nodes if plan and not gpus else None))
+    profile = plan.hardware_profile(hardware, str(plan_path)) if plan else HardwareProfile.resolve(hardware or "h100-sxm")
+    hw = profile.with_cluster(devices=devices, nodes=nodes or (plan.nodes if plan and not gpus else None))
+    base = plan.cost_options if plan else CostOptions()
+    kernel = kernel or base.kernel
     trace = RoutingTrace.load(trace_path)
     trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))
     if plan and plan.placement is not None:
@@ -50,8 +56,8 @@ def simulate_cmd(
     else:
         placement = contiguous_placement(spec.num_moe_layers, spec.num_experts, hw.num_devices, hw.devices_per_node)
     tpd = tokens_per_device or (4096 if phase == "prefill" else 128)
-    result = simulate(spec, hw, placement, trace, Workload(phase, tpd, context),
-                      CostOptions(kernel=kernel, overlap=overlap, exflow=exflow))
+    cost = CostModel(spec, hw, replace(base, kernel=kernel, overlap=overlap, exflow=exflow))
+    result = simulate(cost, placement, trace, Workload(phase, tpd, context))
     s = result.summary()
     rows = [("batches replayed", f"{s['batches']} × {tpd} tokens/device × {hw.num_devices} devices"),
             ("step time (mean)", human_seconds(s["step_seconds"])),
@@ -61,6 +67,7 @@ def simulate_cmd(
             ("    combine all-to-all", human_seconds(s["combine_seconds"])),
             ("    straggler wait (slowest − mean)", human_seconds(s["straggler_wait_seconds"])),
             ("  attention", human_seconds(s["attention_seconds"])), ("  dense FFN layers", human_seconds(s["dense_seconds"])),
+            ("  norms", human_seconds(s["norms_seconds"])), ("  LM head", human_seconds(s["head_seconds"])),
             ("throughput", f"{s['tokens_per_second']:,.0f} tokens/s"),
             ("balancedness (max/mean device load)", f"{s['balancedness']:.3f}"),
             ("token-choices crossing devices", f"{100 * s['cross_device_fraction']:.1f}%"),

@@ -100,7 +100,7 @@ def _cluster(hardware: HardwareProfile, devices: int | None) -> HardwareProfile:
 
 
 def _plan(model: ModelSpec, hardware: HardwareProfile, placement: Placement, fmt: str, source: str) -> Plan:
-    plan = Plan(model=model, hardware=hardware.name, devices_per_node=hardware.devices_per_node,
+    plan = Plan(model=model, hardware=hardware.ref(), devices_per_node=hardware.devices_per_node,
                 nodes=hardware.nodes, placement=placement, solver={"name": f"import:{fmt}", "source": source},
                 notes=f"imported from {fmt} ({source}); replicas share their expert's tokens equally")
     return plan.validate(source)

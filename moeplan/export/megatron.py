@@ -1,22 +1,8 @@
 """Megatron-Core: the command-line arguments of a plan's parallel mapping and expert parallelism.
 
-``Plan.parallel`` (written by the parallel-folding solver, read here and by the SGLang and vLLM
-exporters) is a dict with exactly these keys::
-
-    {
-      "attention": {"tp": int, "cp": int, "dp": int, "pp": int},  # attention / dense layers
-      "moe":       {"etp": int, "ep": int, "edp": int},           # MoE layers (optional "pp" = attention pp)
-      "vpp": int,                   # optional: virtual pipeline stages per pipeline rank (1 = none)
-      "micro_batch": int,           # optional: sequences per micro-batch per DP rank
-      "global_batch": int,          # optional: sequences per optimizer step
-      "recompute": bool,            # optional: full activation recomputation of every layer
-      "distributed_optimizer": bool,# optional: shard optimizer state over DP
-      "seq_len": int,               # optional: tokens per sequence (Megatron --seq-length)
-      "sequence_parallel": bool,    # optional: default tp > 1 (MoE with TP needs it)
-      "mode": "train" | "serve"     # optional: what the folding solver optimised for
-    }
-
-All sizes are ≥ 1. Megatron's rules (``megatron/core/parallel_state.py::initialize_model_parallel``,
+``Plan.parallel`` is a :class:`~moeplan.parallel.ParallelLayout` (written by the
+parallel-folding solver, read here and by the SGLang and vLLM exporters; its file format is in
+:mod:`moeplan.parallel`). All sizes are ≥ 1. Megatron's rules (``megatron/core/parallel_state.py::initialize_model_parallel``,
 ``megatron/training/arguments.py``; NVIDIA/Megatron-LM tag ``core_v0.15.0`` and HEAD ``d98e8a64``):
 
 * attention ranks ``tp × cp × dp × pp`` = world = the plan's devices; MoE ranks
@@ -38,102 +24,49 @@ A placement plan without a parallel mapping exports only its expert-parallel arg
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from moeplan.cost import ParallelMapping
 from moeplan.errors import InputError
 from moeplan.export.common import Export, arg_lines, output_file, shell_command
-from moeplan.io import Fields, write_text
+from moeplan.io import write_text
 from moeplan.model import ModelSpec
+from moeplan.parallel import ParallelLayout
 from moeplan.plan import Placement, Plan
 
-ATTENTION_KEYS = ("tp", "cp", "dp", "pp")
-MOE_KEYS = ("etp", "ep", "edp", "pp")
-TOP_KEYS = ("attention", "moe", "vpp", "micro_batch", "global_batch", "recompute", "distributed_optimizer",
-            "seq_len", "sequence_parallel", "mode")
+def check_layout(layout: ParallelLayout, model: ModelSpec, devices: int, source: str) -> None:
+    """Megatron's own assertions for ``layout`` of ``model`` on ``devices`` GPUs (module docstring)."""
+    def bad(fld: str, message: str, fix: str = "") -> InputError:
+        return InputError(message, source=source, field=f"parallel.{fld}", fix=fix)
 
-
-@dataclass(frozen=True)
-class ParallelLayout(ParallelMapping):
-    """``Plan.parallel`` as typed sizes: the cost model's :class:`ParallelMapping` plus the schedule
-    and serving settings a plan carries (see the module docstring)."""
-
-    micro_batch: int | None = None
-    global_batch: int | None = None
-    recompute: bool = False
-    distributed_optimizer: bool = False
-    seq_len: int | None = None
-    sequence_parallel: bool = False
-    mode: str = "train"
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str) -> "ParallelLayout":
-        f = Fields(data, source, "parallel.")
-        _no_unknown(f, TOP_KEYS)
-        att, moe = f.sub("attention"), f.sub("moe")
-        _no_unknown(att, ATTENTION_KEYS)
-        _no_unknown(moe, MOE_KEYS)
-        pp = att.int("pp", minimum=1)
-        if moe.has("pp") and moe.int("pp", minimum=1) != pp:
-            raise moe.fail("pp", f"is {moe.int('pp')}, attention pp is {pp}: both layer kinds share the pipeline")
-        layout = cls(tp=att.int("tp", minimum=1), cp=att.int("cp", minimum=1), dp=att.int("dp", minimum=1), pp=pp,
-                     etp=moe.int("etp", minimum=1), ep=moe.int("ep", minimum=1), edp=moe.int("edp", minimum=1),
-                     vpp=f.int("vpp", 1, minimum=1),
-                     micro_batch=f.int("micro_batch", minimum=1) if f.has("micro_batch") else None,
-                     global_batch=f.int("global_batch", minimum=1) if f.has("global_batch") else None,
-                     recompute=f.bool("recompute", False),
-                     distributed_optimizer=f.bool("distributed_optimizer", False),
-                     seq_len=f.int("seq_len", minimum=1) if f.has("seq_len") else None,
-                     sequence_parallel=f.bool("sequence_parallel", att.int("tp", minimum=1) > 1),
-                     mode=f.str("mode", "train", choices=("train", "serve")))
-        if layout.expert_world != layout.world:
-            raise f.fail("moe", f"etp×ep×edp×pp = {layout.etp}×{layout.ep}×{layout.edp}×{pp} differs from "
-                                f"attention tp×cp×dp×pp = {layout.world}",
-                         "MoE and attention layers fold onto the same ranks")
-        return layout
-
-    def check(self, model: ModelSpec, devices: int, source: str) -> None:
-        """Megatron's own assertions for this model on ``devices`` GPUs (module docstring)."""
-        def bad(fld: str, message: str, fix: str = "") -> InputError:
-            return InputError(message, source=source, field=f"parallel.{fld}", fix=fix)
-
-        if self.world != devices:
-            raise bad("attention", f"tp×cp×dp×pp = {self.world}, the plan has {devices} devices")
-        if model.num_experts % self.ep:
-            raise bad("moe.ep", f"{model.num_experts} experts are not a multiple of ep {self.ep}")
-        if model.attention.num_heads % self.tp:
-            raise bad("attention.tp", f"{model.attention.num_heads} attention heads do not split over tp {self.tp}")
-        groups = model.attention.num_kv_heads
-        if model.attention.kind == "gqa" and groups % self.tp and self.tp % groups:
-            raise bad("attention.tp", f"{groups} query groups are neither a multiple nor a divisor of tp {self.tp}")
-        if model.expert_bias and self.etp != 1:
-            raise bad("moe.etp", "experts with biases need expert tensor parallelism 1")
-        if model.num_layers % self.pp:
-            raise bad("attention.pp", f"{model.num_layers} layers do not split evenly over pp {self.pp}",
-                      "choose pp dividing num_layers (uneven first/last stages are set by hand in Megatron)")
-        if self.vpp > 1:
-            if self.pp < 2:
-                raise bad("vpp", "virtual pipeline stages need pp > 1")
-            if (model.num_layers // self.pp) % self.vpp:
-                raise bad("vpp", f"{model.num_layers // self.pp} layers per pipeline stage do not split into "
-                                 f"{self.vpp} virtual stages")
-        if self.seq_len is not None and self.cp > 1 and self.seq_len % (2 * self.cp):
-            raise bad("seq_len", f"{self.seq_len} tokens are not a multiple of 2·cp = {2 * self.cp}")
-        if self.global_batch is not None:
-            micro = self.micro_batch or 1
-            if self.global_batch % (micro * self.dp):
-                raise bad("global_batch", f"{self.global_batch} is not a multiple of micro_batch×dp = "
-                                          f"{micro}×{self.dp}")
-
-
-def _no_unknown(f: Fields, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(f.data) - set(allowed))
-    if unknown:
-        raise f.fail(unknown[0], "unknown key", f"allowed here: {', '.join(allowed)}")
+    if layout.world != devices:
+        raise bad("attention", f"tp×cp×dp×pp = {layout.world}, the plan has {devices} devices")
+    if model.num_experts % layout.ep:
+        raise bad("moe.ep", f"{model.num_experts} experts are not a multiple of ep {layout.ep}")
+    if model.attention.num_heads % layout.tp:
+        raise bad("attention.tp", f"{model.attention.num_heads} attention heads do not split over tp {layout.tp}")
+    groups = model.attention.num_kv_heads
+    if model.attention.kind == "gqa" and groups % layout.tp and layout.tp % groups:
+        raise bad("attention.tp", f"{groups} query groups are neither a multiple nor a divisor of tp {layout.tp}")
+    if model.expert_bias and layout.etp != 1:
+        raise bad("moe.etp", "experts with biases need expert tensor parallelism 1")
+    if model.num_layers % layout.pp:
+        raise bad("attention.pp", f"{model.num_layers} layers do not split evenly over pp {layout.pp}",
+                  "choose pp dividing num_layers (uneven first/last stages are set by hand in Megatron)")
+    if layout.vpp > 1:
+        if layout.pp < 2:
+            raise bad("vpp", "virtual pipeline stages need pp > 1")
+        if (model.num_layers // layout.pp) % layout.vpp:
+            raise bad("vpp", f"{model.num_layers // layout.pp} layers per pipeline stage do not split into "
+                             f"{layout.vpp} virtual stages")
+    if layout.seq_len is not None and layout.cp > 1 and layout.seq_len % (2 * layout.cp):
+        raise bad("seq_len", f"{layout.seq_len} tokens are not a multiple of 2·cp = {2 * layout.cp}")
+    if layout.global_batch is not None:
+        micro = layout.micro_batch or 1
+        if layout.global_batch % (micro * layout.dp):
+            raise bad("global_batch", f"{layout.global_batch} is not a multiple of micro_batch×dp = "
+                                      f"{micro}×{layout.dp}")
 
 
 def megatron_placement(num_layers: int, num_experts: int, ep: int, devices_per_node: int) -> Placement:
@@ -182,9 +115,9 @@ def megatron_args(plan: Plan) -> list[str]:
         raise InputError("the plan has neither a parallel mapping nor a placement", field="parallel",
                          fix="solve a parallel folding or a placement first")
     model = plan.model
-    layout = ParallelLayout.from_dict(plan.parallel, "plan") if plan.parallel is not None else None
+    layout = plan.parallel
     if layout is not None:
-        layout.check(model, plan.num_devices, "plan")
+        check_layout(layout, model, plan.num_devices, "plan")
     ep = layout.ep if layout is not None else plan.num_devices
     if plan.placement is not None:
         check_placement(plan.placement, "plan")
@@ -245,7 +178,7 @@ def export_megatron(plan: Plan, out: Path) -> Export:
         launcher += ["--node-rank", "$NODE_RANK", "--master-addr", "$MASTER_ADDR", "--master-port", "6000"]
     command = shell_command([*launcher, "pretrain_gpt.py"] + args)
     notes = ["Megatron places experts contiguously by EP rank with no replicas"]
-    layout = ParallelLayout.from_dict(plan.parallel, "plan") if plan.parallel is not None else None
+    layout = plan.parallel
     if layout is not None and layout.tp > 1 and not layout.sequence_parallel:
         notes.append("the plan turns sequence parallelism off with tp > 1: Megatron warns for MoE (older releases "
                      "refuse to start)")

@@ -50,7 +50,6 @@ import numpy as np
 from moeplan.errors import InputError
 from moeplan.export.common import Export, hf_model_path, output_file, require_placement, same_rank_replica, \
     shell_command
-from moeplan.export.megatron import ParallelLayout
 from moeplan.io import atomic_open, write_text
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan
@@ -146,7 +145,7 @@ def _attention_dp(plan: Plan, devices: int) -> int:
     """Attention DP of the plan's parallel mapping (1 without one), checked against SGLang's layout."""
     if plan.parallel is None:
         return 1
-    layout = ParallelLayout.from_dict(plan.parallel, "plan")
+    layout = plan.parallel
     if layout.pp != 1 or layout.cp != 1:
         raise InputError(f"SGLang export covers pp = cp = 1 (one EP group over the TP group); the plan has "
                          f"pp={layout.pp}, cp={layout.cp}", field="parallel.attention")

@@ -33,7 +33,6 @@ import numpy as np
 from moeplan.errors import InputError
 from moeplan.export.common import Export, hf_model_path, require_placement, shell_command
 from moeplan.export.eplb import EplbTensors
-from moeplan.export.megatron import ParallelLayout
 from moeplan.io import write_text
 from moeplan.model import ModelSpec
 from moeplan.plan import Placement, Plan
@@ -64,7 +63,7 @@ def parallel_sizes(plan: Plan, devices: int) -> tuple[int, int]:
     """(tensor-parallel, data-parallel) sizes with TP × DP = the placement's devices (the EP size)."""
     if plan.parallel is None:
         return 1, devices
-    layout = ParallelLayout.from_dict(plan.parallel, "plan")
+    layout = plan.parallel
     if layout.pp != 1 or layout.cp != 1:
         raise InputError(f"vLLM export covers pp = cp = 1 (EP over TP×DP); the plan has pp={layout.pp}, "
                          f"cp={layout.cp}", field="parallel.attention")

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from moeplan.errors import InputError
-from moeplan.io import write_json
 from moeplan.plan import Plan
 from moeplan.runtime.batches import BatchSource
-from moeplan.runtime.comm import Comm
+from moeplan.runtime.comm import Comm, run_ranks
 from moeplan.runtime.serving import Migrate, serve
 from moeplan.runtime.stack import MoEStack, check_placement, parse_layers
 from moeplan.trace import RoutingTrace
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
         if new.placement is None:
             raise InputError("the new plan has no placement", source=args.new_plan, field="placement")
         check_placement(plan.model, new.placement, comm.world, args.new_plan)
-        migrate = Migrate(new.placement, args.migrate_after, args.experts_per_step)
+        migrate = Migrate(new.placement, args.migrate_after, args.experts_per_step, moves=new.moves)
     if args.batches < 1:
         raise InputError(f"must be ≥ 1, got {args.batches}", field="batches")
     layers = parse_layers(args.layers, plan.model.num_moe_layers)
@@ -92,19 +91,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    comm = Comm.from_env()
-    try:
-        report = run(args, comm)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        comm.close()
-    if comm.rank == 0:
-        if args.output:
-            write_json(args.output, report)
-        print(summary(report))
-    return 0
+    return run_ranks(lambda comm: run(args, comm), args.output, summary)
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -4,11 +4,16 @@ World size 1 needs no process group: every exchange is the identity."""
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from moeplan.errors import InputError
+from moeplan.io import write_json
 
 
 @dataclass(frozen=True)
@@ -90,3 +95,23 @@ class Comm:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def run_ranks(work: Callable[[Comm], dict[str, Any]], output: str | None,
+              summary: Callable[[dict[str, Any]], str]) -> int:
+    """The body of a ``python -m moeplan.runtime…`` entry point under torchrun: join the group,
+    run ``work`` on every rank, leave the group; rank 0 writes the report to ``output`` (JSON)
+    and prints ``summary(report)``. Exit status 2 with the message on bad input, else 0."""
+    comm = Comm.from_env()
+    try:
+        report = work(comm)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        comm.close()
+    if comm.rank == 0:
+        if output:
+            write_json(output, report)
+        print(summary(report))
+    return 0

@@ -8,16 +8,16 @@ rank). Standby ranks hold no experts and receive no tokens; the active ranks' al
 a process subgroup of exactly the active ranks (:class:`ActiveComm`; every subgroup a run needs is
 created up front, as process-group creation is collective).
 
-A scaling step follows the planner's schedule (:mod:`moeplan.solvers.elastic`): device ``i`` of
-the step's union index space is the ``i``-th rank of the old active set, then the joining ranks in
-order; leaving ranks are the last of the old set. :class:`ElasticMigration` reuses
-:class:`~moeplan.runtime.migration.LiveMigration`'s machinery unchanged — ``rounds_per_batch`` rounds of the
-schedule between two batches, point-to-point transfers on the full group, staging,
-checksums, an all-ranks status flag, commit or roll back everywhere — and replaces only how moves
-are found (from the schedule, across the two active sets) and what commit builds (the new active
-set's slot stacks, which rebinds every staying rank's stack to the new subgroup; a joining rank
-builds its stack there, its non-expert weights — routers, shared experts — materialised locally,
-its routed experts the ones it received).
+A scaling step executes a scaling plan's moves (``moeplan plan scale``, or
+:func:`moeplan.solvers.elastic.scaling_plans`; the runtime plans nothing): device ``i`` of the
+step's union index space is the ``i``-th rank of the old active set, then the joining ranks in
+order; leaving ranks are the last of the old set. :func:`elastic_migration` builds a
+:class:`~moeplan.runtime.migration.LiveMigration` with those moves mapped to global ranks —
+``rounds_per_batch`` move rounds between two batches, point-to-point transfers on the full
+group, staging, checksums, an all-ranks status flag, commit or roll back everywhere — whose
+commit builds the new active set's slot stacks; the loop then rebinds every staying rank's stack
+to the new subgroup, and a joining rank builds its stack there (non-expert weights — routers,
+shared experts — materialised locally, routed experts the ones it received).
 
 :func:`run_elastic` serves a list of batches through a sequence of scaling steps, records every
 batch in a :class:`~moeplan.runtime.ledger.BatchLedger` with the *epoch* (committed steps so far)
@@ -30,27 +30,24 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from moeplan.solvers.elastic import MoveSchedule, ScalingProblem, TransferCosts, plan_scaling
 
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.io import write_json
 from moeplan.model import ModelSpec
+from moeplan.moves import Move, check_moves
 from moeplan.plan import Placement, Plan
 from moeplan.runtime.batches import BatchSource
-from moeplan.runtime.comm import Comm
+from moeplan.runtime.comm import Comm, run_ranks
 from moeplan.runtime.ledger import BatchLedger, LedgerError
-from moeplan.runtime.migration import LiveMigration, Move
+from moeplan.runtime.migration import LiveMigration
 from moeplan.runtime.stack import MoEStack, check_placement, default_dtype
 from moeplan.runtime.timing import synchronize
 from moeplan.runtime.weights import LocalExperts
-from moeplan.stats import TraceStats
 from moeplan.trace import RoutingTrace
 
 
@@ -119,15 +116,16 @@ class ExpertHolder:
 class ScaleStep:
     """Scale from the active set ``from_active`` to ``to_active`` (global ranks) after the batch at
     position ``after`` (a step whose ``from_active`` is not the active set then — an earlier step
-    rolled back — is skipped): ``placement`` over ``to_active``, ``schedule`` the planner's moves (union index space: the old
-    active ranks, then the joining ones); ``rounds_per_batch`` schedule rounds run between two
-    batches. ``fault_at_chunk``: test hook (LiveMigration's ``fault_at_step``)."""
+    rolled back — is skipped): ``placement`` over ``to_active``, ``moves`` the scaling plan's
+    moves (union index space: the old active ranks, then the joining ones); ``rounds_per_batch``
+    move rounds run between two batches. ``fault_at_chunk``: test hook (LiveMigration's
+    ``fault_at_step``)."""
 
     after: int
     from_active: tuple[int, ...]
     to_active: tuple[int, ...]
     placement: Placement
-    schedule: MoveSchedule
+    moves: tuple[Move, ...]
     rounds_per_batch: int = 1
     fault_at_chunk: int | None = None
 
@@ -142,61 +140,25 @@ def union_ranks(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(old) + tuple(r for r in new[keep:] if r not in old)
 
 
-class ElasticMigration(LiveMigration):
-    """One scaling step run as a live re-placement (module docstring). LiveMigration's
-    constructor is not called (it diffs two placements over one device set); this one sets the
-    same attributes from the schedule, so ``step``, ``_transfer`` and ``report`` run unchanged."""
-
-    def __init__(self, holder: ExpertHolder, step: ScaleStep) -> None:
-        check_placement(holder.model, step.placement, len(step.to_active), source="scaling step")
-        ranks = union_ranks(step.from_active, step.to_active)
-        layers = set(holder.layers)
-        transfers = [[Move(t.layer, t.expert, ranks[t.src], t.src_slot, ranks[t.dst], t.dst_slot)
-                      for t in chunk if t.layer in layers] for chunk in step.schedule.by_round()]
-        local = [Move(c.layer, c.expert, ranks[c.device], c.src_slot, ranks[c.device], c.dst_slot)
-                 for c in step.schedule.local_copies if c.layer in layers]
-        self.stack = holder   # type: ignore[assignment]  (LiveMigration reads comm, model, experts, dtype, device)
-        self.new = step.placement
-        self.to_active = step.to_active
-        if step.rounds_per_batch < 1:
-            raise InputError(f"must be ≥ 1, got {step.rounds_per_batch}", field="rounds_per_batch")
-        self.moves = [m for chunk in transfers for m in chunk] + local
-        rounds = [c for c in transfers if c]
-        k = step.rounds_per_batch
-        self.chunks = [[m for r in rounds[i:i + k] for m in r] for i in range(0, len(rounds), k)]
-        self.fault_at_step = step.fault_at_chunk
-        self.staged: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.state = "running"
-        self.steps_done = 0
-        self.failure = ""
-        self.bytes_sent = self.bytes_received = 0
-        self.transfer_seconds = 0.0
-        self.built: dict[int, LocalExperts] = {}
-
-    def _commit(self) -> None:
-        """Build this rank's slot stacks of the new placement (nothing on a rank that is not in
-        the new active set); the caller installs them."""
-        holder, rank = self.stack, self.stack.comm.rank
-        if rank in self.to_active:
-            index = self.to_active.index(rank)
-            local = {(m.layer, m.dst_slot): m.src_slot for m in self.moves if m.src == m.dst == rank}
-            for layer in holder.layers:
-                slots = [int(e) for e in self.new.slot_expert[layer, index]]
-                h, f = holder.model.hidden_size, holder.model.expert_ffn
-                w13 = torch.empty(len(slots), 2 * f, h, dtype=holder.dtype, device=holder.device)
-                w2 = torch.empty(len(slots), h, f, dtype=holder.dtype, device=holder.device)
-                for s in range(len(slots)):
-                    if (layer, s) in self.staged:
-                        a, b = self.staged[(layer, s)]
-                    else:
-                        old = holder.experts[layer]
-                        src = local.get((layer, s), s)
-                        a, b = old.w13[src], old.w2[src]
-                    w13[s].copy_(a)
-                    w2[s].copy_(b)
-                self.built[layer] = LocalExperts(slots, w13, w2)
-        self.staged.clear()
-        self.state = "committed"
+def elastic_migration(holder: ExpertHolder, step: ScaleStep) -> LiveMigration:
+    """One scaling step run as a live re-placement (module docstring): the plan's moves mapped
+    from the step's union index space to global ranks, ``rounds_per_batch`` rounds per chunk,
+    nothing installed on commit (the caller rebinds the stacks to the new active set)."""
+    check_placement(holder.model, step.placement, len(step.to_active), source="scaling step")
+    if step.rounds_per_batch < 1:
+        raise InputError(f"must be ≥ 1, got {step.rounds_per_batch}", field="rounds_per_batch")
+    ranks = union_ranks(step.from_active, step.to_active)
+    layers = set(holder.layers)
+    moves = [replace(m, src=ranks[m.src], dst=ranks[m.dst]) for m in step.moves
+             if m.kind != "bring_up" and m.layer in layers]
+    transfers = [m for m in moves if m.is_transfer]
+    rounds = sorted({m.round for m in transfers})
+    k = step.rounds_per_batch
+    chunks = [[m for m in transfers if m.round in rounds[i:i + k]] for i in range(0, len(rounds), k)]
+    rank = holder.comm.rank
+    new_rank = step.to_active.index(rank) if rank in step.to_active else None
+    return LiveMigration(holder, step.placement, moves, chunks, new_rank, install=False,
+                         fault_at_step=step.fault_at_chunk)
 
 
 @dataclass
@@ -241,7 +203,8 @@ def serve_elastic(world: Comm, model: ModelSpec, placement: Placement, active: t
     stack = _make_stack(world, model, placement, current, groups, seed, kernel, dtype)
     result = ElasticResult(BatchLedger(), [current])
     pending = sorted(steps, key=lambda s: s.after)
-    migration: ElasticMigration | None = None
+    migration: LiveMigration | None = None
+    to_active = current
     for position, batch_id in enumerate(batch_ids):
         t0 = time.perf_counter()
         if stack is not None:
@@ -260,14 +223,14 @@ def serve_elastic(world: Comm, model: ModelSpec, placement: Placement, active: t
                 continue
             experts = stack.experts if stack is not None else {}
             holder = ExpertHolder(world, model, list(range(model.num_moe_layers)), experts, dtype, world.device)
-            migration = ElasticMigration(holder, step)
+            migration, to_active = elastic_migration(holder, step), step.to_active
         if migration is not None:
             state = migration.step()
             if state != "running":
                 result.reports.append(migration.report().to_dict())
             if state == "committed":
-                current = migration.to_active
-                stack = _rebind(world, model, migration, stack, groups, seed, kernel, dtype)
+                current = to_active
+                stack = _rebind(world, model, to_active, migration, stack, groups, seed, kernel, dtype)
                 result.epochs.append(current)
             if state != "running":
                 migration = None
@@ -288,11 +251,11 @@ def _make_stack(world: Comm, model: ModelSpec, placement: Placement, active: tup
     return MoEStack(model, placement, _active_comm(world, active, groups), kernel, seed, dtype=dtype)
 
 
-def _rebind(world: Comm, model: ModelSpec, migration: ElasticMigration, stack: MoEStack | None,
-            groups: dict[tuple[int, ...], Any], seed: int, kernel: str, dtype: torch.dtype) -> MoEStack | None:
-    """After a commit: staying ranks switch their stack to the new subgroup and slot stacks, a
-    joining rank builds its stack there, a leaving rank drops its experts."""
-    active = migration.to_active
+def _rebind(world: Comm, model: ModelSpec, active: tuple[int, ...], migration: LiveMigration,
+            stack: MoEStack | None, groups: dict[tuple[int, ...], Any], seed: int, kernel: str,
+            dtype: torch.dtype) -> MoEStack | None:
+    """After a commit: staying ranks switch their stack to the new subgroup (``active``) and slot
+    stacks, a joining rank builds its stack there, a leaving rank drops its experts."""
     if world.rank not in active:
         return None
     if stack is None:
@@ -338,52 +301,40 @@ def global_outputs(per_rank: Sequence[dict[int, tuple[int, torch.Tensor]]]) -> d
     return {b: torch.cat([rows for _, rows in sorted(p, key=lambda x: x[0])]) for b, p in pieces.items()}
 
 
-# ---- planning a run's steps (every rank gets rank 0's plan) ------------------------------------------
-def default_slots(num_experts: int, devices: int) -> int:
-    """Every expert once, plus one redundant slot per device when the experts fill the devices exactly."""
-    base = -(-num_experts // devices)
-    return base + (1 if num_experts % devices == 0 and base < num_experts else 0)
-
-
-def plan_steps(world: Comm, model: ModelSpec, start: Placement, load: np.ndarray, counts: Sequence[int],
-               every: int, hardware: HardwareProfile, rounds_per_batch: int = 1, balance: float = 1.05,
-               fault_at_chunk: dict[int, int] | None = None) -> list[ScaleStep]:
-    """Plan the steps through active-set sizes ``counts`` (the first is the start): step i starts
-    after batch position ``every × (i+1) − 1`` (or once the previous one ended), active set = the
-    first ``counts[i+1]`` ranks. Planned on rank 0 (the planner is pure numpy) and shared with
-    every rank; ``fault_at_chunk[i]`` corrupts a transfer of step i (test hook)."""
+# ---- the steps of a run, from scaling plans -------------------------------------------------------
+def plan_steps(start: Placement, plans: Sequence[Plan], every: int, rounds_per_batch: int = 1,
+               fault_at_chunk: dict[int, int] | None = None, source: str = "plans") -> list[ScaleStep]:
+    """One ScaleStep per scaling plan (``moeplan plan scale`` output, each from the previous
+    plan's placement): step i starts after batch position ``every × (i+1) − 1`` (or once the
+    previous one ended) and scales the first N ranks to the plan's N′, executing its moves
+    (checked against the placement it starts from). ``fault_at_chunk[i]`` corrupts a transfer of
+    step i (test hook)."""
     steps: list[ScaleStep] = []
-    if world.rank == 0:
-        costs = TransferCosts.of(model, hardware)
-        current = start
-        for i, (n, m) in enumerate(zip(counts[:-1], counts[1:])):
-            problem = ScalingProblem.from_arrays(load, current.slot_expert, m, default_slots(model.num_experts, m),
-                                                 devices_per_node=hardware.devices_per_node,
-                                                 expert_bytes=model.expert_bytes(), balance_target=balance)
-            step = plan_scaling(problem, costs, current)
-            steps.append(ScaleStep(every * (i + 1) - 1, tuple(range(n)), tuple(range(m)), step.placement,
-                                   step.schedule, rounds_per_batch, (fault_at_chunk or {}).get(i)))
-            current = step.placement
-    shared: list[Any] = [steps]
-    if world.world > 1:
-        dist.broadcast_object_list(shared, src=0)
-    return shared[0]
+    current = start
+    for i, plan in enumerate(plans):
+        if plan.placement is None:
+            raise InputError("a scaling plan has no placement", source=f"{source}[{i}]", field="placement")
+        check_moves(current, plan.placement, plan.moves, f"{source}[{i}]")
+        steps.append(ScaleStep(every * (i + 1) - 1, tuple(range(current.num_devices)),
+                               tuple(range(plan.num_devices)), plan.placement, plan.moves, rounds_per_batch,
+                               (fault_at_chunk or {}).get(i)))
+        current = plan.placement
+    return steps
 
 
-def run_elastic(world: Comm, model: ModelSpec, placement: Placement, trace: RoutingTrace, counts: Sequence[int],
+def run_elastic(world: Comm, model: ModelSpec, placement: Placement, trace: RoutingTrace, plans: Sequence[Plan],
                 batches: int, global_tokens: int, every: int, rounds_per_batch: int = 1, seed: int = 0,
-                kernel: str = "grouped", hardware: str = "h100-sxm",
-                fault_at_chunk: dict[int, int] | None = None) -> dict[str, Any]:
-    """Serve ``batches`` batches while scaling through active-set sizes ``counts``, then serve
-    them again on the starting set without scaling and compare: the report (same on every rank)
-    has the ledger check, whether every batch's output equals the unscaled run's, per-batch
-    seconds and the steps' migration reports."""
-    if counts[0] != placement.num_devices or max(counts) > world.world or min(counts) < 1:
-        raise InputError(f"active-set sizes {list(counts)} must start at the placement's {placement.num_devices} "
-                         f"devices and stay within 1..{world.world} ranks", field="counts")
+                kernel: str = "grouped", fault_at_chunk: dict[int, int] | None = None) -> dict[str, Any]:
+    """Serve ``batches`` batches while executing the scaling ``plans`` in turn (:func:`plan_steps`),
+    then serve them again on the starting set without scaling and compare: the report (same on
+    every rank) has the ledger check, whether every batch's output equals the unscaled run's,
+    per-batch seconds and the steps' migration reports."""
+    counts = [placement.num_devices] + [p.num_devices for p in plans]
+    if max(counts) > world.world:
+        raise InputError(f"active-set sizes {counts} need {max(counts)} ranks, the group has {world.world}",
+                         field="plans", fix="start torchrun with the largest size")
     start = tuple(range(counts[0]))
-    steps = plan_steps(world, model, placement, TraceStats.of(trace).load, counts, every,
-                       HardwareProfile.resolve(hardware), rounds_per_batch, fault_at_chunk=fault_at_chunk)
+    steps = plan_steps(placement, plans, every, rounds_per_batch, fault_at_chunk)
     ids = list(range(batches))
     with torch.inference_mode():
         scaled = serve_elastic(world, model, placement, start, ids, global_tokens, steps, seed, kernel, trace)
@@ -398,14 +349,16 @@ def run_elastic(world: Comm, model: ModelSpec, placement: Placement, trace: Rout
     epoch_of = {b: e for rows in ledgers for b, e in rows}
     return {
         "world": world.world, "backend": world.backend, "device": str(world.device), "kernel": kernel,
-        "counts": list(counts), "batches": batches, "global_tokens": global_tokens, "every": every,
+        "counts": counts, "batches": batches, "global_tokens": global_tokens, "every": every,
         "epochs": [list(e) for e in scaled.epochs], "ledger_checked": True,
         "served": {str(r): len(rows) for r, rows in enumerate(ledgers)},
         "outputs_equal": all(d == 0.0 for d in diffs), "outputs_max_abs_diff": max(diffs), "batch_max_abs_diff": diffs,
         "batch_seconds": seconds.tolist(), "batch_active": scaled.batch_active,
         "batch_epoch": [epoch_of[b] for b in ids],
-        "steps": [{"after": s.after, "to_active": list(s.to_active), "transfers": len(s.schedule.transfers),
-                   "rounds": s.schedule.rounds, "local_copies": len(s.schedule.local_copies)} for s in steps],
+        "steps": [{"after": s.after, "to_active": list(s.to_active),
+                   "transfers": sum(m.is_transfer for m in s.moves),
+                   "rounds": len({m.round for m in s.moves if m.is_transfer}),
+                   "local_copies": sum(m.kind == "local_copy" for m in s.moves)} for s in steps],
         "migrations": world.gather_objects(scaled.reports),
         "weight_mismatches": mismatches,
     }
@@ -413,14 +366,16 @@ def run_elastic(world: Comm, model: ModelSpec, placement: Placement, trace: Rout
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moeplan.runtime.elastic",
-                                description="Live elastic scaling under torchrun (start at the largest size).")
-    p.add_argument("--plan", required=True, help="Plan JSON whose placement spans the first active-set size.")
-    p.add_argument("--trace", required=True, help="Routing trace (.npz): the load the steps balance and the routing.")
-    p.add_argument("--counts", required=True, help="Active-set sizes, e.g. 6,8,6 (the first = the plan's devices).")
+                                description="Live elastic scaling under torchrun (start at the largest size): "
+                                            "execute the moves of scaling plans from 'moeplan plan scale'.")
+    p.add_argument("--plan", required=True, help="Plan JSON whose placement the run starts on (the first ranks).")
+    p.add_argument("--step", action="append", required=True,
+                   help="Scaling plan JSON (repeat, in order), each planned from the previous placement.")
+    p.add_argument("--trace", required=True, help="Routing trace (.npz): the tokens' routing.")
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--tokens", type=int, default=1536, help="Global tokens per batch (divisible by every size).")
     p.add_argument("--every", type=int, default=4, help="Batches between scaling steps.")
-    p.add_argument("--rounds-per-batch", type=int, default=1, help="Schedule rounds run between two batches.")
+    p.add_argument("--rounds-per-batch", type=int, default=1, help="Move rounds run between two batches.")
     p.add_argument("--kernel", choices=("grouped", "loop"), default="grouped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", help="JSON report (written by rank 0).")
@@ -429,29 +384,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    world = Comm.from_env()
-    try:
-        plan = Plan.load(args.plan)
-        if plan.placement is None:
-            raise InputError("the plan has no placement", source=args.plan, field="placement")
-        trace = RoutingTrace.load(args.trace)
-        trace.check_model(plan.model.num_experts, plan.model.num_moe_layers, plan.model.top_k, args.trace)
-        counts = [int(c) for c in args.counts.split(",") if c.strip()]
-        report = run_elastic(world, plan.model, plan.placement, trace, counts, args.batches, args.tokens, args.every,
-                             args.rounds_per_batch, args.seed, args.kernel, plan.hardware if plan.hardware in HardwareProfile.bundled()
-                             else "h100-sxm")
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        world.close()
-    if world.rank == 0:
-        if args.output:
-            write_json(args.output, report)
-        print(f"{report['world']} ranks ({report['backend']}): sizes {report['counts']}, {report['batches']} batches, "
-              f"every batch served once by its epoch's active set; outputs vs the unscaled run: max |diff| "
-              f"{report['outputs_max_abs_diff']:.3g}")
-    return 0
+    return run_ranks(lambda world: _run_plans(args, world), args.output, _summary)
+
+
+def _run_plans(args: argparse.Namespace, world: Comm) -> dict[str, Any]:
+    plan = Plan.load(args.plan)
+    if plan.placement is None:
+        raise InputError("the plan has no placement", source=args.plan, field="placement")
+    steps = [Plan.load(path) for path in args.step]
+    trace = RoutingTrace.load(args.trace)
+    trace.check_model(plan.model.num_experts, plan.model.num_moe_layers, plan.model.top_k, args.trace)
+    return run_elastic(world, plan.model, plan.placement, trace, steps, args.batches, args.tokens, args.every,
+                       args.rounds_per_batch, args.seed, args.kernel)
+
+
+def _summary(report: dict[str, Any]) -> str:
+    return (f"{report['world']} ranks ({report['backend']}): sizes {report['counts']}, {report['batches']} batches, "
+            f"every batch served once by its epoch's active set; outputs vs the unscaled run: max |diff| "
+            f"{report['outputs_max_abs_diff']:.3g}")
 
 
 if __name__ == "__main__":

@@ -19,51 +19,18 @@ value of it before the check, as a failed transfer would.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from moeplan.errors import InputError
+from moeplan.moves import Move, check_moves, diff_moves
 from moeplan.plan import Placement
 from moeplan.runtime.stack import MoEStack, check_placement
 from moeplan.runtime.timing import synchronize
 from moeplan.runtime.weights import LocalExperts, tensor_checksum
-
-
-@dataclass(frozen=True)
-class Move:
-    """Expert ``expert`` of MoE layer ``layer`` into slot ``dst_slot`` of rank ``dst``, from slot
-    ``src_slot`` of rank ``src`` (src == dst: a local copy, no transfer)."""
-
-    layer: int
-    expert: int
-    src: int
-    src_slot: int
-    dst: int
-    dst_slot: int
-
-
-def plan_moves(old: Placement, new: Placement, layers: list[int]) -> list[Move]:
-    """The moves that turn ``old`` into ``new`` on ``layers`` (see the module docstring)."""
-    moves: list[Move] = []
-    sends = np.zeros(old.num_devices, dtype=np.int64)
-    for layer in layers:
-        before, after = old.slot_expert[layer], new.slot_expert[layer]
-        for dst in range(new.num_devices):
-            for slot, expert in enumerate(after[dst]):
-                if slot < before.shape[1] and before[dst, slot] == expert:
-                    continue
-                own = np.flatnonzero(before[dst] == expert)
-                if own.size:
-                    moves.append(Move(layer, int(expert), dst, int(own[0]), dst, slot))
-                    continue
-                holders = np.argwhere(before == expert)
-                src, src_slot = holders[int(np.argmin(sends[holders[:, 0]]))]
-                sends[src] += 1
-                moves.append(Move(layer, int(expert), int(src), int(src_slot), dst, slot))
-    return moves
 
 
 @dataclass
@@ -86,25 +53,47 @@ class MigrationReport:
 
 
 class LiveMigration:
-    """Moves ``stack`` to placement ``new``, ``experts_per_step`` transfers per :meth:`step`."""
+    """Moves the experts of ``holder`` (a :class:`MoEStack`, or any object with its ``comm``,
+    ``model``, ``layers``, ``experts``, ``dtype`` and ``device``) to placement ``new`` by ``moves``
+    (global ranks; sources read from the running placement), one chunk of transfers per
+    :meth:`step`. ``new_rank``: this rank's device index in ``new`` (None: it holds nothing
+    after the commit). On commit the new slot stacks are built into ``built``; with ``install``
+    they are installed into the holder at once."""
 
-    def __init__(self, stack: MoEStack, new: Placement, experts_per_step: int = 4,
-                 fault_at_step: int | None = None) -> None:
-        check_placement(stack.model, new, stack.comm.world, source="new plan")
-        if experts_per_step < 1:
-            raise InputError(f"experts per step must be ≥ 1, got {experts_per_step}", field="experts_per_step")
-        self.stack = stack
+    def __init__(self, holder: Any, new: Placement, moves: Sequence[Move], chunks: list[list[Move]],
+                 new_rank: int | None, install: bool = True, fault_at_step: int | None = None) -> None:
+        self.stack = holder
         self.new = new
-        self.moves = plan_moves(stack.placement, new, stack.layers)
-        transfers = [m for m in self.moves if m.src != m.dst]
-        self.chunks = [transfers[i:i + experts_per_step] for i in range(0, len(transfers), experts_per_step)]
+        self.moves = list(moves)
+        self.chunks = chunks
+        self.new_rank = new_rank
+        self.install = install
         self.fault_at_step = fault_at_step
         self.staged: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.built: dict[int, LocalExperts] = {}
         self.state = "running"
         self.steps_done = 0
         self.failure = ""
         self.bytes_sent = self.bytes_received = 0
         self.transfer_seconds = 0.0
+
+    @classmethod
+    def of_stack(cls, stack: MoEStack, new: Placement, experts_per_step: int = 4, moves: Sequence[Move] = (),
+                 fault_at_step: int | None = None) -> "LiveMigration":
+        """Re-place ``stack`` (all ranks serve before and after) by ``moves`` — the plan's, or the
+        diff of the two placements when it has none — ``experts_per_step`` transfers per step."""
+        check_placement(stack.model, new, stack.comm.world, source="new plan")
+        if experts_per_step < 1:
+            raise InputError(f"experts per step must be ≥ 1, got {experts_per_step}", field="experts_per_step")
+        layers = set(stack.layers)
+        if moves:
+            check_moves(stack.placement, new, moves, "new plan")
+        else:
+            moves = diff_moves(stack.placement, new, stack.model.expert_bytes(), stack.layers)
+        mine = [m for m in moves if m.kind != "bring_up" and m.layer in layers]
+        transfers = [m for m in mine if m.is_transfer]
+        chunks = [transfers[i:i + experts_per_step] for i in range(0, len(transfers), experts_per_step)]
+        return cls(stack, new, mine, chunks, stack.comm.rank, True, fault_at_step)
 
     def step(self) -> str:
         """Run the next chunk of transfers, agree on success with every rank, then commit after
@@ -160,24 +149,28 @@ class LiveMigration:
         return ""
 
     def _commit(self) -> None:
-        stack, rank = self.stack, self.stack.comm.rank
-        local = {(m.layer, m.dst_slot): m.src_slot for m in self.moves if m.src == m.dst == rank}
-        experts: dict[int, LocalExperts] = {}
-        for layer in stack.layers:
-            old = stack.experts[layer]
-            slots = [int(e) for e in self.new.slot_expert[layer, rank]]
-            w13 = torch.empty((len(slots), *old.w13.shape[1:]), dtype=old.w13.dtype, device=old.w13.device)
-            w2 = torch.empty((len(slots), *old.w2.shape[1:]), dtype=old.w2.dtype, device=old.w2.device)
-            for s in range(len(slots)):
-                if (layer, s) in self.staged:
-                    a, b = self.staged[(layer, s)]
-                else:
-                    src = local.get((layer, s), s)
-                    a, b = old.w13[src], old.w2[src]
-                w13[s].copy_(a)
-                w2[s].copy_(b)
-            experts[layer] = LocalExperts(slots, w13, w2)
-        stack.install(self.new, experts)
+        """Build this rank's slot stacks of the new placement from the staged transfers, local
+        copies and unchanged slots; install them when asked."""
+        holder, rank = self.stack, self.stack.comm.rank
+        if self.new_rank is not None:
+            local = {(m.layer, m.dst_slot): m.src_slot for m in self.moves if m.src == m.dst == rank}
+            h, f = holder.model.hidden_size, holder.model.expert_ffn
+            for layer in holder.layers:
+                slots = [int(e) for e in self.new.slot_expert[layer, self.new_rank]]
+                w13 = torch.empty(len(slots), 2 * f, h, dtype=holder.dtype, device=holder.device)
+                w2 = torch.empty(len(slots), h, f, dtype=holder.dtype, device=holder.device)
+                for s in range(len(slots)):
+                    if (layer, s) in self.staged:
+                        a, b = self.staged[(layer, s)]
+                    else:
+                        old = holder.experts[layer]
+                        src = local.get((layer, s), s)
+                        a, b = old.w13[src], old.w2[src]
+                    w13[s].copy_(a)
+                    w2[s].copy_(b)
+                self.built[layer] = LocalExperts(slots, w13, w2)
+        if self.install:
+            holder.install(self.new, self.built)
         self.staged.clear()
         self.state = "committed"
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeplan.cost import CostModel, CostOptions
+from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
@@ -41,7 +41,7 @@ from moeplan.runtime.kernels import ExpertKernel
 from moeplan.runtime.stack import rms_norm
 from moeplan.runtime.timing import synchronize
 from moeplan.runtime.weights import INPUT, SHARED, materialise_expert, seeded_generator
-from moeplan.solvers.cache.config import CacheConfig
+from moeplan.cache_config import CacheConfig
 from moeplan.solvers.cache.predict import TransitionPredictor
 from moeplan.solvers.cache.simulate import RECORDS, CacheRun, simulate
 from moeplan.solvers.cache.sizing import evaluation_steps
@@ -428,7 +428,7 @@ def measure_offload(plan: Plan, config: CacheConfig, trace: RoutingTrace, hardwa
                          predictor, seed)
     run, _ = stack.run(held, index, warmup, seed)
     sim = simulate(held, index, np.array(config.sizes), config.policy, predictor)
-    cost = CostModel(m, hardware, CostOptions(kernel=kernel))
+    cost = CostModel(m, hardware, replace(plan.cost_options, kernel=kernel))
     predicted = step_times(sim, stack_layer_times(cost, held, index))
     expert_bytes = host.expert_bytes
     all_experts = m.num_moe_layers * m.num_experts * expert_bytes

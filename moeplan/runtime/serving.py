@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moeplan.moves import Move
 from moeplan.plan import Placement
 from moeplan.runtime.batches import BatchSource
 from moeplan.runtime.ledger import BatchLedger
@@ -17,12 +18,14 @@ from moeplan.runtime.timing import Clock
 
 @dataclass
 class Migrate:
-    """A re-placement to start after the batch at position ``after`` of the loop."""
+    """A re-placement to ``to`` started after the batch at position ``after`` of the loop, by the
+    plan's ``moves`` (empty: the diff of the placements)."""
 
     to: Placement
     after: int = 0
     experts_per_step: int = 4
     fault_at_step: int | None = None
+    moves: tuple[Move, ...] = ()
 
 
 @dataclass
@@ -49,7 +52,8 @@ def serve(stack: MoEStack, source: BatchSource, batch_ids: Sequence[int], migrat
         if keep_outputs:
             result.outputs[batch_id] = out.detach().to("cpu", torch.float32)
         if migrate is not None and position == migrate.after:
-            result.migration = LiveMigration(stack, migrate.to, migrate.experts_per_step, migrate.fault_at_step)
+            result.migration = LiveMigration.of_stack(stack, migrate.to, migrate.experts_per_step, migrate.moves,
+                                                      migrate.fault_at_step)
         if result.migration is not None:
             result.migration.step()
     return result

@@ -11,18 +11,18 @@
 - :mod:`.allocate` — exact DP over slots, LP bound, knee;
 - :mod:`.sizing` — CacheProblem → CacheSizing → Plan; :func:`cache_table` for the dashboard;
 - :mod:`.regroup` — ExpertFlow-style batching of requests that share experts;
-- :mod:`.config` — CacheConfig, a plan's ``cache`` section.
+- :class:`~moeplan.cache_config.CacheConfig` — a plan's ``cache`` section (re-exported).
 """
 from moeplan.solvers.cache.allocate import Allocation, allocate, knee, lp_bound
 from moeplan.solvers.cache.budget import MemoryBudget, memory_budget
-from moeplan.solvers.cache.config import CacheConfig
+from moeplan.cache_config import CacheConfig
 from moeplan.solvers.cache.predict import TransitionPredictor
 from moeplan.solvers.cache.regroup import Regrouping, activated_experts, regroup
 from moeplan.solvers.cache.simulate import CacheRun, lru_hit_curves, simulate
 from moeplan.solvers.cache.sizing import CacheProblem, CacheSizing, cache_table, evaluation_steps, solve
 from moeplan.solvers.cache.state import POLICIES, CacheState
 from moeplan.solvers.cache.steps import StepShape, step_counts
-from moeplan.solvers.cache.steptime import (LayerTimes, StepTimes, copy_seconds, model_layer_times,
+from moeplan.solvers.cache.steptime import (LayerTimes, StepTimes, model_layer_times,
                                             stack_layer_times, step_times)
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "activated_experts",
     "allocate",
     "cache_table",
-    "copy_seconds",
     "evaluation_steps",
     "knee",
     "lp_bound",

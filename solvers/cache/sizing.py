@@ -27,14 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from moeplan.cost import CostModel
+from moeplan.cost import CostModel, PricedProblem
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.model import ModelSpec
 from moeplan.plan import Plan
 from moeplan.solvers.cache.allocate import Allocation, allocate, knee
 from moeplan.solvers.cache.budget import MemoryBudget, memory_budget
-from moeplan.solvers.cache.config import CacheConfig
+from moeplan.cache_config import CacheConfig
 from moeplan.solvers.cache.predict import TransitionPredictor, prefetch_limits
 from moeplan.solvers.cache.simulate import CacheRun, lru_hit_curves, simulate
 from moeplan.solvers.cache.state import POLICIES, check_policy
@@ -46,15 +44,15 @@ GRID_POINTS = 17       # cache sizes simulated per layer for policies without st
 
 
 @dataclass(frozen=True)
-class CacheProblem:
-    """What to plan: ``model`` on one device of ``hardware`` serving ``shape``'s steps with
+class CacheProblem(PricedProblem):
+    """What to plan: ``cost.model`` on one device of ``cost.hw`` (priced with ``cost``'s
+    options) serving ``shape``'s steps with
     ``context`` tokens of KV cache per sequence, routing like ``trace``; ``policy`` the cache
     runs; ``memory_bytes`` the device memory to plan within (default: the profile's × 0.9);
     ``latency_target`` seconds per step to meet with the smallest cache (default: maximise
     throughput); ``stage_slots`` staging experts; ``max_steps`` held-out steps judged."""
 
-    model: ModelSpec
-    hardware: HardwareProfile
+    cost: CostModel
     trace: RoutingTrace
     shape: StepShape
     policy: str = "prefetch"
@@ -200,7 +198,7 @@ class CacheSizing:
         predicted = {**s, "memory": self.budget.to_dict(),
                      "evaluations": [e.to_dict(self.budget.expert_bytes) for e in self.evaluations],
                      "profile_note": p.hardware.provenance_note()}
-        return Plan(p.model, p.hardware.name, 1, 1, cache=self.config().to_dict(), solver=solver,
+        return Plan(p.model, p.hardware.ref(), 1, 1, cache=self.config(), cost_options=p.cost.opt, solver=solver,
                     predicted=predicted, notes="; ".join(self.notes))
 
 
@@ -283,7 +281,7 @@ def solve(problem: CacheProblem) -> CacheSizing:
     start = time.perf_counter()
     p = problem.validate()
     m, shape = p.model, p.shape
-    cost = CostModel(m, p.hardware)
+    cost = p.cost
     budget = memory_budget(cost, shape, p.context, p.memory_bytes)
     slots = budget.slots(p.stage_slots)
     fit, held, index = evaluation_steps(p.trace, shape, p.fit_fraction, p.max_steps)

@@ -23,7 +23,7 @@ import numpy as np
 
 from moeplan.errors import InputError
 
-POLICIES = ("lru", "lfu", "belady", "prefetch")
+from moeplan.cache_config import POLICIES
 NEVER = 1 << 40              # "no next use" for Belady
 MAX_STEPS = 1 << 20          # steps one state serves: recency keys 2·step + 1 stay below 2^21
 _COUNT_SHIFT = 1 << 21       # LFU: count × 2^21 + recency key

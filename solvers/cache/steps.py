@@ -22,7 +22,7 @@ import numpy as np
 
 from moeplan.errors import InputError
 
-PHASES = ("decode", "prefill")
+from moeplan.cache_config import PHASES
 CHUNK_ELEMENTS = 1 << 20   # [steps, layers, experts] elements handled at once (cache-sized chunks run faster)
 
 

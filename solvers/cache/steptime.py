@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeplan.cost import CostModel
-from moeplan.hardware import HardwareProfile
 from moeplan.solvers.cache.simulate import CacheRun
 from moeplan.solvers.cache.steps import chunk_steps, iter_counts
 from moeplan.trace import RoutingTrace
@@ -72,15 +71,6 @@ class StepTimes:
         return tokens_per_step * self.total.size / float(self.total.sum())
 
 
-def copy_seconds(hardware: HardwareProfile, nbytes: float) -> float:
-    """Seconds to move ``nbytes`` from pinned host memory to the device: the profile's measured
-    ``host_copy`` curve (h2d, pinned) when it has one, else bytes / the datasheet H2D bandwidth."""
-    curve = hardware.find_curve("host_copy", direction="h2d", memory="pinned")
-    if curve is not None:
-        return float(curve(nbytes))
-    return nbytes / hardware.device.h2d_bandwidth.value
-
-
 def expert_seconds(cost: CostModel, trace: RoutingTrace, index: np.ndarray) -> np.ndarray:
     """[steps, layers] routed-expert compute of each step, from the cost model's kernel time on
     each step's token-choices per expert (every expert resident)."""
@@ -97,11 +87,11 @@ def model_layer_times(cost: CostModel, trace: RoutingTrace, index: np.ndarray, p
     loads, the output head at the end; ``context`` tokens attended to."""
     m = cost.model
     tokens = index.shape[1]
-    parts = cost.forward_time(tokens, context, phase, np.zeros((m.num_moe_layers, m.num_experts)))
-    shared = parts["shared_experts"] / m.num_moe_layers
-    pre = (parts["total"] - parts["experts"] - parts["shared_experts"] - parts["head"]) / m.num_moe_layers
+    step = cost.forward_time(tokens, context, phase, np.zeros((m.num_moe_layers, m.num_experts)))
+    shared = step.shared_experts / m.num_moe_layers
+    pre = (step.total - step.experts - step.shared_experts - step.head) / m.num_moe_layers
     return LayerTimes(np.full(m.num_moe_layers, pre), np.full(m.num_moe_layers, shared),
-                      expert_seconds(cost, trace, index), parts["head"], copy_seconds(cost.hw, m.expert_bytes()))
+                      expert_seconds(cost, trace, index), step.head, cost.host_copy_time(m.expert_bytes()))
 
 
 def stack_layer_times(cost: CostModel, trace: RoutingTrace, index: np.ndarray) -> LayerTimes:
@@ -110,7 +100,7 @@ def stack_layer_times(cost: CostModel, trace: RoutingTrace, index: np.ndarray) -
     m = cost.model
     shared = float(cost.shared_expert_time(index.shape[1]))
     return LayerTimes(np.zeros(m.num_moe_layers), np.full(m.num_moe_layers, shared),
-                      expert_seconds(cost, trace, index), 0.0, copy_seconds(cost.hw, m.expert_bytes()))
+                      expert_seconds(cost, trace, index), 0.0, cost.host_copy_time(m.expert_bytes()))
 
 
 def step_times(run: CacheRun, times: LayerTimes) -> StepTimes:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from moeplan.solvers.placement.replication import pack_lpt, replica_counts
-from ortools.sat.python import cp_model
 
 from moeplan.errors import InputError
 
@@ -243,6 +242,8 @@ def solve_exact(weight: np.ndarray, replicas: np.ndarray, holds: np.ndarray, slo
     """CP-SAT: maximise kept replicas under slots, one replica per device and the cap (loads
     rounded up). Returns the best placement found (``start`` if CP-SAT finds none better) and
     whether it is proved optimal."""
+    from ortools.sat.python import cp_model
+
     e, d = holds.shape
     units = np.ceil(weight / cap * SCALE - 1e-6).astype(np.int64)
     m = cp_model.CpModel()

@@ -35,15 +35,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from moeplan.errors import InputError
 
 from .latency import LatencyTable
 from .traffic import ArrivalTrace
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 POLICIES = ("threshold", "lookahead")
 STRATEGIES = ("elastic", "restart", "replica", "static")
@@ -254,6 +256,8 @@ def _decide(policy: Policy, strategy: Strategy, trace: ArrivalTrace, demand: np.
 
 def autoscale_frame(runs: list[AutoscaleRun]) -> pd.DataFrame:
     """Load, devices and latency over time, one row per run and interval (for plots)."""
+    import pandas as pd
+
     frames = []
     for r in runs:
         frames.append(pd.DataFrame({
@@ -268,4 +272,6 @@ def autoscale_frame(runs: list[AutoscaleRun]) -> pd.DataFrame:
 
 def summary_frame(runs: list[AutoscaleRun]) -> pd.DataFrame:
     """One row per run: SLO attainment, device-hours, steps and time spent scaling."""
+    import pandas as pd
+
     return pd.DataFrame([r.summary() for r in runs])

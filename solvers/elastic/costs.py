@@ -22,7 +22,6 @@ import numpy as np
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import Curve, HardwareProfile
-from moeplan.model import ModelSpec
 
 DEFAULT_RESTART_OVERHEAD = 60.0   # seconds; assumed (see the module docstring)
 
@@ -42,11 +41,10 @@ class TransferCosts:
     restart_overhead: float = DEFAULT_RESTART_OVERHEAD
 
     @classmethod
-    def of(cls, model: ModelSpec, hardware: HardwareProfile,
-           restart_overhead: float = DEFAULT_RESTART_OVERHEAD) -> TransferCosts:
+    def of(cls, cost: CostModel, restart_overhead: float = DEFAULT_RESTART_OVERHEAD) -> TransferCosts:
         if restart_overhead < 0:
             raise InputError(f"must be ≥ 0 seconds, got {restart_overhead}", field="restart-overhead")
-        return cls(CostModel(model, hardware), hardware.devices_per_node, float(restart_overhead))
+        return cls(cost, cost.hw.devices_per_node, float(restart_overhead))
 
     @property
     def hardware(self) -> HardwareProfile:
@@ -66,12 +64,7 @@ class TransferCosts:
 
     def h2d(self, nbytes: float) -> float:
         """Seconds for one device to load ``nbytes`` from pinned host memory."""
-        if nbytes <= 0:
-            return 0.0
-        curve = self._h2d_curve()
-        if curve is not None:
-            return float(curve(nbytes))
-        return nbytes / self.hardware.device.h2d_bandwidth.value
+        return self.cost.host_copy_time(nbytes) if nbytes > 0 else 0.0
 
     def switch(self, devices: int) -> float:
         """Seconds of the all-ranks commit: one small all-reduce over ``devices`` devices."""

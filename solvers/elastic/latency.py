@@ -7,9 +7,9 @@ parallelism, as DeepSeek-V3 is served). One decode step with ``B`` sequences per
     attention (B queries over ``context`` tokens of KV) × layers + dense FFN layers
     + Σ MoE layers [dispatch all-to-all + expert compute + combine] (the cost model's moe_layer,
       with each expert's expected share of the B·N·k token-choices and its replicas' shares)
-    + the output head,
+    + norms + the output head
 
-for a grid of ``B`` (vectorised over it). The table then answers: at ``N`` devices, how many
+(the cost model's :class:`~moeplan.cost.StepCost` of that step) for a grid of ``B``. The table then answers: at ``N`` devices, how many
 output tokens per second fit under a time-per-output-token SLO (:meth:`LatencyTable.capacity`),
 the most they can serve at all (batch limited by KV-cache memory), and the step time at a
 given demand (:meth:`LatencyTable.tpot`). Units: seconds, tokens, tokens per second.
@@ -23,10 +23,8 @@ from moeplan.solvers.placement.baselines import solve_lpt
 from moeplan.solvers.placement.options import SolverOptions
 from moeplan.solvers.placement.problem import PlacementProblem, default_slots_per_device
 
-from moeplan.cost import SERVE_MEMORY_FRACTION, CostModel
+from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.model import ModelSpec
 from moeplan.plan import Placement
 
 BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -83,26 +81,24 @@ class LatencyTable:
 
 def decode_step_seconds(cost: CostModel, placement: Placement, load: np.ndarray, batch: np.ndarray,
                         context: int) -> np.ndarray:
-    """[B] seconds of one decode step with ``batch[b]`` sequences on each device (module docstring)."""
+    """[B] seconds of one decode step (:meth:`CostModel.step_cost`) with ``batch[b]`` sequences on
+    each device, routed in proportion to ``load`` (module docstring)."""
     m = cost.model
     n, k = placement.num_devices, m.top_k
-    b = np.asarray(batch, dtype=np.float64)
     share = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-300)             # [L, E]
     device_share = placement.expert_device_share()                                   # [L, E, N]
-    total = np.zeros(b.shape)
-    for layer in range(placement.num_layers):
-        to_device = share[layer] @ device_share[layer]                               # [N]
-        slot_frac = share[layer][placement.slot_expert[layer]] * placement.replica_share[layer]
-        slot_tokens = (b * n * k)[:, None, None] * slot_frac[None]
-        dispatch = np.broadcast_to((b * k)[:, None, None] * to_device[None, None, :], (b.size, n, n))
-        total += cost.moe_layer(dispatch, slot_tokens).time
-    attention = np.array([cost.attention_time(float(x), context, "decode") for x in b]) * m.num_layers
-    dense = np.array([cost.dense_ffn_time(float(x)) for x in b]) * len(m.dense_layers)
-    head = cost.dense_time(2.0 * m.hidden_size * m.vocab_size * b, m.vocab_size * m.hidden_size * m.weight_bytes)
-    return total + attention + dense + head
+    to_device = np.einsum("le,len->ln", share, device_share)                         # [L, N]
+    slot_frac = np.take_along_axis(share, placement.slot_expert.reshape(placement.num_layers, -1), axis=1)
+    slot_frac = slot_frac.reshape(placement.slot_expert.shape) * placement.replica_share  # [L, N, S]
+    out = np.zeros(len(batch))
+    for i, b in enumerate(np.asarray(batch, dtype=np.float64)):
+        layers = [cost.moe_layer(np.broadcast_to(b * k * to_device[layer][None, :], (n, n)),
+                                 b * n * k * slot_frac[layer]) for layer in range(placement.num_layers)]
+        out[i] = cost.step_cost(float(b), context, "decode", layers).total
+    return out
 
 
-def latency_table(model: ModelSpec, hardware: HardwareProfile, load: np.ndarray, devices: tuple[int, ...],
+def latency_table(cost: CostModel, load: np.ndarray, devices: tuple[int, ...],
                   context: int = 4096, batch: tuple[int, ...] = BATCH_GRID) -> LatencyTable:
     """Price the decode step at every device count in ``devices`` (module docstring)."""
     if context < 1:
@@ -110,15 +106,13 @@ def latency_table(model: ModelSpec, hardware: HardwareProfile, load: np.ndarray,
     counts = tuple(sorted(set(int(d) for d in devices)))
     grid = np.asarray(batch, dtype=np.float64)
     rows, limits, placements = [], [], []
+    model = cost.model
     for n in counts:
-        hw = hardware.with_cluster(devices=n)
-        cost = CostModel(model, hw)
-        slots = default_slots_per_device(cost, model.num_experts, n, 1)
-        problem = PlacementProblem.from_arrays(load, n, slots, hw.devices_per_node)
+        sized = cost.with_cluster(n)
+        slots = default_slots_per_device(sized, model.num_experts, n, 1)
+        problem = PlacementProblem.from_arrays(load, n, slots, sized.hw.devices_per_node)
         placement = solve_lpt(problem, SolverOptions()).placement
-        rows.append(decode_step_seconds(cost, placement, load, grid, context))
-        weights = cost.memory(slots, n)
-        free = SERVE_MEMORY_FRACTION * weights.capacity - weights.peak
-        limits.append(max(free, 0.0) / (model.kv_cache_bytes_per_token() * context))
+        rows.append(decode_step_seconds(sized, placement, load, grid, context))
+        limits.append(sized.kv_capacity_tokens(sized.memory(slots, n)) / context)
         placements.append(placement)
     return LatencyTable(counts, grid, np.stack(rows), np.asarray(limits), context, tuple(placements))

@@ -27,8 +27,6 @@ from moeplan.solvers.placement.problem import default_slots_per_device
 
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.model import ModelSpec
 from moeplan.plan import Placement
 
 DEFAULT_BALANCE_TARGET = 1.05
@@ -145,28 +143,29 @@ class ScalingProblem:
                    name).validate()
 
     @classmethod
-    def build(cls, model: ModelSpec, hardware: HardwareProfile, placement: Placement, load: np.ndarray,
+    def build(cls, cost: CostModel, placement: Placement, load: np.ndarray,
               new_devices: int, slots_per_device: int | None = None,
               balance_target: float = DEFAULT_BALANCE_TARGET, tokens_per_device: int = DEFAULT_TOKENS_PER_DEVICE,
               kv_tokens_per_device: float = 0.0) -> ScalingProblem:
-        """The step from ``placement`` to ``new_devices`` devices of ``hardware`` (a profile whose
-        ``devices_per_node`` is the physical node size). Slots per device default to the
+        """The step from ``placement`` to ``new_devices`` devices of ``cost``'s hardware (a profile
+        whose ``devices_per_node`` is the physical node size). Slots per device default to the
         runtime-style rule (every expert once, plus one redundant slot per device when the experts
         fill the devices exactly), reduced to what fits. A device's capacity is its memory less the
         non-expert weights, ``tokens_per_device`` tokens of activations and ``kv_tokens_per_device``
         tokens of KV cache, in expert units."""
+        model, devices_per_node = cost.model, cost.hw.devices_per_node
         if placement.num_layers != model.num_moe_layers or placement.num_experts != model.num_experts:
             raise InputError(f"the plan's placement covers {placement.num_layers} layers × {placement.num_experts} "
                              f"experts, the model {model.num_moe_layers} × {model.num_experts}", field="placement")
         if new_devices < 1:
             raise InputError(f"the target device count must be ≥ 1, got {new_devices}", field="to")
-        cost = CostModel(model, hardware.with_cluster(devices=new_devices))
+        cost = cost.with_cluster(new_devices)
         slots = slots_per_device or default_slots_per_device(cost, model.num_experts, new_devices, tokens_per_device)
         base = cost.memory(0, 1, kv_tokens_per_device=kv_tokens_per_device, batch_tokens_per_device=tokens_per_device)
         room = base.capacity - base.peak
         units = int(room // model.expert_bytes()) if room > 0 else 0
         union = max(placement.num_devices, new_devices)
         return cls(np.asarray(load, dtype=np.float64), placement.slot_expert.astype(np.int64), int(new_devices),
-                   int(slots), hardware.devices_per_node, model.expert_bytes(),
+                   int(slots), devices_per_node, model.expert_bytes(),
                    float(model.non_expert_params() * model.weight_bytes), np.full(union, units, dtype=np.int64),
                    float(balance_target), model.name).validate()

@@ -24,60 +24,28 @@ Predicted step time = bring-up + Σ rounds (each as long as its slowest transfer
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from moeplan.errors import InputError
+from moeplan.moves import Move
 
 from .costs import TransferCosts, p2p_seconds
 from .problem import ScalingProblem
 
-
-@dataclass(frozen=True)
-class Transfer:
-    """Expert ``expert`` of MoE layer ``layer`` copied from slot ``src_slot`` of device ``src``
-    into slot ``dst_slot`` of device ``dst`` in round ``round`` (device indices are the union
-    index space of :mod:`.problem`); ``evacuation``: no surviving device held the expert."""
-
-    layer: int
-    expert: int
-    src: int
-    src_slot: int
-    dst: int
-    dst_slot: int
-    round: int
-    evacuation: bool
-
-
-@dataclass(frozen=True)
-class LocalCopy:
-    """Device ``device`` copies expert ``expert`` of ``layer`` from its slot ``src_slot`` to ``dst_slot``."""
-
-    layer: int
-    expert: int
-    device: int
-    src_slot: int
-    dst_slot: int
-
-
-@dataclass(frozen=True)
-class BringUp:
-    """Joining device ``dst`` receives the non-expert weights (``nbytes``) from device ``src``."""
-
-    src: int
-    dst: int
-    nbytes: float
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
 class MoveSchedule:
-    """A scaling step's moves (see the module docstring).
+    """A scaling step's moves (see the module docstring), each a :class:`~moeplan.moves.Move`
+    in the union index space of :mod:`.problem`.
 
     Attributes:
-        transfers: expert copies, ordered by round.
+        transfers: expert copies, ordered by round (``evacuation``: no surviving device held the expert).
         local_copies: slot changes inside one device.
         bring_up: non-expert weights to joining devices.
         rounds: number of transfer rounds.
@@ -89,9 +57,9 @@ class MoveSchedule:
         capacity_units: int [union devices] the most each device can hold.
     """
 
-    transfers: list[Transfer]
-    local_copies: list[LocalCopy]
-    bring_up: list[BringUp]
+    transfers: tuple[Move, ...]
+    local_copies: tuple[Move, ...]
+    bring_up: tuple[Move, ...]
     rounds: int
     round_seconds: np.ndarray
     bring_up_seconds: float
@@ -135,20 +103,17 @@ class MoveSchedule:
         n = int(max(src.max(), dst.max())) + 1
         return float(max(np.bincount(src, sec, n).max(), np.bincount(dst, sec, n).max()))
 
-    def moves(self) -> list[dict[str, Any]]:
-        """The ordered moves as a Plan carries them (bytes per move; local copies have 0 bytes)."""
-        out: list[dict[str, Any]] = [
-            {"kind": "bring_up", "src": b.src, "dst": b.dst, "bytes": b.nbytes} for b in self.bring_up]
-        out += [{"kind": "transfer", "round": t.round, "layer": t.layer, "expert": t.expert, "src": t.src,
-                 "src_slot": t.src_slot, "dst": t.dst, "slot": t.dst_slot, "bytes": self.expert_bytes,
-                 "evacuation": t.evacuation} for t in self.transfers]
-        out += [{"kind": "local_copy", "layer": c.layer, "expert": c.expert, "src": c.device, "src_slot": c.src_slot,
-                 "dst": c.device, "slot": c.dst_slot, "bytes": 0} for c in self.local_copies]
-        return out
+    def moves(self) -> tuple[Move, ...]:
+        """The ordered moves as a Plan carries them: bring-ups, transfers by round, then local copies
+        (after the last round)."""
+        last = self.rounds
+        return self.bring_up + self.transfers + tuple(replace(c, round=last) for c in self.local_copies)
 
     def timeline(self) -> pd.DataFrame:
         """One row per phase (bring-up, each round, switch): start and end seconds, transfers and
         bytes, for plots of a step."""
+        import pandas as pd
+
         rows = [{"phase": "bring-up", "start_s": 0.0, "end_s": self.bring_up_seconds, "transfers": len(self.bring_up),
                  "bytes": self.bring_up_bytes}]
         t = self.bring_up_seconds
@@ -160,9 +125,9 @@ class MoveSchedule:
         rows.append({"phase": "switch", "start_s": t, "end_s": t + self.switch_seconds, "transfers": 0, "bytes": 0.0})
         return pd.DataFrame(rows)
 
-    def by_round(self) -> list[list[Transfer]]:
+    def by_round(self) -> list[list[Move]]:
         """The transfers of each round."""
-        out: list[list[Transfer]] = [[] for _ in range(self.rounds)]
+        out: list[list[Move]] = [[] for _ in range(self.rounds)]
         for t in self.transfers:
             out[t.round].append(t)
         return out
@@ -176,7 +141,7 @@ def build_schedule(problem: ScalingProblem, new_slots: np.ndarray, costs: Transf
     per = costs.devices_per_node
     sends = np.zeros(union, dtype=np.int64)
     pending: list[tuple[int, int, int, int, int, int, bool]] = []
-    local: list[LocalCopy] = []
+    local: list[Move] = []
     for layer in range(problem.num_layers):
         before, after = old[layer], new_slots[layer]
         survivor_holds = np.zeros(problem.num_experts, dtype=bool)
@@ -188,7 +153,7 @@ def build_schedule(problem: ScalingProblem, new_slots: np.ndarray, costs: Transf
                         continue
                     own = np.flatnonzero(before[dst] == expert)
                     if own.size:
-                        local.append(LocalCopy(layer, int(expert), dst, int(own[0]), slot))
+                        local.append(Move.of_expert(layer, expert, dst, own[0], dst, slot))
                         continue
                 holders = np.argwhere(before == expert)
                 same_node = holders[:, 0] // per == dst // per
@@ -203,8 +168,9 @@ def build_schedule(problem: ScalingProblem, new_slots: np.ndarray, costs: Transf
     colours_evac = colour_rounds([p[2] for p in evac], [p[4] for p in evac], union)
     colours_rest = colour_rounds([p[2] for p in rest], [p[4] for p in rest], union)
     offset = int(colours_evac.max()) + 1 if colours_evac.size else 0
-    transfers = [Transfer(*p[:6], int(c), True) for p, c in zip(evac, colours_evac)]
-    transfers += [Transfer(*p[:6], offset + int(c), False) for p, c in zip(rest, colours_rest)]
+    nbytes = problem.expert_bytes
+    transfers = [Move.of_expert(*p[:6], nbytes, int(c), True) for p, c in zip(evac, colours_evac)]
+    transfers += [Move.of_expert(*p[:6], nbytes, offset + int(c), False) for p, c in zip(rest, colours_rest)]
     transfers.sort(key=lambda t: (t.round, t.layer, t.dst, t.dst_slot))
     rounds = offset + (int(colours_rest.max()) + 1 if colours_rest.size else 0)
     round_seconds = np.zeros(rounds)
@@ -217,17 +183,17 @@ def build_schedule(problem: ScalingProblem, new_slots: np.ndarray, costs: Transf
     old_units = np.where(np.arange(union) < n_old, nl * problem.old_slots_per_device, 0)
     new_units = np.where(np.arange(union) < n_new, nl * problem.slots_per_device, 0)
     incoming = np.bincount([t.dst for t in transfers], minlength=union)
-    return MoveSchedule(transfers, local, bring_up, rounds, round_seconds, bring_up_seconds,
+    return MoveSchedule(tuple(transfers), tuple(local), bring_up, rounds, round_seconds, bring_up_seconds,
                         costs.switch(union), problem.expert_bytes, old_units, new_units, old_units + incoming,
                         problem.capacity_units)
 
 
-def _bring_up(problem: ScalingProblem, costs: TransferCosts) -> tuple[list[BringUp], float]:
+def _bring_up(problem: ScalingProblem, costs: TransferCosts) -> tuple[tuple[Move, ...], float]:
     """Non-expert weights to each joining device, each from a serving device (same node first,
     then the one with the fewest such sends); seconds = the busiest sender's sends back to back."""
     joining = range(problem.old_devices, problem.new_devices)
     if not len(joining) or problem.non_expert_bytes <= 0:
-        return [], 0.0
+        return (), 0.0
     per = costs.devices_per_node
     sources = np.arange(problem.old_devices)
     busy = np.zeros(problem.old_devices)
@@ -237,8 +203,8 @@ def _bring_up(problem: ScalingProblem, costs: TransferCosts) -> tuple[list[Bring
         key = np.lexsort((sources, busy + seconds, sources // per != dst // per))
         src = int(sources[key[0]])
         busy[src] += seconds[src]
-        out.append(BringUp(src, dst, problem.non_expert_bytes))
-    return out, float(busy.max())
+        out.append(Move("bring_up", -1, -1, src, -1, dst, -1, problem.non_expert_bytes))
+    return tuple(out), float(busy.max())
 
 
 def check_memory(schedule: MoveSchedule) -> None:

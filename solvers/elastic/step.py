@@ -7,12 +7,16 @@ repeats it over balance targets: bytes moved against balance after the step.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from moeplan.solvers.placement.metrics import balancedness, layer_balancedness
 
+from moeplan.cost import CostModel, CostOptions
+from moeplan.errors import InputError
+from moeplan.hardware import HardwareRef
 from moeplan.model import ModelSpec
 from moeplan.plan import Placement, Plan
 
@@ -80,7 +84,8 @@ class ScalingStep:
             "solver_seconds": a.seconds, "notes": list(self.notes),
         }
 
-    def to_plan(self, model: ModelSpec, hardware: str, devices_per_node: int) -> Plan:
+    def to_plan(self, model: ModelSpec, hardware: HardwareRef, devices_per_node: int,
+                cost_options: CostOptions) -> Plan:
         """The new Plan: placement over N′ devices, the ordered moves and the predictions.
         ``devices_per_node`` is the new cluster's (N′ must fill its nodes)."""
         summary = self.summary()
@@ -90,7 +95,8 @@ class ScalingStep:
                   "methods": sorted({lay.method for lay in self.assignment.layers})}
         placement = Placement.from_slots(self.placement.slot_expert, self.placement.num_experts, devices_per_node)
         return Plan(model, hardware, devices_per_node, self.problem.new_devices // devices_per_node, placement,
-                    moves=self.schedule.moves(), solver=solver, predicted={"scaling": summary},
+                    moves=self.schedule.moves(), cost_options=cost_options, solver=solver,
+                    predicted={"scaling": summary},
                     notes=f"elastic scaling {self.problem.old_devices} → {self.problem.new_devices} devices")
 
 
@@ -161,3 +167,32 @@ def tradeoff(problem: ScalingProblem, costs: TransferCosts, targets: tuple[float
                                    s.bytes_moved, s.seconds, int(s.extra_units.max()),
                                    bool(np.all(s.peak_units <= s.capacity_units)))
     return [rows[t] for t in targets]
+
+
+def runtime_slots(num_experts: int, devices: int) -> int:
+    """The runtime's slot rule: every expert once, plus one redundant slot per device when the
+    experts fill the devices exactly."""
+    base = -(-num_experts // devices)
+    return base + (1 if num_experts % devices == 0 and base < num_experts else 0)
+
+
+def scaling_plans(cost: CostModel, start: Placement, load: np.ndarray, counts: Sequence[int],
+                  balance_target: float = 1.05) -> list[Plan]:
+    """The chain of scaling plans through device counts ``counts`` (the first is ``start``'s),
+    each from the previous step's placement with :func:`runtime_slots` slots per device: what
+    ``python -m moeplan.runtime.elastic`` executes, one plan per step."""
+    if not counts or counts[0] != start.num_devices:
+        raise InputError(f"device counts {list(counts)} must start at the placement's {start.num_devices}",
+                         field="counts")
+    model, hw = cost.model, cost.hw
+    costs = TransferCosts.of(cost)
+    plans: list[Plan] = []
+    current = start
+    for m in counts[1:]:
+        problem = ScalingProblem.from_arrays(load, current.slot_expert, m, runtime_slots(model.num_experts, m),
+                                             devices_per_node=hw.devices_per_node, expert_bytes=model.expert_bytes(),
+                                             balance_target=balance_target)
+        step = plan_scaling(problem, costs, current)
+        plans.append(step.to_plan(model, hw.ref(), hw.with_cluster(devices=m).devices_per_node, cost.opt))
+        current = plans[-1].placement
+    return plans

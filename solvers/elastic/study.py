@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.model import ModelSpec
 
 from .autoscale import AutoscaleRun, Policy, Strategy, simulate_autoscale, static_strategy, strategies
 from .costs import DEFAULT_RESTART_OVERHEAD, TransferCosts, replica_baseline, restart_baseline
@@ -59,25 +58,26 @@ def check_sizes(sizes: tuple[int, ...]) -> tuple[int, ...]:
     return out
 
 
-def prepare(model: ModelSpec, hardware: HardwareProfile, load: np.ndarray, sizes: tuple[int, ...],
+def prepare(cost: CostModel, load: np.ndarray, sizes: tuple[int, ...],
             slo: float | None = None, context: int = 4096, restart_overhead: float = DEFAULT_RESTART_OVERHEAD,
             peak_fraction: float = DEFAULT_PEAK_FRACTION) -> AutoscaleStudy:
     """Price everything (steps 1–2 of the module docstring)."""
     sizes = check_sizes(sizes)
     if not 0 < peak_fraction <= 1:
         raise InputError(f"must lie in (0, 1], got {peak_fraction}", field="peak-fraction")
-    table = latency_table(model, hardware, load, sizes, context)
+    model, hardware = cost.model, cost.hw
+    table = latency_table(cost, load, sizes, context)
     slo_s = slo if slo is not None else DEFAULT_SLO_FACTOR * float(table.step_seconds[0, 0])
     if slo_s <= 0:
         raise InputError(f"the SLO must be > 0 seconds, got {slo_s}", field="slo")
-    costs = TransferCosts.of(model, hardware, restart_overhead)
+    costs = TransferCosts.of(cost, restart_overhead)
     placements = dict(zip(table.devices, table.placements))
     seconds: dict[tuple[int, int], float] = {}
     moved: dict[tuple[int, int], float] = {}
     current = placements[sizes[0]]
     for n, m in zip(sizes[:-1], sizes[1:]):
-        up = plan_scaling(ScalingProblem.build(model, hardware, current, load, m), costs, current)
-        down = plan_scaling(ScalingProblem.build(model, hardware, up.placement, load, n), costs, up.placement)
+        up = plan_scaling(ScalingProblem.build(cost, current, load, m), costs, current)
+        down = plan_scaling(ScalingProblem.build(cost, up.placement, load, n), costs, up.placement)
         seconds[(n, m)], moved[(n, m)] = up.seconds, up.schedule.bytes_moved
         seconds[(m, n)], moved[(m, n)] = down.seconds, down.schedule.bytes_moved
         current = up.placement

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from moeplan.solvers.folding.problem import Candidate, FoldingProblem
 from moeplan.solvers.folding.rules import rules_for
 
-from moeplan.cost import ParallelMapping
+from moeplan.parallel import ParallelMapping
 
 
 def divisors(n: int) -> list[int]:

@@ -1,25 +1,22 @@
 """FoldingProblem: what the folding planner is asked, and Candidate: one answer it weighs.
 
-A problem is a model on a cluster (a HardwareProfile already shaped to the GPU count) with a
-workload: training (``seq_len``-token sequences, ``global_batch`` of them per step,
+A problem is a cost model (a model on a cluster: its HardwareProfile already shaped to the GPU
+count, with the caller's CostOptions) and a workload: training (``seq_len``-token sequences, ``global_batch`` of them per step,
 ``micro_batch`` fixed or searched; the distributed optimizer and Megatron's --tp-comm-overlap
 on or off) or serving (requests of ``seq_len`` tokens, ``global_batch``
 of them decoding concurrently, ``micro_batch`` prompts per prefill step per attention replica).
-A candidate is a parallel mapping (:class:`moeplan.cost.ParallelMapping`) with the training
+A candidate is a parallel mapping (:class:`moeplan.parallel.ParallelMapping`) with the training
 knobs that go with it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
 
-from moeplan.cost import CostModel, ParallelMapping, ServeSetup, TrainSetup
+from moeplan.cost import CostModel, PricedProblem
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.model import ModelSpec
+from moeplan.parallel import MODES, ParallelLayout, ParallelMapping
+from moeplan.parallel_step import ServeSetup, TrainSetup
 
-MODES = ("train", "serve")
 MICRO_BATCH_CHOICES = (1, 2, 4, 8)
 
 
@@ -44,23 +41,19 @@ class Candidate:
                 + (" | recompute" if self.recompute else ""))
 
     @classmethod
-    def from_parallel(cls, parallel: dict[str, Any]) -> Candidate:
-        """The candidate a ``Plan.parallel`` record describes (the inverse of
+    def from_layout(cls, layout: ParallelLayout) -> Candidate:
+        """The candidate a plan's ``parallel`` section describes (the inverse of
         :meth:`FoldingProblem.parallel`), e.g. to re-price a saved plan."""
-        a, m = parallel["attention"], parallel["moe"]
-        mapping = ParallelMapping(a["tp"], a["cp"], a["dp"], a["pp"], m["etp"], m["ep"], m["edp"],
-                                  parallel.get("vpp", 1))
-        return cls(mapping, parallel.get("micro_batch", 1), bool(parallel.get("recompute", False)),
-                   bool(parallel.get("sequence_parallel", a["tp"] > 1)) or parallel.get("mode") == "serve")
+        return cls(layout.mapping, layout.micro_batch or 1, layout.recompute,
+                   layout.sequence_parallel or layout.mode == "serve")
 
 
 @dataclass(frozen=True)
-class FoldingProblem:
-    """Plan the attention/MoE parallel mapping of ``model`` on ``hardware`` (whose cluster shape
-    gives the GPU count and GPUs per node). See the module docstring for the workload fields."""
+class FoldingProblem(PricedProblem):
+    """Plan the attention/MoE parallel mapping of ``cost.model`` on ``cost.hw`` (whose cluster
+    shape gives the GPU count and GPUs per node). See the module docstring for the workload fields."""
 
-    model: ModelSpec
-    hardware: HardwareProfile
+    cost: CostModel
     mode: str = "train"
     seq_len: int = 4096
     global_batch: int = 1024
@@ -91,10 +84,6 @@ class FoldingProblem:
     def devices_per_node(self) -> int:
         return self.hardware.devices_per_node
 
-    @cached_property
-    def cost_model(self) -> CostModel:
-        return CostModel(self.model, self.hardware)
-
     def micro_batch_choices(self) -> tuple[int, ...]:
         """Micro-batch sizes the search tries (the fixed one when given)."""
         if self.micro_batch is not None:
@@ -108,13 +97,13 @@ class FoldingProblem:
     def serve_setup(self, candidate: Candidate) -> ServeSetup:
         return ServeSetup(self.seq_len, self.global_batch, candidate.micro_batch)
 
-    def parallel(self, candidate: Candidate) -> dict[str, Any]:
-        """The ``Plan.parallel`` record of a candidate."""
+    def parallel(self, candidate: Candidate) -> ParallelLayout:
+        """A plan's ``parallel`` section for a candidate."""
         m = candidate.mapping
-        return {"attention": {"tp": m.tp, "cp": m.cp, "dp": m.dp, "pp": m.pp},
-                "moe": {"etp": m.etp, "ep": m.ep, "edp": m.edp}, "vpp": m.vpp,
-                "micro_batch": candidate.micro_batch, "global_batch": self.global_batch,
-                "seq_len": self.seq_len, "recompute": candidate.recompute,
-                "distributed_optimizer": self.distributed_optimizer and self.mode == "train",
-                "sequence_parallel": candidate.sequence_parallel and m.tp > 1 and self.mode == "train",
-                "mode": self.mode}
+        return ParallelLayout(m.tp, m.cp, m.dp, m.pp, m.etp, m.ep, m.edp, m.vpp,
+                              micro_batch=candidate.micro_batch, global_batch=self.global_batch,
+                              recompute=candidate.recompute,
+                              distributed_optimizer=self.distributed_optimizer and self.mode == "train",
+                              seq_len=self.seq_len,
+                              sequence_parallel=candidate.sequence_parallel and m.tp > 1 and self.mode == "train",
+                              mode=self.mode)

@@ -18,7 +18,7 @@ from typing import Any
 
 from moeplan.solvers.folding.problem import Candidate, FoldingProblem
 
-from moeplan.cost import ParallelMapping
+from moeplan.parallel import ParallelMapping
 
 MEGATRON = "NVIDIA/Megatron-LM"
 

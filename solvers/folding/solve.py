@@ -27,7 +27,7 @@ from moeplan.solvers.folding.enumerate import raw_layouts, schedules, valid_layo
 from moeplan.solvers.folding.problem import Candidate, FoldingProblem
 from moeplan.solvers.folding.rules import violations
 
-from moeplan.cost import PassCost, ServeStep, TrainStep, serve_step, train_forward_pass, train_step
+from moeplan.parallel_step import PassCost, ServeStep, TrainStep, serve_step, train_forward_pass, train_step
 from moeplan.errors import InputError
 from moeplan.plan import Plan
 
@@ -60,7 +60,7 @@ class Ranked:
         return r.breakdown if isinstance(r, TrainStep) else r.decode
 
     def summary(self, problem: FoldingProblem) -> dict[str, Any]:
-        out: dict[str, Any] = {"label": self.candidate.label(), "parallel": problem.parallel(self.candidate),
+        out: dict[str, Any] = {"label": self.candidate.label(), "parallel": problem.parallel(self.candidate).to_dict(),
                                "score_s": self.score, "fits": self.fits, "reason": self.reason,
                                "memory_peak_bytes": self.result.memory.peak,
                                "equivalents": [c.label() for c in self.equivalents]}
@@ -98,9 +98,9 @@ class FoldingResult:
                          hardware_note=p.hardware.provenance_note())
         solver = {"name": "folding", "search": self.search, "seconds": self.seconds, "objective": best.score,
                   "tp_comm_overlap": p.tp_comm_overlap and p.mode == "train", **self.counts}
-        return Plan(model=p.model, hardware=p.hardware.name, devices_per_node=p.devices_per_node,
-                    nodes=p.hardware.nodes, parallel=p.parallel(best.candidate), solver=solver,
-                    predicted=predicted).validate()
+        return Plan(model=p.model, hardware=p.hardware.ref(), devices_per_node=p.devices_per_node,
+                    nodes=p.hardware.nodes, parallel=p.parallel(best.candidate), cost_options=p.cost.opt,
+                    solver=solver, predicted=predicted).validate()
 
 
 class _Pricer:
@@ -108,7 +108,7 @@ class _Pricer:
 
     def __init__(self, problem: FoldingProblem) -> None:
         self.problem = problem
-        self.cm = problem.cost_model
+        self.cm = problem.cost
         self._forward: dict[tuple[tuple[int, ...], int], PassCost] = {}
         self.priced = 0
 

@@ -4,7 +4,7 @@ and how tokens split among replicas.
 Every solver takes a :class:`PlacementProblem` and :class:`SolverOptions` and returns a
 :class:`SolveResult` (placement, objective, proved lower bound, gap, wall seconds, notes)::
 
-    problem = PlacementProblem.build(model, hardware.with_cluster(devices=32), TraceStats.of(trace), 9)
+    problem = PlacementProblem.build(cost, TraceStats.of(trace), 9)   # cost: a CostModel on 32 devices
     result = solve(problem, "ilp", SolverOptions(time_limit=60))
 
 Solvers: ``contiguous`` and ``round_robin`` (runtime defaults), ``lpt`` (greedy), ``eplb``

@@ -17,10 +17,10 @@ every layer's shares are re-solved by the share LP (:func:`.layer.balance_shares
    device — scored by the drop of the layer's objective (its neighbours fixed) per byte; the best
    proposal over all layers is applied, until the budget or the gains run out.
 
-Each move records ``{step, layer, expert, src_device, dst_device, slot, bytes}``; the moves of one
-step (the two halves of a swap) read their sources before any of them writes. ``src_device`` is a
-device holding the expert when the step starts (or, for an expert whose devices are being removed,
-one of those), preferring the destination's node.
+The budget counts slot writes (a swap is two). The result's moves are what a runtime executes:
+:func:`moeplan.moves.diff_moves` from the current placement to the result, every source read from
+the current placement (a slot written twice, or written back, moves once or not at all, so the
+bytes that travel never exceed the writes budgeted).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from moeplan.errors import InputError
+from moeplan.moves import Move, diff_moves
 from moeplan.plan import Placement
 
 from .layer import balance_shares, layer_device_share, layer_objective, neighbour_affinity, unit_costs
@@ -50,7 +51,7 @@ class IncrementalResult:
     (the current placement has no objective on the new cluster)."""
 
     placement: Placement
-    moves: list[dict[str, Any]]
+    moves: tuple[Move, ...]
     bytes_moved: float
     objective_before: float | None
     objective_after: float
@@ -70,14 +71,12 @@ class IncrementalResult:
 class _State:
     """Slots, shares and per-layer objective of the placement being edited."""
 
-    def __init__(self, problem: PlacementProblem, slot_expert: np.ndarray, origin: np.ndarray,
-                 options: SolverOptions) -> None:
+    def __init__(self, problem: PlacementProblem, slot_expert: np.ndarray, options: SolverOptions) -> None:
         self.p, self.options = problem, options
         self.slot_expert = slot_expert            # [L, D, S], -1 = empty
-        self.origin = origin                      # [L, E, D_old] bool: devices holding e before
         self.replica_share = np.zeros(slot_expert.shape)
         self.shares: list[np.ndarray | None] = [None] * problem.num_layers
-        self.moves: list[dict[str, Any]] = []
+        self.writes = 0                           # slots written so far (what the budget counts)
 
     def resolve(self, layer: int) -> None:
         """Re-solve the layer's token shares (all its slots must be filled)."""
@@ -98,33 +97,17 @@ class _State:
         return layer_objective(p.weights.compute, p.load[layer], layer_device_share(slot_expert, rs, p.num_experts),
                                unit) * p.weights.step_scale
 
-    def source(self, layer: int, expert: int, dst: int) -> int:
-        """A device holding ``expert`` now (else one that held it in the current placement, such as
-        a device being removed), on ``dst``'s node if possible."""
-        held = np.flatnonzero((self.slot_expert[layer] == expert).any(axis=1))
-        if held.size == 0:
-            held = np.flatnonzero(self.origin[layer, expert])
-        same = held[held // self.p.devices_per_node == dst // self.p.devices_per_node]
-        return int(same[0] if same.size else held[0])
-
     def write(self, layer: int, writes: list[tuple[int, int, int]]) -> None:
-        """Copy experts into slots, (device, slot, expert) each; all sources are read before any
-        slot is overwritten (a swap exchanges two experts)."""
-        sources = [self.source(layer, expert, device) for device, _, expert in writes]
-        step = self.moves[-1]["step"] + 1 if self.moves else 0
-        for (device, slot, expert), src in zip(writes, sources):
+        """Put experts into slots, (device, slot, expert) each (a swap writes two)."""
+        for device, slot, expert in writes:
             self.slot_expert[layer, device, slot] = expert
-            self.moves.append({"step": step, "layer": layer, "expert": expert, "src_device": src, "dst_device": device,
-                               "slot": slot, "bytes": self.p.expert_bytes})
+        self.writes += len(writes)
 
 
-def _reshape(current: Placement, problem: PlacementProblem) -> tuple[np.ndarray, np.ndarray]:
-    """Step 1: [L, D', S'] slots (−1 empty) and [L, E, D] where each expert was."""
+def _reshape(current: Placement, problem: PlacementProblem) -> np.ndarray:
+    """Step 1: [L, D', S'] slots (−1 empty)."""
     nl, d_old, s_old = current.slot_expert.shape
     d, s, e = problem.num_devices, problem.slots_per_device, problem.num_experts
-    origin = np.zeros((nl, e, d_old), dtype=bool)
-    for layer in range(nl):
-        origin[layer, current.slot_expert[layer], np.arange(d_old)[:, None]] = True
     out = np.full((nl, d, s), -1, dtype=np.int32)
     keep_dev = min(d, d_old)
     for layer in range(nl):
@@ -138,7 +121,7 @@ def _reshape(current: Placement, problem: PlacementProblem) -> tuple[np.ndarray,
             row = kept[dev]
             rank = np.lexsort((-value[row], counts[row] > 1))
             out[layer, dev, :s] = row[rank[:s]]
-    return out, origin
+    return out
 
 
 def _mandatory(state: _State, layer: int) -> None:
@@ -218,17 +201,13 @@ def replace_incremental(problem: PlacementProblem, current: Placement, budget_by
     if budget_bytes < 0:
         raise InputError(f"move budget must be ≥ 0 bytes, got {budget_bytes}", field="move-budget")
     reshaped = current.num_devices != p.num_devices or current.slots_per_device != p.slots_per_device
-    slot_expert, origin = _reshape(current, p) if reshaped else (current.slot_expert.copy(), None)
-    if origin is None:
-        origin = np.zeros((p.num_layers, p.num_experts, current.num_devices), dtype=bool)
-        for layer in range(p.num_layers):
-            origin[layer, current.slot_expert[layer], np.arange(current.num_devices)[:, None]] = True
-    state = _State(p, slot_expert, origin, opts)
+    slot_expert = _reshape(current, p) if reshaped else current.slot_expert.copy()
+    state = _State(p, slot_expert, opts)
     for layer in range(p.num_layers):
         _mandatory(state, layer)
-    mandatory_bytes = len(state.moves) * p.expert_bytes
+    mandatory_bytes = state.writes * p.expert_bytes
     if mandatory_bytes > budget_bytes:
-        raise InputError(f"the new cluster needs {len(state.moves)} expert moves ({mandatory_bytes / 2**30:.2f} GiB) "
+        raise InputError(f"the new cluster needs {state.writes} expert moves ({mandatory_bytes / 2**30:.2f} GiB) "
                          f"before any improvement, over the budget of {budget_bytes / 2**30:.2f} GiB",
                          field="move-budget", fix=f"allow at least {mandatory_bytes / 2**30:.2f} GiB")
     for layer in range(p.num_layers):
@@ -240,7 +219,7 @@ def replace_incremental(problem: PlacementProblem, current: Placement, budget_by
         return Placement(state.slot_expert.copy(), state.replica_share.copy(), p.num_experts, p.devices_per_node)
 
     start = snapshot()
-    curve = [{"moves": len(state.moves), "bytes": len(state.moves) * p.expert_bytes,
+    curve = [{"moves": state.writes, "bytes": state.writes * p.expert_bytes,
               "balancedness": balancedness(start, p.load), "objective": objective(p, start).total}]
     heap = [(-g, layer, w) for layer in range(p.num_layers) for g, w in [_proposals(state, layer)] if w]
     heapq.heapify(heap)
@@ -256,7 +235,7 @@ def replace_incremental(problem: PlacementProblem, current: Placement, budget_by
             if 0 <= touched < p.num_layers:
                 state.resolve(touched)
         placement = snapshot()
-        curve.append({"moves": len(state.moves), "bytes": spent, "balancedness": balancedness(placement, p.load),
+        curve.append({"moves": state.writes, "bytes": spent, "balancedness": balancedness(placement, p.load),
                       "objective": objective(p, placement).total})
         heap = [h for h in heap if abs(h[1] - layer) > 1]
         for touched in (layer - 1, layer, layer + 1):
@@ -266,12 +245,16 @@ def replace_incremental(problem: PlacementProblem, current: Placement, budget_by
                     heap.append((-gain, touched, w))
         heapq.heapify(heap)
     final = snapshot()
-    notes = [f"{len(state.moves)} moves ({spent / 2**30:.2f} GiB) of a {budget_bytes / 2**30:.2f} GiB budget"]
+    moves = diff_moves(current, final, p.expert_bytes)
+    moved = sum(m.nbytes for m in moves)
+    notes = [f"{state.writes} slot writes budgeted ({spent / 2**30:.2f} GiB of a {budget_bytes / 2**30:.2f} GiB "
+             f"budget): {sum(m.is_transfer for m in moves)} transfers ({moved / 2**30:.2f} GiB) and "
+             f"{sum(not m.is_transfer for m in moves)} local copies"]
     if reshaped:
         notes.append(f"cluster changed from {current.num_devices}×{current.slots_per_device} to "
                      f"{p.num_devices}×{p.slots_per_device} slots: {int(mandatory_bytes // max(p.expert_bytes, 1))} "
                      "moves were needed before any improvement")
-    return IncrementalResult(final, state.moves, spent, before, objective(p, final).total, before_bal,
+    return IncrementalResult(final, moves, moved, before, objective(p, final).total, before_bal,
                              balancedness(final, p.load), curve, time.perf_counter() - t0, notes)
 
 

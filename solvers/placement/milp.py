@@ -6,6 +6,9 @@ integer, every coefficient an integer, as CP-SAT requires) or to :func:`solve_pu
 ``HiGHS`` solver through highspy, with the warm start passed to HiGHS as its starting solution),
 so both back ends solve exactly the same model and agree on the optimum. :func:`solve_lp` solves
 the continuous relaxation with HiGHS directly (used when the integer part is fixed).
+
+The back ends are imported when a model is solved, not with this module: a host without them
+(the GPU machine) still plans with the heuristics and runs the CLI.
 """
 from __future__ import annotations
 
@@ -15,11 +18,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
 
-import highspy
 import numpy as np
-import pulp
-from ortools.sat.python import cp_model
 
 from moeplan.errors import InputError
 
@@ -113,6 +115,8 @@ def _as_int(values: np.ndarray, what: str) -> list[int]:
 def solve_cpsat(model: LinearModel, time_limit: float, gap: float, hint: np.ndarray | None = None,
                 workers: int = 2) -> MilpSolution:
     """Solve with OR-Tools CP-SAT (all variables integer, integer coefficients)."""
+    from ortools.sat.python import cp_model
+
     t0 = time.perf_counter()
     lower, upper, _, cost, row_lo, row_hi, *_ = model.arrays()
     start, cols, vals = model.csr()
@@ -161,33 +165,43 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(devnull)
 
 
-class _HighsWithStart(pulp.HiGHS):
+@cache
+def _highs_with_start() -> type:
     """PuLP's HiGHS back end, handing HiGHS a starting solution (PuLP's own HiGHS class has no
-    warm start) and keeping HiGHS's banner off stdout."""
+    warm start) and keeping HiGHS's banner off stdout. A class built on first use, so that PuLP
+    is imported only when a model is solved with it."""
+    import highspy
+    import pulp
 
-    def __init__(self, start: dict[str, float] | None, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.start = start
+    class HighsWithStart(pulp.HiGHS):  # type: ignore[misc, name-defined]
+        def __init__(self, start: dict[str, float] | None, **kwargs: object) -> None:
+            super().__init__(**kwargs)
+            self.start = start
 
-    def createAndConfigureSolver(self, lp: pulp.LpProblem) -> None:
-        with _quiet_stdout():
-            super().createAndConfigureSolver(lp)
+        def createAndConfigureSolver(self, lp: Any) -> None:
+            with _quiet_stdout():
+                super().createAndConfigureSolver(lp)
 
-    def callSolver(self, lp: pulp.LpProblem) -> None:
-        if self.start:
-            values = [0.0] * len(lp.variables())
-            for var in lp.variables():
-                values[var.index] = self.start.get(var.name, 0.0)
-            sol = highspy.HighsSolution()
-            sol.col_value = values
-            sol.value_valid = True
-            lp.solverModel.setSolution(sol)
-        lp.solverModel.run()
+        def callSolver(self, lp: Any) -> None:
+            if self.start:
+                values = [0.0] * len(lp.variables())
+                for var in lp.variables():
+                    values[var.index] = self.start.get(var.name, 0.0)
+                sol = highspy.HighsSolution()
+                sol.col_value = values
+                sol.value_valid = True
+                lp.solverModel.setSolution(sol)
+            lp.solverModel.run()
+
+    return HighsWithStart
 
 
 def solve_pulp(model: LinearModel, time_limit: float, gap: float, hint: np.ndarray | None = None,
                workers: int = 2) -> MilpSolution:
     """Solve with PuLP and HiGHS (highspy)."""
+    import highspy
+    import pulp
+
     t0 = time.perf_counter()
     lower, upper, integer, cost, row_lo, row_hi, *_ = model.arrays()
     start, cols, vals = model.csr()
@@ -209,7 +223,7 @@ def solve_pulp(model: LinearModel, time_limit: float, gap: float, hint: np.ndarr
         if np.isfinite(hi):
             prob += pulp.LpConstraint(expr, pulp.LpConstraintLE, rhs=float(hi), name=f"r{r}u")
     start_values = None if hint is None else {names[i]: float(v) for i, v in enumerate(hint)}
-    solver = _HighsWithStart(start_values, msg=False, timeLimit=max(float(time_limit), 0.01), gapRel=float(gap),
+    solver = _highs_with_start()(start_values, msg=False, timeLimit=max(float(time_limit), 0.01), gapRel=float(gap),
                              threads=max(int(workers), 1))
     prob.solve(solver)
     info = prob.solverModel.getInfo()
@@ -225,6 +239,8 @@ def solve_pulp(model: LinearModel, time_limit: float, gap: float, hint: np.ndarr
 
 def solve_lp(model: LinearModel) -> MilpSolution:
     """The continuous relaxation of ``model``, solved by HiGHS (dual simplex)."""
+    import highspy
+
     t0 = time.perf_counter()
     lower, upper, _, cost, row_lo, row_hi, rows, cols, vals = model.arrays()
     order = np.lexsort((rows, cols))

@@ -32,8 +32,6 @@ import numpy as np
 
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
-from moeplan.model import ModelSpec
 from moeplan.plan import Placement
 from moeplan.stats import TraceStats
 
@@ -158,20 +156,19 @@ class PlacementProblem:
         ).validate()
 
     @classmethod
-    def build(cls, model: ModelSpec, hardware: HardwareProfile, stats: TraceStats, slots_per_device: int,
-              tokens_per_device: int = DEFAULT_TOKENS_PER_DEVICE, cost: CostModel | None = None,
-              flow_model: str = "top1") -> "PlacementProblem":
-        """A problem for ``model`` on ``hardware`` (its cluster shape: use ``with_cluster`` first)
-        with the traffic of ``stats``; checks that the slots fit in device memory. ``cost`` must be
-        a CostModel of the same model and hardware."""
+    def build(cls, cost: CostModel, stats: TraceStats, slots_per_device: int,
+              tokens_per_device: int = DEFAULT_TOKENS_PER_DEVICE, flow_model: str = "top1") -> "PlacementProblem":
+        """A problem for ``cost.model`` on ``cost.hw`` (its cluster shape: use ``with_cluster``
+        first) with the traffic of ``stats``, priced with ``cost``'s options; checks that the
+        slots fit in device memory."""
         if flow_model not in FLOW_MODELS:
             raise InputError(f"unknown flow model '{flow_model}'", field="flows",
                              fix=f"use one of: {', '.join(FLOW_MODELS)}")
+        model, hardware = cost.model, cost.hw
         trace = stats.trace
         trace.check_model(model.num_experts, model.num_moe_layers, model.top_k)
         d, per = hardware.num_devices, hardware.devices_per_node
         check_cluster(model.num_experts, d, per, slots_per_device)
-        cost = cost or CostModel(model, hardware)
         check_memory(cost, slots_per_device, d, tokens_per_device)
         k = model.top_k
         nl = trace.num_layers

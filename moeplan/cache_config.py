@@ -8,20 +8,25 @@ Written by ``moeplan plan cache``, read by ``moeplan run --offload`` and the das
      "prefetch_width": [per MoE layer], "prefetch_min_probability": [per MoE layer]}
 
 ``phase``, ``batch`` and ``sequence_tokens`` are the steps it was planned for
-(:class:`~moeplan.solvers.cache.steps.StepShape`). ``stage_slots`` experts of staging buffer serve the misses a layer cannot keep (a step that
+(:class:`~moeplan.solvers.cache.steps.StepShape`; the policies and phases are defined here, where a plan
+is read). ``stage_slots`` experts of staging buffer serve the misses a layer cannot keep (a step that
 needs more experts than the layer caches). ``fit_fraction`` is the share of the trace the
 predictor is fitted on; the rest is what the plan was judged on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moeplan.errors import InputError
 from moeplan.io import Fields
 from moeplan.model import ModelSpec
-from moeplan.solvers.cache.state import POLICIES
-from moeplan.solvers.cache.steps import PHASES, StepShape
+
+if TYPE_CHECKING:
+    from moeplan.solvers.cache.steps import StepShape
+
+POLICIES = ("lru", "lfu", "belady", "prefetch")
+PHASES = ("decode", "prefill")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class CacheConfig:
         return self.policy == "prefetch"
 
     @property
-    def shape(self) -> StepShape:
+    def shape(self) -> "StepShape":
+        from moeplan.solvers.cache.steps import StepShape
         return StepShape(self.phase, self.batch, self.sequence_tokens).validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,10 +66,8 @@ class CacheConfig:
         """Read and check a plan's ``cache`` section against its model."""
         f = Fields(data, source, "cache.")
         sizes = f.list("sizes")
+        _check_sizes(sizes, model, f)
         e = model.num_experts
-        if (len(sizes) != model.num_moe_layers
-                or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= e for s in sizes)):
-            raise f.fail("sizes", f"must list {model.num_moe_layers} integers in 0..{e}")
         policy = f.str("policy", choices=POLICIES)
         if f.bool("prefetch", policy == "prefetch") != (policy == "prefetch"):
             raise f.fail("prefetch", f"says {f.data['prefetch']} but the policy is {policy}",
@@ -87,6 +91,10 @@ class CacheConfig:
                    f.int("batch", 1, minimum=1), f.int("sequence_tokens", 0, minimum=0), f.int("context", 4096, minimum=1),
                    fraction, tuple(int(w) for w in width), tuple(floor))
 
+    def check_model(self, model: ModelSpec, source: str) -> None:
+        """Raise InputError unless the sizes fit ``model``'s MoE layers and experts."""
+        _check_sizes(list(self.sizes), model, Fields({"sizes": list(self.sizes)}, source, "cache."))
+
     def check_budget(self, model: ModelSpec, source: str) -> None:
         """The plan's own arithmetic: its cache and staging slots fit its ``budget_bytes``."""
         need = (sum(self.sizes) + self.stage_slots) * model.expert_bytes()
@@ -96,3 +104,10 @@ class CacheConfig:
                 f"experts × {model.expert_bytes() / 2**20:.1f} MiB = {need / 2**30:.2f} GiB > budget "
                 f"{self.budget_bytes / 2**30:.2f} GiB", source=source, field="cache.sizes",
                 fix="re-plan with 'moeplan plan cache' or lower the sizes")
+
+
+def _check_sizes(sizes: list[Any], model: ModelSpec, f: Fields) -> None:
+    e = model.num_experts
+    if (len(sizes) != model.num_moe_layers
+            or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= e for s in sizes)):
+        raise f.fail("sizes", f"must list {model.num_moe_layers} integers in 0..{e}")

@@ -1,0 +1,80 @@
+"""The one trace → placement → Plan pipeline: ``moeplan plan``, ``moeplan plan placement``, ``moeplan
+compare`` and the dashboard all go through it, so they share the slot default, the split of the
+trace into what the solver fits and what the plan is judged on, and the ``predicted`` schema.
+
+1. :func:`split_for_judging`: the solver fits the first ``1 − judge_fraction`` of the trace; the
+   plan is judged on the rest (a plan serves future traffic). ``judge_fraction = 0`` judges on
+   the fitted tokens themselves, and the plan says so.
+2. :func:`default_slots`: the given physical slot total split over the devices, else the
+   memory-aware default (:func:`.problem.default_slots_per_device`).
+3. :func:`placement_quality`: one placement on the judged tokens — the metrics of
+   :func:`.metrics.evaluate`, the simulated MoE step (:func:`.predict.predict_moe_step`) and the
+   peak memory per device — the row ``plan`` and ``compare`` print.
+4. :func:`placement_plan`: the Plan: placement, moves, the hardware profile and cost options
+   that priced it, the solver's report, and ``predicted`` = the quality row plus the traffic
+   report of the problem (:func:`.exflow.traffic_report`) and what it was judged on.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from moeplan.cost import CostModel
+from moeplan.errors import InputError
+from moeplan.moves import Move
+from moeplan.plan import Placement, Plan
+from moeplan.stats import TraceStats
+from moeplan.trace import RoutingTrace
+
+from .exflow import traffic_report
+from .metrics import evaluate
+from .predict import predict_moe_step
+from .problem import PlacementProblem, default_slots_per_device, slots_per_device_of
+
+JUDGE_FRACTION = 0.3
+
+
+def split_for_judging(trace: RoutingTrace, judge_fraction: float = JUDGE_FRACTION) -> tuple[RoutingTrace,
+                                                                                             RoutingTrace]:
+    """(fitted, judged) parts of ``trace``: the first ``1 − judge_fraction`` of its tokens and the
+    rest; both the whole trace when ``judge_fraction`` is 0."""
+    if not 0 <= judge_fraction < 1:
+        raise InputError(f"must lie in [0, 1), got {judge_fraction}", field="judge-fraction")
+    if judge_fraction == 0:
+        return trace, trace
+    return trace.split(1 - judge_fraction)
+
+
+def default_slots(cost: CostModel, total_slots: int | None, tokens_per_device: int) -> int:
+    """Slots per device: ``total_slots`` physical slots split evenly over the devices, or (None)
+    the memory-aware default of :func:`.problem.default_slots_per_device`."""
+    d, e = cost.hw.num_devices, cost.model.num_experts
+    if total_slots is not None:
+        return slots_per_device_of(total_slots, d, e)
+    return default_slots_per_device(cost, e, d, tokens_per_device)
+
+
+def placement_quality(cost: CostModel, placement: Placement, judged: RoutingTrace, tokens_per_device: int,
+                      stats: TraceStats | None = None) -> dict[str, Any]:
+    """The figures of one placement on the ``judged`` tokens (module docstring, step 3).
+    ``stats`` may be passed when they are of ``judged``, to save recounting."""
+    metrics = evaluate(placement, judged, stats=stats).summary()
+    predicted = predict_moe_step(cost, placement, judged, tokens_per_device)
+    memory = cost.memory(placement.slots_per_device, placement.num_devices, batch_tokens_per_device=tokens_per_device)
+    notes = list(metrics.pop("notes", [])) + list(predicted.pop("notes", []))
+    return {**metrics, **predicted, "memory_peak_bytes": memory.peak, "memory_fits": memory.fits, "notes": notes}
+
+
+def placement_plan(problem: PlacementProblem, cost: CostModel, placement: Placement, report: dict[str, Any],
+                   judged: RoutingTrace, tokens_per_device: int, moves: Sequence[Move] = (),
+                   judged_on: str = "held-out tokens", stats: TraceStats | None = None) -> Plan:
+    """The Plan of a solved ``problem`` (module docstring, step 4). ``report`` is the solver's
+    record; ``judged_on`` says what ``judged`` is, for the plan's ``predicted.judged_on``."""
+    hw = cost.hw
+    quality = placement_quality(cost, placement, judged, tokens_per_device, stats)
+    predicted = {**quality, **traffic_report(problem, placement), "judged_on": judged_on,
+                 "judged_tokens": judged.num_tokens}
+    solver = {**report, "flows": problem.flow_model, "slots_per_device": problem.slots_per_device}
+    return Plan(model=cost.model, hardware=hw.ref(), devices_per_node=hw.devices_per_node, nodes=hw.nodes,
+                placement=placement, moves=tuple(moves), cost_options=cost.opt, solver=solver,
+                predicted=predicted).validate()
