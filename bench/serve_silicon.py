@@ -89,7 +89,8 @@ def _precision(gemm: str, moe: str, model: str) -> Precision:
 
 
 def _layout(r: dict[str, str]) -> ServeLayout | None:
-    """The serving layout of a row, or None when its sizes contradict each other. TRT-LLM and
+    """The serving layout of a row, or None when its sizes contradict each other (here or
+    against the sizes its id names). TRT-LLM and
     vLLM rows give attention TP per replica; SGLang's DP-attention rows give --tp = world."""
     try:
         tp, adp = int(float(r["tp_size"])), int(float(r["attention_dp_size"]))
@@ -117,6 +118,9 @@ def load_rows(path: Path) -> tuple[list[SiliconRow], dict[str, int]]:
                 dropped["not agg / other GPU / no preset"] += 1
                 continue
             layout = _layout(r)
+            named = re.search(r"_tp(\d+)(?:_0)?_ep(\d+)", r["id"])
+            if named and int(named.group(1)) != int(float(r["tp_size"] or 0)):
+                layout = None          # the row's id names other sizes than its columns
             conc = re.search(r"silicon_concurrency=(\d+)", r["silicon_data_source"])
             if layout is None or r["pp_size"] not in ("1", "1.0"):
                 dropped["contradicting sizes"] += 1
@@ -157,24 +161,23 @@ class Pricer:
         return p.ttft, p.tpot
 
 
-NAMES = ("hbm_efficiency", "flops_efficiency", "layer_gap_s", "collective_latency_s", "step_sglang", "step_trtllm",
-         "step_vllm", "request_overhead_s", "prefill_share", "queue_factor")
-
-
 def terms_from(x: np.ndarray, source: str = "") -> ServeTerms:
     v = np.exp(x)
     return ServeTerms(hbm_efficiency=min(v[0], 1.0), flops_efficiency=min(v[1], 1.0), layer_gap_s=v[2],
                       collective_latency_s=v[3], step_overhead_s=(("sglang", v[4]), ("trtllm", v[5]), ("vllm", v[6])),
-                      request_overhead_s=v[7], prefill_share=v[8], queue_factor=v[9], source=source)
+                      request_overhead_s=(("sglang", v[7]), ("trtllm", v[8]), ("vllm", v[9])), prefill_share=v[10],
+                      queue_factor=v[11], schedule_wait_steps=v[12], source=source)
 
 
 def fit(pricer: Pricer, rows: list[SiliconRow]) -> ServeTerms:
     """Least squares on log(predicted / measured) of TTFT and TPOT over ``rows``."""
     d = ServeTerms()
-    x0 = np.log([d.hbm_efficiency, d.flops_efficiency, d.layer_gap_s, d.collective_latency_s, 2e-3, 2e-3, 2e-3,
-                 d.request_overhead_s, d.prefill_share, d.queue_factor])
-    lo = np.log([0.2, 0.05, 1e-7, 1e-7, 1e-5, 1e-5, 1e-5, 1e-4, 0.05, 0.01])
-    hi = np.log([1.0, 1.0, 2e-4, 1e-4, 2e-2, 2e-2, 2e-2, 1.0, 4.0, 50.0])
+    x0 = np.log([d.hbm_efficiency, d.flops_efficiency, d.layer_gap_s, d.collective_latency_s,
+                 *dict(d.step_overhead_s).values(), *dict(d.request_overhead_s).values(), d.prefill_share,
+                 d.queue_factor, d.schedule_wait_steps])
+    lo = np.log([0.2, 0.05, 1e-7, 1e-7, 1e-5, 1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 0.05, 0.01, 0.01])
+    hi = np.log([1.0, 1.0, 2e-4, 1e-4, 2e-2, 2e-2, 2e-2, 1.0, 1.0, 1.0, 4.0, 200.0, 100.0])
+    x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
 
     def residuals(x: np.ndarray) -> np.ndarray:
         t = terms_from(x)

@@ -77,33 +77,44 @@ class ServeTerms:
     decode step (norms, RoPE, quantise, small GEMM tails); collective_latency_s: latency of one
     intra-node collective (one-shot all-reduce / all-to-all launch and sync); step_overhead_s:
     per decode step outside the GPU (scheduler, sampling, output processing), per backend;
-    request_overhead_s: per request before its first token (tokenise, schedule, first detokenise);
+    request_overhead_s: per request before its first token (tokenise, schedule, first
+    detokenise), per backend; schedule_wait_steps: decode steps a new request waits before the
+    scheduler admits its prefill;
     prefill_share: how much of each prompt's prefill a decode step absorbs (1 = all of it;
     below 1 where chunked prefill overlaps it with decode); queue_factor: how many of the
     other in-flight requests' prefills a new request waits behind, per unit of occupancy.
     """
 
-    hbm_efficiency: float = 0.7
-    flops_efficiency: float = 0.5
-    layer_gap_s: float = 2.0e-5
-    collective_latency_s: float = 8.0e-6
-    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 2.0e-3), ("trtllm", 2.0e-3), ("vllm", 2.0e-3))
-    request_overhead_s: float = 0.03
-    prefill_share: float = 1.0
-    queue_factor: float = 1.0
-    source: str = "untuned defaults"
+    hbm_efficiency: float = 0.8345
+    flops_efficiency: float = 0.1424
+    layer_gap_s: float = 5.713e-05
+    collective_latency_s: float = 1.058e-05
+    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 2.542e-03), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
+    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.2649), ("trtllm", 4.091e-03), ("vllm", 1.0e-04))
+    schedule_wait_steps: float = 9.943
+    prefill_share: float = 1.038
+    queue_factor: float = 4.085
+    source: str = ("bench/serve_silicon.py: fitted on the 652 H100 + B200 aggregated MoE configurations of "
+                   "aiconfigurator-core 0.12.0 systems/silicon_sample.csv (H200 rows held out)")
 
     def step_overhead(self, backend: str) -> float:
-        table = dict(self.step_overhead_s)
-        if backend not in table:
-            raise InputError(f"unknown backend {backend!r}", field="backend", fix=f"use one of {', '.join(table)}")
-        return table[backend]
+        return _per_backend(self.step_overhead_s, backend)
+
+    def request_overhead(self, backend: str) -> float:
+        return _per_backend(self.request_overhead_s, backend)
 
     def to_dict(self) -> dict[str, Any]:
         return {"hbm_efficiency": self.hbm_efficiency, "flops_efficiency": self.flops_efficiency,
                 "layer_gap_s": self.layer_gap_s, "collective_latency_s": self.collective_latency_s,
-                "step_overhead_s": dict(self.step_overhead_s), "request_overhead_s": self.request_overhead_s,
-                "prefill_share": self.prefill_share, "queue_factor": self.queue_factor, "source": self.source}
+                "step_overhead_s": dict(self.step_overhead_s), "request_overhead_s": dict(self.request_overhead_s),
+                "schedule_wait_steps": self.schedule_wait_steps, "prefill_share": self.prefill_share, "queue_factor": self.queue_factor, "source": self.source}
+
+
+def _per_backend(table: tuple[tuple[str, float], ...], backend: str) -> float:
+    values = dict(table)
+    if backend not in values:
+        raise InputError(f"unknown backend {backend!r}", field="backend", fix=f"use one of {', '.join(values)}")
+    return values[backend]
 
 
 def experts_hit(tokens: float, choose_prob: np.ndarray) -> float:
@@ -287,6 +298,7 @@ class ServePredictor:
         t_pf = prefill.total
         tpot = decode.total + t.prefill_share * per_replica / osl * t_pf
         occupancy = t_pf / (t_pf + osl * tpot)
-        ttft = t.request_overhead_s + t_pf * (1.0 + t.queue_factor * (per_replica - 1) * occupancy) + 0.5 * decode.total
+        ttft = (t.request_overhead(self.backend) + t_pf * (1.0 + t.queue_factor * (per_replica - 1) * occupancy)
+                + t.schedule_wait_steps * tpot)
         return ServePoint(ttft=ttft, tpot=tpot, tokens_per_s_per_gpu=concurrency / tpot / self.layout.world,
                           decode=decode, prefill=prefill, kv_fits=self.kv_fits(concurrency, isl + osl))
