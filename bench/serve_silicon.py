@@ -39,7 +39,7 @@ from moeplan.model import ModelSpec
 from moeplan.parallel import ParallelMapping
 from moeplan.parallel_step import ServeSetup, serve_step
 from moeplan.precision import Precision
-from moeplan.serving import ServeLayout, ServePredictor, ServeTerms
+from moeplan.serving import ServeLayout, ServePredictor, ServeTerms, predict_disaggregated
 
 PRESET_OF = {"deepseek-ai/DeepSeek-R1": "deepseek-v3", "deepseek-ai/DeepSeek-V3": "deepseek-v3",
              "nvidia/DeepSeek-R1-NVFP4": "deepseek-v3", "nvidia/DeepSeek-V3.1-NVFP4": "deepseek-v3",
@@ -88,13 +88,13 @@ def _precision(gemm: str, moe: str, model: str) -> Precision:
     return Precision(gemm=gemm, moe=moe, kv="bf16" if gemm == "bf16" else "fp8")
 
 
-def _layout(r: dict[str, str]) -> ServeLayout | None:
+def _layout(r: dict[str, str], prefix: str = "") -> ServeLayout | None:
     """The serving layout of a row, or None when its sizes contradict each other (here or
     against the sizes its id names). TRT-LLM and
     vLLM rows give attention TP per replica; SGLang's DP-attention rows give --tp = world."""
     try:
-        tp, adp = int(float(r["tp_size"])), int(float(r["attention_dp_size"]))
-        mtp, mep = int(float(r["moe_tp_size"])), int(float(r["moe_ep_size"]))
+        tp, adp = int(float(r[prefix + "tp_size"])), int(float(r[prefix + "attention_dp_size"]))
+        mtp, mep = int(float(r[prefix + "moe_tp_size"])), int(float(r[prefix + "moe_ep_size"]))
     except ValueError:
         return None
     if min(tp, adp, mtp, mep) < 1:
@@ -134,6 +134,46 @@ def load_rows(path: Path) -> tuple[list[SiliconRow], dict[str, int]]:
     return rows, dropped
 
 
+@dataclass(frozen=True)
+class DisaggRow:
+    """One measured disaggregated configuration: prefill and decode layouts and worker counts."""
+
+    model: str
+    system: str
+    backend: str
+    precision: Precision
+    prefill: ServeLayout
+    prefill_workers: int
+    decode: ServeLayout
+    decode_workers: int
+    isl: int
+    osl: int
+    concurrency: int
+    ttft: float
+    tpot: float
+
+
+def load_disagg_rows(path: Path) -> list[DisaggRow]:
+    """Disaggregated MoE rows with a preset on H100/H200/B200 whose sizes agree and that record
+    their worker counts (549 of the 643 such rows leave prefill/decode_num_workers empty)."""
+    rows = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            model = PRESET_OF.get(r["model_path"])
+            if r["mode"] != "disagg" or r["system"] not in HARDWARE_OF or model is None:
+                continue
+            pre, dec = _layout(r, "prefill_"), _layout(r, "decode_")
+            conc = re.search(r"silicon_concurrency=(\d+)", r["silicon_data_source"])
+            if pre is None or dec is None or conc is None or not r["prefill_num_workers"] or not r["decode_num_workers"]:
+                continue
+            rows.append(DisaggRow(model, r["system"], r["backend"], _precision(r["gemm_quant_mode"],
+                                  r["moe_quant_mode"], model), pre, int(float(r["prefill_num_workers"])), dec,
+                                  int(float(r["decode_num_workers"])), int(r["isl"]), int(r["osl"]),
+                                  int(conc.group(1)), float(r["silicon_ttft_ms"]) / 1e3,
+                                  float(r["silicon_tpot_ms"]) / 1e3))
+    return rows
+
+
 class Pricer:
     """Cost models per (model, system), reused across rows."""
 
@@ -154,6 +194,14 @@ class Pricer:
                                   ep=lay.moe_ep, edp=1)
         s = serve_step(cm, mapping, ServeSetup(context=row.isl, concurrency=row.concurrency))
         return s.ttft, s.tpot
+
+    def disagg(self, row: DisaggRow, terms: ServeTerms) -> tuple[float, float]:
+        def side(layout: ServeLayout) -> ServePredictor:
+            return ServePredictor(self.cost(row.model, row.system, layout.world), layout, row.precision, row.backend,
+                                  terms)
+        p = predict_disaggregated(side(row.prefill), side(row.decode), row.prefill_workers, row.decode_workers,
+                                  row.concurrency, row.isl, row.osl)
+        return p.ttft, p.tpot
 
     def model(self, row: SiliconRow, terms: ServeTerms) -> tuple[float, float]:
         cm = self.cost(row.model, row.system, row.layout.world)
@@ -196,8 +244,8 @@ def median_err(pred: list[float], meas: list[float]) -> float:
     return float(np.median(np.abs(np.asarray(pred) / np.asarray(meas) - 1.0))) * 100 if pred else float("nan")
 
 
-def report(pricer: Pricer, rows: list[SiliconRow], terms: ServeTerms, dropped: dict[str, int], seconds: float,
-           sample: Path) -> str:
+def report(pricer: Pricer, rows: list[SiliconRow], disagg: list[DisaggRow], terms: ServeTerms,
+           dropped: dict[str, int], seconds: float, sample: Path) -> str:
     preds = {id(r): (pricer.baseline(r), pricer.model(r, terms)) for r in rows}
     lines = [f"Sample: {sample} ({len(rows)} configurations after merging repeats; dropped: {dropped})", "",
              "Fitted terms (H100 + B200 rows only): " + ", ".join(
@@ -233,6 +281,16 @@ def report(pricer: Pricer, rows: list[SiliconRow], terms: ServeTerms, dropped: d
         lines.append(f"- {r.model} {r.backend} {r.layout.label()} {r.precision.label()} ISL {r.isl} OSL {r.osl} "
                      f"c{r.concurrency}: TPOT {tp * 1e3:.1f} vs {r.tpot * 1e3:.1f} ms, TTFT {tt * 1e3:.0f} vs "
                      f"{r.ttft * 1e3:.0f} ms")
+    lines += ["", "Disaggregated rows (judged only: the terms above, fitted on aggregated rows):", "",
+              "| model | GPU | backend | rows | TTFT | TPOT |", "|---|---|---|---|---|---|"]
+    for k in sorted({(r.model, r.system, r.backend) for r in disagg}):
+        sub = [r for r in disagg if (r.model, r.system, r.backend) == k]
+        pr = [pricer.disagg(r, terms) for r in sub]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {len(sub)} | {median_err([x[0] for x in pr], [r.ttft for r in sub]):.0f}% "
+                     f"| {median_err([x[1] for x in pr], [r.tpot for r in sub]):.0f}% |")
+    pr = [pricer.disagg(r, terms) for r in disagg]
+    lines.append(f"| all | | | {len(disagg)} | {median_err([x[0] for x in pr], [r.ttft for r in disagg]):.0f}% "
+                 f"| {median_err([x[1] for x in pr], [r.tpot for r in disagg]):.0f}% |")
     lines += ["", f"Fit + report took {seconds:.1f} s."]
     return "\n".join(lines) + "\n"
 
@@ -247,7 +305,7 @@ def main() -> None:
     pricer = Pricer()
     t0 = time.perf_counter()
     terms = fit(pricer, [r for r in rows if r.system in FIT_SYSTEMS])
-    text = report(pricer, rows, terms, dropped, time.perf_counter() - t0, sample)
+    text = report(pricer, rows, load_disagg_rows(sample), terms, dropped, time.perf_counter() - t0, sample)
     print(text)
     if args.out:
         write_text(args.out, text)

@@ -16,6 +16,8 @@ Three layers, read top to bottom:
    flight, each decode step also pays its share of the prefills that keep the batch full
    (``concurrency / osl`` prompts per step, chunked prefill mixed into decode), and a new
    request waits behind the prefills of others already queued (an occupancy-weighted queue).
+   Disaggregated prefill/decode: :func:`predict_disaggregated` (worker pools, KV transfer,
+   prefill queue at the rate decode drains requests).
 3. **Fitted terms** — :class:`ServeTerms`: the few constants not read from a datasheet. Their
    defaults are the values ``bench/serve_silicon.py`` fits on the H100 and B200 rows of NVIDIA
    aiconfigurator-core 0.12.0's ``systems/silicon_sample.csv`` (the H200 rows are held out).
@@ -302,3 +304,31 @@ class ServePredictor:
                 + t.schedule_wait_steps * tpot)
         return ServePoint(ttft=ttft, tpot=tpot, tokens_per_s_per_gpu=concurrency / tpot / self.layout.world,
                           decode=decode, prefill=prefill, kv_fits=self.kv_fits(concurrency, isl + osl))
+
+
+def predict_disaggregated(prefill: ServePredictor, decode: ServePredictor, prefill_workers: int,
+                          decode_workers: int, concurrency: int, isl: int, osl: int) -> ServePoint:
+    """TTFT and TPOT of disaggregated serving: ``prefill_workers`` instances of ``prefill``'s
+    layout run prompts, ``decode_workers`` instances of ``decode``'s layout run the
+    ``concurrency`` requests' decode steps (no prefill mixed in). Prompts arrive at the rate the
+    decode side finishes requests (concurrency / (osl × TPOT)); each prefill worker is an M/D/1
+    queue at that share of the rate (waiting ρ / (2(1 − ρ)) × service, ρ capped at 0.95 where the
+    prefill side cannot keep up); the KV cache of a prompt crosses the inter-node link once.
+    Throughput per GPU counts both pools."""
+    if min(prefill_workers, decode_workers, concurrency, isl, osl) < 1:
+        raise InputError("workers, concurrency, isl and osl must be ≥ 1", field="concurrency")
+    t = decode.terms
+    per_replica = math.ceil(concurrency / (decode_workers * decode.layout.attention_dp))
+    step = decode.decode_step(per_replica, isl + osl / 2.0)
+    tpot = step.total
+    first = prefill.prefill_step(isl)
+    t_pf = first.total
+    rho = min(concurrency / (osl * tpot) * t_pf / (prefill_workers * prefill.layout.attention_dp), 0.95)
+    m = decode.cost.model
+    kv_bytes = isl * m.kv_cache_bytes_per_token(decode.precision.kv_bytes)
+    transfer = kv_bytes / decode.cost.hw.inter_node.bandwidth.value
+    ttft = t.request_overhead(prefill.backend) + t_pf * (1.0 + rho / (2.0 * (1.0 - rho))) + transfer
+    gpus = prefill_workers * prefill.layout.world + decode_workers * decode.layout.world
+    fits = decode.kv_fits(math.ceil(concurrency / decode_workers), isl + osl)
+    return ServePoint(ttft=ttft, tpot=tpot, tokens_per_s_per_gpu=concurrency / tpot / gpus, decode=step,
+                      prefill=first, kv_fits=fits)

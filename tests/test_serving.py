@@ -103,3 +103,15 @@ def test_bad_layouts_backends_and_formats_are_refused_with_the_field() -> None:
 
 def test_fitted_terms_record_their_source() -> None:
     assert "silicon_sample" in ServeTerms().source
+
+
+def test_disaggregated_decode_pays_no_prefill_and_a_starved_prefill_pool_raises_ttft() -> None:
+    from moeplan.serving import predict_disaggregated
+    agg = predictor()
+    pre = predictor(layout=ServeLayout(8, 1, 8, 1))
+    dec = predictor(layout=ServeLayout(1, 8, 1, 8))
+    one = predict_disaggregated(pre, dec, 1, 1, 64, 8192, 1024)
+    many = predict_disaggregated(pre, dec, 4, 1, 64, 8192, 1024)
+    assert one.tpot < agg.predict(64, 8192, 1024).tpot
+    assert many.ttft < one.ttft and many.tpot == one.tpot
+    assert many.tokens_per_s_per_gpu < one.tokens_per_s_per_gpu     # more prefill GPUs, same decode output
