@@ -10,7 +10,7 @@ Three layers, read top to bottom:
    and run at their own matmul rate). A decode step reads only the routed experts its tokens
    actually hit (:func:`experts_hit`), not every local expert. TP all-reduces and EP all-to-alls
    cost the cheaper of a one-shot and a two-shot algorithm (:func:`allreduce_time`). Decode
-   runs as one CUDA graph: a fitted per-layer gap between kernels plus a fitted per-step
+   runs as one CUDA graph (collectives from the profile's measured curves where it has them): a fitted per-layer gap between kernels plus a fitted per-step
    framework overhead (scheduler, sampling, detokenise) per backend.
 2. **Continuous batching** — :meth:`ServePredictor.predict`: with ``concurrency`` requests in
    flight, each decode step also pays its share of the prefills that keep the batch full
@@ -212,8 +212,15 @@ class ServePredictor:
                    nbytes / (dev.hbm_bandwidth.value * t.hbm_efficiency))
 
     def _collective(self, nbytes: float, ranks: int, op: str) -> float:
+        """A measured curve of the profile for this op and rank count inside a node when it has
+        one (``moeplan hardware import --aiconfigurator``), else the algorithm models above."""
         hw = self.cost.hw
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
         inside = ranks <= hw.devices_per_node
+        curve = hw.find_curve("collective", op=op, scope="intra_node", ranks=ranks) if inside else None
+        if curve is not None and curve.prov.measured:
+            return float(curve(nbytes))
         link = hw.intra_node if inside else hw.inter_node
         latency = self.terms.collective_latency_s + (0.0 if inside else hw.inter_node.latency.value)
         if op == "all_reduce":
