@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
+from moeplan.aiconfigurator_import import import_profile
 from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_text
@@ -175,15 +176,20 @@ def load_disagg_rows(path: Path) -> list[DisaggRow]:
 
 
 class Pricer:
-    """Cost models per (model, system), reused across rows."""
+    """Cost models per (model, system, backend), reused across rows. With ``package`` the
+    serving model's profiles carry aiconfigurator-core's measured NCCL and backend custom
+    all-reduce curves (``moeplan hardware-import``); the baseline keeps the datasheet profile."""
 
-    def __init__(self) -> None:
-        self._cm: dict[tuple[str, str], CostModel] = {}
+    def __init__(self, package: str | None) -> None:
+        self.package = package
+        self._cm: dict[tuple[str, str, str], CostModel] = {}
 
-    def cost(self, model: str, system: str, world: int) -> CostModel:
-        key = (model, system)
+    def cost(self, model: str, system: str, world: int, backend: str = "") -> CostModel:
+        key = (model, system, backend)
         if key not in self._cm:
-            self._cm[key] = CostModel(ModelSpec.preset(model), HardwareProfile.resolve(HARDWARE_OF[system]))
+            hw = (import_profile(system, backend, self.package) if backend and self.package is not None
+                  else HardwareProfile.resolve(HARDWARE_OF[system]))
+            self._cm[key] = CostModel(ModelSpec.preset(model), hw)
         cm = self._cm[key]
         return cm.with_cluster(world) if world > cm.hw.num_devices else cm
 
@@ -197,14 +203,14 @@ class Pricer:
 
     def disagg(self, row: DisaggRow, terms: ServeTerms) -> tuple[float, float]:
         def side(layout: ServeLayout) -> ServePredictor:
-            return ServePredictor(self.cost(row.model, row.system, layout.world), layout, row.precision, row.backend,
-                                  terms)
+            return ServePredictor(self.cost(row.model, row.system, layout.world, row.backend), layout,
+                                  row.precision, row.backend, terms)
         p = predict_disaggregated(side(row.prefill), side(row.decode), row.prefill_workers, row.decode_workers,
                                   row.concurrency, row.isl, row.osl)
         return p.ttft, p.tpot
 
     def model(self, row: SiliconRow, terms: ServeTerms) -> tuple[float, float]:
-        cm = self.cost(row.model, row.system, row.layout.world)
+        cm = self.cost(row.model, row.system, row.layout.world, row.backend)
         p = ServePredictor(cm, row.layout, row.precision, row.backend, terms).predict(row.concurrency, row.isl, row.osl)
         return p.ttft, p.tpot
 
@@ -302,7 +308,7 @@ def main() -> None:
     args = ap.parse_args()
     sample = find_sample(args.aiconfigurator)
     rows, dropped = load_rows(sample)
-    pricer = Pricer()
+    pricer = Pricer(str(sample.parents[2]) if args.aiconfigurator else None)
     t0 = time.perf_counter()
     terms = fit(pricer, [r for r in rows if r.system in FIT_SYSTEMS])
     text = report(pricer, rows, load_disagg_rows(sample), terms, dropped, time.perf_counter() - t0, sample)

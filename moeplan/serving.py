@@ -87,17 +87,18 @@ class ServeTerms:
     other in-flight requests' prefills a new request waits behind, per unit of occupancy.
     """
 
-    hbm_efficiency: float = 0.8345
-    flops_efficiency: float = 0.1424
-    layer_gap_s: float = 5.713e-05
-    collective_latency_s: float = 1.058e-05
-    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 2.542e-03), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
-    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.2649), ("trtllm", 4.091e-03), ("vllm", 1.0e-04))
-    schedule_wait_steps: float = 9.943
-    prefill_share: float = 1.038
-    queue_factor: float = 4.085
+    hbm_efficiency: float = 0.9061
+    flops_efficiency: float = 0.176
+    layer_gap_s: float = 6.702e-05
+    collective_latency_s: float = 1.0e-07
+    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 2.694e-03), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
+    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.2620), ("trtllm", 3.158e-03), ("vllm", 1.0e-04))
+    schedule_wait_steps: float = 9.924
+    prefill_share: float = 1.166
+    queue_factor: float = 5.507
     source: str = ("bench/serve_silicon.py: fitted on the 652 H100 + B200 aggregated MoE configurations of "
-                   "aiconfigurator-core 0.12.0 systems/silicon_sample.csv (H200 rows held out)")
+                   "aiconfigurator-core 0.12.0 systems/silicon_sample.csv (H200 rows held out), with the "
+                   "package's measured NCCL / custom all-reduce curves in the profiles")
 
     def step_overhead(self, backend: str) -> float:
         return _per_backend(self.step_overhead_s, backend)
