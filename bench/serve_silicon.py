@@ -216,7 +216,7 @@ class Pricer:
 
 
 def terms_from(x: np.ndarray, source: str = "") -> ServeTerms:
-    v = np.exp(x)
+    v = [float(e) for e in np.exp(x)]
     return ServeTerms(hbm_efficiency=min(v[0], 1.0), flops_efficiency=min(v[1], 1.0), layer_gap_s=v[2],
                       collective_latency_s=v[3], step_overhead_s=(("sglang", v[4]), ("trtllm", v[5]), ("vllm", v[6])),
                       request_overhead_s=(("sglang", v[7]), ("trtllm", v[8]), ("vllm", v[9])), prefill_share=v[10],
