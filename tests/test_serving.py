@@ -115,3 +115,33 @@ def test_disaggregated_decode_pays_no_prefill_and_a_starved_prefill_pool_raises_
     assert one.tpot < agg.predict(64, 8192, 1024).tpot
     assert many.ttft < one.ttft and many.tpot == one.tpot
     assert many.tokens_per_s_per_gpu < one.tokens_per_s_per_gpu     # more prefill GPUs, same decode output
+
+
+def test_serve_search_keeps_targets_and_the_front_trades_tpot_for_throughput() -> None:
+    from moeplan.serve_search import launch_command, layouts, pareto, search
+    cm = CostModel(ModelSpec.preset("deepseek-v3"), HardwareProfile.resolve("h200-sxm"))
+    assert ServeLayout(1, 8, 1, 8) in layouts(8, 256) and all(la.world == 8 for la in layouts(8, 256))
+    found = search(cm, Precision("fp8", "fp8", "fp8"), "sglang", 8, 1024, 1024, [4, 64, 256], 2.0, 0.05)
+    assert found and all(c.point.tpot <= 0.05 and c.point.ttft <= 2.0 and c.point.kv_fits for c in found)
+    front = pareto(found)
+    tpots = [c.point.tpot for c in front]
+    rates = [c.point.tokens_per_s_per_gpu for c in front]
+    assert tpots == sorted(tpots) and rates == sorted(rates)
+    assert all(not (o.point.tpot < c.point.tpot and o.point.tokens_per_s_per_gpu > c.point.tokens_per_s_per_gpu)
+               for c in front for o in found)
+    assert launch_command("sglang", "m", ServeLayout(1, 8, 1, 8)) == (
+        "python -m sglang.launch_server --model-path m --tp 8 --dp 8 --enable-dp-attention --ep-size 8")
+    assert launch_command("vllm", "m", ServeLayout(2, 4, 1, 8)).endswith("--data-parallel-size 4 --enable-expert-parallel")
+    assert "no vLLM flags" in launch_command("vllm", "m", ServeLayout(8, 1, 2, 4))
+
+
+def test_plan_serve_cli_prints_the_front_and_refuses_impossible_targets() -> None:
+    from typer.testing import CliRunner
+    from moeplan.cli import app
+    ok = CliRunner().invoke(app, ["plan", "serve", "--model", "deepseek-v3", "--gpus", "8", "--concurrency", "4,64"])
+    assert ok.exit_code == 0, ok.output
+    assert "Pareto front" in ok.output and "sglang.launch_server" in ok.output
+    bad = CliRunner().invoke(app, ["plan", "serve", "--model", "deepseek-v3", "--tpot-ms", "0.1"])
+    assert bad.exit_code == 2 and "--tpot-ms" in bad.output
+    bad = CliRunner().invoke(app, ["plan", "serve", "--model", "deepseek-v3", "--concurrency", "a,b"])
+    assert bad.exit_code == 2
