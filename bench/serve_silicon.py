@@ -11,7 +11,8 @@ contradict each other, and predicts every row twice:
 - **serving model**: :class:`moeplan.serving.ServePredictor` with the row's precision per
   component, backend and layout, its :class:`~moeplan.serving.ServeTerms` fitted here on the
   **H100 and B200 rows only** (least squares on log-error of TTFT and TPOT); the **H200 rows are
-  held out** and never used for fitting.
+  held out** and never used for fitting.  Its profiles carry the package's measured NCCL and backend custom all-reduce
+  curves (:func:`moeplan.aiconfigurator_import.import_profile`, as ``moeplan hardware-import``).
 
 It prints (and writes with --out) the median |error| per model / GPU / backend group, the fitted
 terms, the five worst rows, and the headline figures on H100+H200 (the issue's target set).
