@@ -33,6 +33,7 @@ PAGES = {
     "Serving": [
         st.Page(views.page("cache"), url_path="cache", title="Cache sizing", icon=":material/cached:"),
         st.Page(views.page("elastic"), url_path="elastic", title="Elastic scaling", icon=":material/expand:"),
+        st.Page(views.page("serve"), url_path="serve", title="Deployments", icon=":material/speed:"),
     ],
 }
 

@@ -260,3 +260,16 @@ def test_elastic_page_shows_the_autoscaling_study(tmp_path: Path) -> None:
         assert list(shown.index) == list(expected.index)
         for column in ("slo_attainment", "device_hours", "scaling_steps"):
             assert shown[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-9)
+
+
+def test_serve_page_shows_the_pareto_front_of_the_serving_search(tmp_path: Path) -> None:
+    from moeplan.precision import Precision
+    from moeplan.serve_search import pareto, search
+    at = go(open_app(tmp_path, model_preset="qwen3-30b-a3b", gpus=8), "serve")
+    spec = ModelSpec.preset("qwen3-30b-a3b")
+    cm = CostModel(spec, HardwareProfile.resolve("h100-sxm").with_cluster(devices=8))
+    front = pareto(search(cm, Precision("fp8", "fp8", "fp8"), "sglang", 8, 1024, 1024,
+                          [1, 4, 8, 16, 32, 64, 128, 256], 2.0, 0.05))
+    table = at.dataframe[0].value
+    assert list(table["TPOT (ms)"]) == pytest.approx([x.point.tpot * 1e3 for x in front])
+    assert "sglang.launch_server" in at.code[0].value

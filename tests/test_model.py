@@ -26,9 +26,15 @@ def write_config(folder: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def test_the_bundled_presets_are_the_eleven_models() -> None:
-    assert PRESETS == ["dbrx", "deepseek-v2-lite", "deepseek-v3", "gpt-oss-120b", "mixtral-8x22b", "mixtral-8x7b",
-                       "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen3-235b-a22b", "qwen3-30b-a3b"]
+def test_the_bundled_presets_are_the_fourteen_models() -> None:
+    assert PRESETS == ["dbrx", "deepseek-v2-lite", "deepseek-v3", "glm-5", "gpt-oss-120b", "kimi-k2.5", "minimax-m2.5",
+                       "mixtral-8x22b", "mixtral-8x7b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b",
+                       "qwen3-235b-a22b", "qwen3-30b-a3b"]
+
+
+# Figures published rounded to one or two significant digits, with the relative tolerance that rounding allows:
+# Kimi-K2.5's "1T" total (1.026T from its config), MiniMax-M2.5's "10B" active (10.4B from its config).
+ROUNDED = {("kimi-k2.5", "total"): 0.03, ("minimax-m2.5", "active"): 0.05}
 
 
 @pytest.mark.parametrize("slug", PRESETS)
@@ -37,10 +43,10 @@ def test_preset_totals_match_the_published_figures(slug: str) -> None:
     published = spec.published
     assert published["source"]
     active = spec.active_params(include_input_embedding=not published.get("active_excludes_input_embedding", False))
-    assert spec.total_params() == pytest.approx(published["total"], rel=0.02)
+    assert spec.total_params() == pytest.approx(published["total"], rel=ROUNDED.get((slug, "total"), 0.02))
     # DeepSeek publishes V2-Lite's activated parameters rounded to one decimal ("2.4B"); the count from its
     # config is 2.45B, which that rounding covers but 2% of 2.4B does not.
-    active_tolerance = 0.025 if slug == "deepseek-v2-lite" else 0.02
+    active_tolerance = 0.025 if slug == "deepseek-v2-lite" else ROUNDED.get((slug, "active"), 0.02)
     assert active == pytest.approx(published["active"], rel=active_tolerance)
 
 

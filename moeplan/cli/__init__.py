@@ -11,6 +11,7 @@ from moeplan.cli import plan_cache  # noqa: F401  (registration)
 from moeplan.cli import autoscale_cmd, plan_scale  # noqa: F401  (registration)
 from moeplan.cli import plan_placement  # noqa: F401  (registration)
 from moeplan.cli import dashboard_cmd, plan_cmd  # noqa: F401  (registration)
+from moeplan.cli import hardware_cmd, plan_serve  # noqa: F401  (registration)
 from moeplan.cli.apps import app
 
 

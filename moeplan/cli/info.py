@@ -71,7 +71,8 @@ def hardware(
             q(f"inter-node: {p.inter_node.name}", p.inter_node.bandwidth, 1e9, "GB/s"),
         ]
         for c in p.curves:
-            rows.append((f"curve {c.kind}", ", ".join(f"{k}={v}" for k, v in c.key.items()), c.prov.source))
+            rows.append((f"curve {c.kind}", ", ".join(f"{k}={v}" for k, v in c.key.items()),
+                         c.prov.source + (f": {c.prov.ref}" if c.prov.ref else "")))
         print_table(p.name, ["figure", "value", "source"], rows, caption=p.provenance_note())
         return
     rows = []

@@ -1,0 +1,322 @@
+"""Serving predictions vs NVIDIA's measured deployments (aiconfigurator-core's silicon sample).
+
+aiconfigurator-core (Apache-2.0, PyPI) ships ``aiconfigurator_core/systems/silicon_sample.csv``:
+measured TTFT and TPOT of real SGLang / TRT-LLM / vLLM deployments. This script takes its
+aggregated (non-disaggregated) rows of MoE models that moeplan has a preset for on H100, H200
+and B200, merges repeated measurements of one configuration (median), drops rows whose sizes
+contradict each other, and predicts every row twice:
+
+- **baseline**: ``moeplan.parallel_step.serve_step`` as a new user calls it (the preset's own
+  weight dtype, context = ISL, concurrency = the row's concurrency, one prompt per prefill);
+- **serving model**: :class:`moeplan.serving.ServePredictor` with the row's precision per
+  component, backend and layout, its :class:`~moeplan.serving.ServeTerms` fitted here on the
+  **H100 and B200 rows only** (least squares on log-error of TTFT and TPOT); the **H200 rows are
+  held out** and never used for fitting.  Its profiles carry the package's measured NCCL and backend custom all-reduce
+  curves (:func:`moeplan.aiconfigurator_import.import_profile`, as ``moeplan hardware-import``).
+
+It prints (and writes with --out) the median |error| per model / GPU / backend group, the fitted
+terms, the five worst rows, and the headline figures on H100+H200 (the issue's target set).
+
+Usage: python bench/serve_silicon.py --aiconfigurator /tmp/aic/pkg [--out bench/results/serve_silicon.md]
+(the folder of an unpacked aiconfigurator-core wheel, or omitted when the package is installed)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from moeplan.aiconfigurator_import import import_profile
+from moeplan.cost import CostModel
+from moeplan.hardware import HardwareProfile
+from moeplan.io import write_text
+from moeplan.model import ModelSpec
+from moeplan.parallel import ParallelMapping
+from moeplan.parallel_step import ServeSetup, serve_step
+from moeplan.precision import Precision
+from moeplan.serving import ServeLayout, ServePredictor, ServeTerms, predict_disaggregated
+
+PRESET_OF = {"deepseek-ai/DeepSeek-R1": "deepseek-v3", "deepseek-ai/DeepSeek-V3": "deepseek-v3",
+             "nvidia/DeepSeek-R1-NVFP4": "deepseek-v3", "nvidia/DeepSeek-V3.1-NVFP4": "deepseek-v3",
+             "Qwen/Qwen3-235B-A22B-FP8": "qwen3-235b-a22b", "openai/gpt-oss-120b": "gpt-oss-120b",
+             "moonshotai/Kimi-K2.5": "kimi-k2.5", "MiniMaxAI/MiniMax-M2.5": "minimax-m2.5", "zhipuai/GLM-5": "glm-5"}
+HARDWARE_OF = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm", "b200_sxm": "b200"}
+FIT_SYSTEMS = ("h100_sxm", "b200_sxm")
+HELD_OUT = ("h200_sxm",)
+AIC_REPORTED = "TTFT 40%, TPOT 10% (issue 25's figures on the H100/H200 aggregated MoE rows; not re-run here)"
+
+
+@dataclass(frozen=True)
+class SiliconRow:
+    """One measured configuration: model preset, system, backend, precision, layout, ISL/OSL,
+    concurrency, measured TTFT and TPOT (seconds, median over repeats)."""
+
+    model: str
+    system: str
+    backend: str
+    precision: Precision
+    layout: ServeLayout
+    isl: int
+    osl: int
+    concurrency: int
+    ttft: float
+    tpot: float
+    repeats: int
+
+
+def find_sample(root: str | None) -> Path:
+    """silicon_sample.csv inside an unpacked wheel folder, or in the installed package."""
+    if root:
+        hits = sorted(Path(root).rglob("silicon_sample.csv"))
+        if not hits:
+            raise SystemExit(f"no silicon_sample.csv under {root}")
+        return hits[0]
+    from importlib import resources
+    return Path(str(resources.files("aiconfigurator_core").joinpath("systems/silicon_sample.csv")))
+
+
+def _precision(gemm: str, moe: str, model: str) -> Precision:
+    """The row's formats. GPT-OSS ships MXFP4 experts and bf16 attention whatever the row's
+    label; the sample does not record the KV-cache dtype: fp8 with fp8/fp4 GEMMs, else bf16."""
+    if model == "gpt-oss-120b":
+        return Precision(gemm="bf16", moe="mxfp4", kv="bf16")
+    return Precision(gemm=gemm, moe=moe, kv="bf16" if gemm == "bf16" else "fp8")
+
+
+def _layout(r: dict[str, str], prefix: str = "") -> ServeLayout | None:
+    """The serving layout of a row, or None when its sizes contradict each other (here or
+    against the sizes its id names). TRT-LLM and
+    vLLM rows give attention TP per replica; SGLang's DP-attention rows give --tp = world."""
+    try:
+        tp, adp = int(float(r[prefix + "tp_size"])), int(float(r[prefix + "attention_dp_size"]))
+        mtp, mep = int(float(r[prefix + "moe_tp_size"])), int(float(r[prefix + "moe_ep_size"]))
+    except ValueError:
+        return None
+    if min(tp, adp, mtp, mep) < 1:
+        return None
+    world = mtp * mep
+    if tp * adp == world:
+        return ServeLayout(tp, adp, mtp, mep)
+    if tp == world and world % adp == 0:
+        return ServeLayout(world // adp, adp, mtp, mep)
+    return None
+
+
+def load_rows(path: Path) -> tuple[list[SiliconRow], dict[str, int]]:
+    """Aggregated MoE rows with a preset on H100/H200/B200, repeats merged; and the counts dropped."""
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    dropped = {"not agg / other GPU / no preset": 0, "contradicting sizes": 0}
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            model = PRESET_OF.get(r["model_path"])
+            if r["mode"] != "agg" or r["system"] not in HARDWARE_OF or model is None:
+                dropped["not agg / other GPU / no preset"] += 1
+                continue
+            layout = _layout(r)
+            named = re.search(r"_tp(\d+)(?:_0)?_ep(\d+)", r["id"])
+            if named and int(named.group(1)) != int(float(r["tp_size"] or 0)):
+                layout = None          # the row's id names other sizes than its columns
+            conc = re.search(r"silicon_concurrency=(\d+)", r["silicon_data_source"])
+            if layout is None or r["pp_size"] not in ("1", "1.0"):
+                dropped["contradicting sizes"] += 1
+                continue
+            concurrency = int(conc.group(1)) if conc else int(float(r["batch_size"]))
+            prec = _precision(r["gemm_quant_mode"], r["moe_quant_mode"], model)
+            key = (model, r["system"], r["backend"], prec, layout, int(r["isl"]), int(r["osl"]), concurrency)
+            groups.setdefault(key, []).append((float(r["silicon_ttft_ms"]) / 1e3, float(r["silicon_tpot_ms"]) / 1e3))
+    rows = [SiliconRow(*k, ttft=float(np.median([v[0] for v in vals])), tpot=float(np.median([v[1] for v in vals])),
+                       repeats=len(vals)) for k, vals in groups.items()]
+    return rows, dropped
+
+
+@dataclass(frozen=True)
+class DisaggRow:
+    """One measured disaggregated configuration: prefill and decode layouts and worker counts."""
+
+    model: str
+    system: str
+    backend: str
+    precision: Precision
+    prefill: ServeLayout
+    prefill_workers: int
+    decode: ServeLayout
+    decode_workers: int
+    isl: int
+    osl: int
+    concurrency: int
+    ttft: float
+    tpot: float
+
+
+def load_disagg_rows(path: Path) -> list[DisaggRow]:
+    """Disaggregated MoE rows with a preset on H100/H200/B200 whose sizes agree and that record
+    their worker counts (549 of the 643 such rows leave prefill/decode_num_workers empty)."""
+    rows = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            model = PRESET_OF.get(r["model_path"])
+            if r["mode"] != "disagg" or r["system"] not in HARDWARE_OF or model is None:
+                continue
+            pre, dec = _layout(r, "prefill_"), _layout(r, "decode_")
+            conc = re.search(r"silicon_concurrency=(\d+)", r["silicon_data_source"])
+            if pre is None or dec is None or conc is None or not r["prefill_num_workers"] or not r["decode_num_workers"]:
+                continue
+            rows.append(DisaggRow(model, r["system"], r["backend"], _precision(r["gemm_quant_mode"],
+                                  r["moe_quant_mode"], model), pre, int(float(r["prefill_num_workers"])), dec,
+                                  int(float(r["decode_num_workers"])), int(r["isl"]), int(r["osl"]),
+                                  int(conc.group(1)), float(r["silicon_ttft_ms"]) / 1e3,
+                                  float(r["silicon_tpot_ms"]) / 1e3))
+    return rows
+
+
+class Pricer:
+    """Cost models per (model, system, backend), reused across rows. With ``package`` the
+    serving model's profiles carry aiconfigurator-core's measured NCCL and backend custom
+    all-reduce curves (``moeplan hardware-import``); the baseline keeps the datasheet profile."""
+
+    def __init__(self, package: str | None) -> None:
+        self.package = package
+        self._cm: dict[tuple[str, str, str], CostModel] = {}
+
+    def cost(self, model: str, system: str, world: int, backend: str = "") -> CostModel:
+        key = (model, system, backend)
+        if key not in self._cm:
+            hw = (import_profile(system, backend, self.package) if backend and self.package is not None
+                  else HardwareProfile.resolve(HARDWARE_OF[system]))
+            self._cm[key] = CostModel(ModelSpec.preset(model), hw)
+        cm = self._cm[key]
+        return cm.with_cluster(world) if world > cm.hw.num_devices else cm
+
+    def baseline(self, row: SiliconRow) -> tuple[float, float]:
+        lay = row.layout
+        cm = self.cost(row.model, row.system, lay.world)
+        mapping = ParallelMapping(tp=lay.attention_tp, cp=1, dp=lay.attention_dp, pp=1, etp=lay.moe_tp,
+                                  ep=lay.moe_ep, edp=1)
+        s = serve_step(cm, mapping, ServeSetup(context=row.isl, concurrency=row.concurrency))
+        return s.ttft, s.tpot
+
+    def disagg(self, row: DisaggRow, terms: ServeTerms) -> tuple[float, float]:
+        def side(layout: ServeLayout) -> ServePredictor:
+            return ServePredictor(self.cost(row.model, row.system, layout.world, row.backend), layout,
+                                  row.precision, row.backend, terms)
+        p = predict_disaggregated(side(row.prefill), side(row.decode), row.prefill_workers, row.decode_workers,
+                                  row.concurrency, row.isl, row.osl)
+        return p.ttft, p.tpot
+
+    def model(self, row: SiliconRow, terms: ServeTerms) -> tuple[float, float]:
+        cm = self.cost(row.model, row.system, row.layout.world, row.backend)
+        p = ServePredictor(cm, row.layout, row.precision, row.backend, terms).predict(row.concurrency, row.isl, row.osl)
+        return p.ttft, p.tpot
+
+
+def terms_from(x: np.ndarray, source: str = "") -> ServeTerms:
+    v = [float(e) for e in np.exp(x)]
+    return ServeTerms(hbm_efficiency=min(v[0], 1.0), flops_efficiency=min(v[1], 1.0), layer_gap_s=v[2],
+                      collective_latency_s=v[3], step_overhead_s=(("sglang", v[4]), ("trtllm", v[5]), ("vllm", v[6])),
+                      request_overhead_s=(("sglang", v[7]), ("trtllm", v[8]), ("vllm", v[9])), prefill_share=v[10],
+                      queue_factor=v[11], schedule_wait_steps=v[12], source=source)
+
+
+def fit(pricer: Pricer, rows: list[SiliconRow]) -> ServeTerms:
+    """Least squares on log(predicted / measured) of TTFT and TPOT over ``rows``."""
+    d = ServeTerms()
+    x0 = np.log([d.hbm_efficiency, d.flops_efficiency, d.layer_gap_s, d.collective_latency_s,
+                 *dict(d.step_overhead_s).values(), *dict(d.request_overhead_s).values(), d.prefill_share,
+                 d.queue_factor, d.schedule_wait_steps])
+    lo = np.log([0.2, 0.05, 1e-7, 1e-7, 1e-5, 1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 0.05, 0.01, 0.01])
+    hi = np.log([1.0, 1.0, 2e-4, 1e-4, 2e-2, 2e-2, 2e-2, 1.0, 1.0, 1.0, 4.0, 200.0, 100.0])
+    x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        t = terms_from(x)
+        out = []
+        for r in rows:
+            ttft, tpot = pricer.model(r, t)
+            out += [math.log(ttft / r.ttft), math.log(tpot / r.tpot)]
+        return np.asarray(out)
+
+    res = least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.2, max_nfev=60)
+    return terms_from(res.x, source=f"bench/serve_silicon.py fit on {len(rows)} H100+B200 aggregated rows of "
+                                     "aiconfigurator-core 0.12.0 silicon_sample.csv")
+
+
+def median_err(pred: list[float], meas: list[float]) -> float:
+    return float(np.median(np.abs(np.asarray(pred) / np.asarray(meas) - 1.0))) * 100 if pred else float("nan")
+
+
+def report(pricer: Pricer, rows: list[SiliconRow], disagg: list[DisaggRow], terms: ServeTerms,
+           dropped: dict[str, int], seconds: float, sample: Path) -> str:
+    preds = {id(r): (pricer.baseline(r), pricer.model(r, terms)) for r in rows}
+    lines = [f"Sample: {sample} ({len(rows)} configurations after merging repeats; dropped: {dropped})", "",
+             "Fitted terms (H100 + B200 rows only): " + ", ".join(
+                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in terms.to_dict().items()
+                 if k != "source"), "",
+             "| model | GPU | backend | rows | split | baseline TTFT | baseline TPOT | model TTFT | model TPOT |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r.model, r.system, r.backend) for r in rows})
+    for k in keys:
+        sub = [r for r in rows if (r.model, r.system, r.backend) == k]
+        b, m = [preds[id(r)][0] for r in sub], [preds[id(r)][1] for r in sub]
+        split = "held out" if k[1] in HELD_OUT else "fitted"
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {len(sub)} | {split} | "
+                     f"{median_err([x[0] for x in b], [r.ttft for r in sub]):.0f}% | "
+                     f"{median_err([x[1] for x in b], [r.tpot for r in sub]):.0f}% | "
+                     f"{median_err([x[0] for x in m], [r.ttft for r in sub]):.0f}% | "
+                     f"{median_err([x[1] for x in m], [r.tpot for r in sub]):.0f}% |")
+    lines.append("")
+    for label, systems in (("H100+H200 (issue target set)", ("h100_sxm", "h200_sxm")), ("H200 only (held out)", HELD_OUT),
+                           ("H100+B200 (fitted)", FIT_SYSTEMS), ("all rows", tuple(HARDWARE_OF))):
+        sub = [r for r in rows if r.system in systems]
+        b, m = [preds[id(r)][0] for r in sub], [preds[id(r)][1] for r in sub]
+        lines.append(f"- {label}, {len(sub)} rows: baseline TTFT {median_err([x[0] for x in b], [r.ttft for r in sub]):.0f}% "
+                     f"TPOT {median_err([x[1] for x in b], [r.tpot for r in sub]):.0f}%; serving model TTFT "
+                     f"{median_err([x[0] for x in m], [r.ttft for r in sub]):.0f}% "
+                     f"TPOT {median_err([x[1] for x in m], [r.tpot for r in sub]):.0f}%")
+    lines.append(f"- AIConfigurator: {AIC_REPORTED}")
+    lines += ["", "Worst held-out rows (serving model, by TPOT error):", ""]
+    held = sorted((r for r in rows if r.system in HELD_OUT),
+                  key=lambda r: -abs(preds[id(r)][1][1] / r.tpot - 1.0))[:6]
+    for r in held:
+        (tt, tp) = preds[id(r)][1]
+        lines.append(f"- {r.model} {r.backend} {r.layout.label()} {r.precision.label()} ISL {r.isl} OSL {r.osl} "
+                     f"c{r.concurrency}: TPOT {tp * 1e3:.1f} vs {r.tpot * 1e3:.1f} ms, TTFT {tt * 1e3:.0f} vs "
+                     f"{r.ttft * 1e3:.0f} ms")
+    lines += ["", "Disaggregated rows (judged only: the terms above, fitted on aggregated rows):", "",
+              "| model | GPU | backend | rows | TTFT | TPOT |", "|---|---|---|---|---|---|"]
+    for k in sorted({(r.model, r.system, r.backend) for r in disagg}):
+        sub = [r for r in disagg if (r.model, r.system, r.backend) == k]
+        pr = [pricer.disagg(r, terms) for r in sub]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {len(sub)} | {median_err([x[0] for x in pr], [r.ttft for r in sub]):.0f}% "
+                     f"| {median_err([x[1] for x in pr], [r.tpot for r in sub]):.0f}% |")
+    pr = [pricer.disagg(r, terms) for r in disagg]
+    lines.append(f"| all | | | {len(disagg)} | {median_err([x[0] for x in pr], [r.ttft for r in disagg]):.0f}% "
+                 f"| {median_err([x[1] for x in pr], [r.tpot for r in disagg]):.0f}% |")
+    lines += ["", f"Fit + report took {seconds:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--aiconfigurator", help="folder of an unpacked aiconfigurator-core wheel")
+    ap.add_argument("--out", help="write the report here (markdown)")
+    args = ap.parse_args()
+    sample = find_sample(args.aiconfigurator)
+    rows, dropped = load_rows(sample)
+    pricer = Pricer(str(sample.parents[2]) if args.aiconfigurator else None)
+    t0 = time.perf_counter()
+    terms = fit(pricer, [r for r in rows if r.system in FIT_SYSTEMS])
+    text = report(pricer, rows, load_disagg_rows(sample), terms, dropped, time.perf_counter() - t0, sample)
+    print(text)
+    if args.out:
+        write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Hardware profiles from NVIDIA aiconfigurator-core's measured tables.
+
+aiconfigurator-core (Apache-2.0, PyPI) ships per-system measurement tables under
+``aiconfigurator_core/systems/data/<system>/``. This module reads its collective tables —
+exactly what a single-GPU machine cannot measure — into ``collective`` curves of a moeplan
+profile, starting from moeplan's bundled datasheet profile of the same GPU:
+
+- ``comm/nccl/<version>/nccl_perf.parquet``: NCCL all_reduce / all_gather / reduce_scatter /
+  alltoall on 2, 4 and 8 GPUs of one NVLink node (columns op_name, nccl_dtype, num_gpus,
+  message_size in elements, latency in milliseconds);
+- ``comm/<framework>/<version>/custom_allreduce_perf.parquet``: the backend's own all-reduce
+  (SGLang/vLLM custom all-reduce, TRT-LLM's AllReduce), CUDA-graph variant (eager rows
+  dropped); with ``framework`` given it replaces NCCL's all_reduce curves,
+  since that is what the backend's decode step runs.
+
+The newest version folder of each is used. Every curve is tagged measured, with the package
+version, the table's path and its ``collection_meta.yaml`` runtime in the run record ``aiconfigurator``.
+pandas (with a parquet engine) is imported only here, when importing.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moeplan.errors import InputError
+from moeplan.hardware import Curve, HardwareProfile, Provenance
+
+SYSTEM_PROFILE = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm", "b200_sxm": "b200", "a100_sxm": "a100-80gb-sxm"}
+FRAMEWORKS = ("sglang", "trtllm", "vllm")
+OPS = {"all_reduce": "all_reduce", "all_gather": "all_gather", "reduce_scatter": "reduce_scatter",
+       "alltoall": "all_to_all"}
+DTYPE_BYTES = {"half": 2, "bfloat16": 2, "float16": 2, "int8": 1, "float": 4, "float32": 4}
+RUN = "aiconfigurator"
+
+
+def package_root(path: str | None) -> tuple[Path, str]:
+    """(the ``aiconfigurator_core`` package folder, its version): under ``path`` (an unpacked
+    wheel or a site-packages folder) or the installed package."""
+    if path:
+        base = Path(path)
+        pkg = base if (base / "systems").is_dir() else base / "aiconfigurator_core"
+        if not (pkg / "systems").is_dir():
+            raise InputError("no aiconfigurator_core/systems folder here", source=str(base), field="--aiconfigurator-path",
+                             fix="give the folder an aiconfigurator-core wheel was unzipped into")
+        meta = sorted(pkg.parent.glob("aiconfigurator_core-*.dist-info/METADATA"))
+        version = _metadata_version(meta[0].read_text()) if meta else "unknown"
+        return pkg, version
+    try:
+        from importlib import metadata, resources
+        return Path(str(resources.files("aiconfigurator_core"))), metadata.version("aiconfigurator-core")
+    except (ModuleNotFoundError, metadata.PackageNotFoundError) as exc:
+        raise InputError("aiconfigurator-core is not installed", field="--aiconfigurator-path",
+                         fix="pip install aiconfigurator-core, or unzip its wheel and give --aiconfigurator-path") from exc
+
+
+def _metadata_version(text: str) -> str:
+    found = re.search(r"^Version:\s*(\S+)", text, re.M)
+    return found.group(1) if found else "unknown"
+
+
+def _newest(folder: Path, table: str) -> Path | None:
+    """The newest version folder under ``folder`` holding ``table``."""
+    def order(p: Path) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", p.name))
+    hits = sorted((p for p in folder.glob("*") if (p / table).is_file()), key=order) if folder.is_dir() else []
+    return hits[-1] if hits else None
+
+
+def _meta(folder: Path) -> dict[str, Any]:
+    path = folder / "collection_meta.yaml"
+    data = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    return {"runtime": data.get("runtime", {}), "provenance": data.get("provenance", "")} if isinstance(data, dict) else {}
+
+
+def _curves(table: Path, rel: str, version: str, op_col: str, dtype_col: str, keep: Any) -> list[Curve]:
+    import pandas as pd
+
+    df = pd.read_parquet(table)
+    df = df[keep(df)]
+    out = []
+    ref = f"aiconfigurator-core {version} {rel}"
+    for (op, dtype, ranks), g in df.groupby([op_col, dtype_col, "num_gpus"]):
+        if op not in OPS or dtype not in ("half", "bfloat16"):     # the activations' 16-bit tables
+            continue
+        g = g.groupby("message_size", as_index=False)["latency"].median().sort_values("message_size")
+        x = tuple(float(v) * DTYPE_BYTES[dtype] for v in g["message_size"])
+        y = tuple(float(v) / 1e3 for v in g["latency"])
+        out.append(Curve("collective", {"op": OPS[op], "scope": "intra_node", "ranks": int(ranks)}, x, y,
+                         Provenance("measured", ref, RUN)))
+    return out
+
+
+def import_profile(system: str, framework: str | None = None, path: str | None = None) -> HardwareProfile:
+    """A profile of ``system`` (an aiconfigurator system name, e.g. ``h200_sxm``): moeplan's
+    bundled datasheet profile of that GPU plus the package's measured collective curves."""
+    if system not in SYSTEM_PROFILE:
+        raise InputError(f"no moeplan profile for aiconfigurator system {system!r}", field="--aiconfigurator",
+                         fix=f"use one of {', '.join(SYSTEM_PROFILE)}")
+    if framework is not None and framework not in FRAMEWORKS:
+        raise InputError(f"unknown framework {framework!r}", field="--framework", fix=f"use one of {', '.join(FRAMEWORKS)}")
+    pkg, version = package_root(path)
+    comm = pkg / "systems" / "data" / system / "comm"
+    nccl = _newest(comm / "nccl", "nccl_perf.parquet")
+    if nccl is None:
+        raise InputError(f"aiconfigurator-core {version} has no NCCL table for {system}", source=str(comm),
+                         field="--aiconfigurator", fix="pick a system with systems/data/<system>/comm/nccl")
+    rel = f"systems/data/{system}/comm/nccl/{nccl.name}/nccl_perf.parquet"
+    curves = _curves(nccl / "nccl_perf.parquet", rel, version, "op_name", "nccl_dtype", lambda d: d["op_name"].notna())
+    tables: dict[str, Any] = {rel: _meta(nccl)}
+    if framework:
+        custom = _newest(comm / framework, "custom_allreduce_perf.parquet")
+        if custom is not None:
+            crel = f"systems/data/{system}/comm/{framework}/{custom.name}/custom_allreduce_perf.parquet"
+            graph = _curves(custom / "custom_allreduce_perf.parquet", crel, version, "op_name", "allreduce_dtype",
+                            lambda d: ~d["kernel_source"].astype(str).str.contains("eager", case=False))
+            ranks = {c.key["ranks"] for c in graph}
+            curves = [c for c in curves if not (c.key["op"] == "all_reduce" and c.key["ranks"] in ranks)] + graph
+            tables[crel] = _meta(custom)
+    base = HardwareProfile.resolve(SYSTEM_PROFILE[system])
+    run = {"tool": f"aiconfigurator-core {version}", "system": system, "framework": framework or "nccl",
+           "tables": tables, "license": "Apache-2.0 (NVIDIA aiconfigurator-core)"}
+    return replace(base, description=f"{base.description}; collectives measured by NVIDIA aiconfigurator-core {version}",
+                   curves=tuple(base.curves) + tuple(curves), runs={**base.runs, RUN: run}).validate()

@@ -1,0 +1,33 @@
+"""``moeplan hardware-import``: a hardware profile from NVIDIA aiconfigurator-core's measured
+tables (``moeplan hardware PROFILE`` then shows every imported curve as measured, with its source)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moeplan.cli.apps import app
+from moeplan.cli.common import console, guarded
+
+
+@app.command("hardware-import")
+@guarded
+def hardware_import(
+    aiconfigurator: str = typer.Option(..., "--aiconfigurator", help="aiconfigurator system, e.g. h200_sxm"),
+    output: Path = typer.Option(..., "-o", "--output", help="profile YAML to write"),
+    framework: Optional[str] = typer.Option(None, "--framework",
+                                            help="sglang, trtllm or vllm: use that backend's custom all-reduce"),
+    package: Optional[str] = typer.Option(None, "--aiconfigurator-path",
+                                          help="folder an aiconfigurator-core wheel was unzipped into "
+                                               "(default: the installed package)"),
+) -> None:
+    """Build a profile from aiconfigurator-core's measured collective tables (NCCL all-reduce,
+    all-gather, reduce-scatter, all-to-all on 2/4/8 GPUs; with --framework the backend's
+    CUDA-graph custom all-reduce) on top of moeplan's datasheet profile of the same GPU."""
+    from moeplan.aiconfigurator_import import import_profile
+
+    hw = import_profile(aiconfigurator, framework, package)
+    hw.save(output)
+    console.print(f"wrote {output}: {sum(c.prov.measured for c in hw.curves)} measured collective curves "
+                  f"({hw.runs['aiconfigurator']['tool']})")

@@ -1,0 +1,342 @@
+"""Serving prediction at a given concurrency: TTFT and TPOT of a deployment running requests of
+``isl`` prompt tokens and ``osl`` output tokens with ``concurrency`` requests in flight.
+
+Three layers, read top to bottom:
+
+1. **One step on one GPU** — :meth:`ServePredictor.decode_step` and
+   :meth:`ServePredictor.prefill_step`: every component is a roofline
+   ``max(FLOPs / (rate × flops_efficiency), bytes / (HBM × hbm_efficiency))`` at the precision
+   of that component (:class:`moeplan.precision.Precision`: fp8 / fp4 weights read fewer bytes
+   and run at their own matmul rate). A decode step reads only the routed experts its tokens
+   actually hit (:func:`experts_hit`), not every local expert. TP all-reduces and EP all-to-alls
+   cost the cheaper of a one-shot and a two-shot algorithm (:func:`allreduce_time`). Decode
+   runs as one CUDA graph (collectives from the profile's measured curves where it has them): a fitted per-layer gap between kernels plus a fitted per-step
+   framework overhead (scheduler, sampling, detokenise) per backend.
+2. **Continuous batching** — :meth:`ServePredictor.predict`: with ``concurrency`` requests in
+   flight, each decode step also pays its share of the prefills that keep the batch full
+   (``concurrency / osl`` prompts per step, chunked prefill mixed into decode), and a new
+   request waits behind the prefills of others already queued (an occupancy-weighted queue).
+   Disaggregated prefill/decode: :func:`predict_disaggregated` (worker pools, KV transfer,
+   prefill queue at the rate decode drains requests).
+3. **Fitted terms** — :class:`ServeTerms`: the few constants not read from a datasheet. Their
+   defaults are the values ``bench/serve_silicon.py`` fits on the H100 and B200 rows of NVIDIA
+   aiconfigurator-core 0.12.0's ``systems/silicon_sample.csv`` (the H200 rows are held out).
+
+Parallel layout (:class:`ServeLayout`): ``world`` GPUs; attention runs ``attention_tp``-way
+tensor parallel in ``attention_dp`` replicas (SGLang's --enable-dp-attention, TRT-LLM's
+enable_attention_dp, vLLM's data-parallel attention); the MoE layers run ``moe_tp × moe_ep``
+over the same GPUs. Units: seconds, bytes, FLOPs, tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moeplan.cost import CostModel
+from moeplan.errors import InputError
+from moeplan.precision import Precision, matmul_rate
+
+BACKENDS = ("sglang", "trtllm", "vllm")
+
+
+@dataclass(frozen=True)
+class ServeLayout:
+    """GPUs of one serving instance: attention ``attention_tp × attention_dp``, MoE
+    ``moe_tp × moe_ep``; both products equal ``world``."""
+
+    attention_tp: int
+    attention_dp: int
+    moe_tp: int
+    moe_ep: int
+
+    @property
+    def world(self) -> int:
+        return self.attention_tp * self.attention_dp
+
+    def validate(self, source: str = "layout") -> "ServeLayout":
+        for name in ("attention_tp", "attention_dp", "moe_tp", "moe_ep"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}", source=source, field=name)
+        if self.moe_tp * self.moe_ep != self.world:
+            raise InputError(f"MoE layers span moe_tp × moe_ep = {self.moe_tp * self.moe_ep} GPUs but attention "
+                             f"spans attention_tp × attention_dp = {self.world}", source=source, field="moe_ep",
+                             fix="make moe_tp × moe_ep equal attention_tp × attention_dp")
+        return self
+
+    def label(self) -> str:
+        return f"TP{self.attention_tp}·ADP{self.attention_dp} | MoE-TP{self.moe_tp}·EP{self.moe_ep}"
+
+
+@dataclass(frozen=True)
+class ServeTerms:
+    """Constants of the serving model that no datasheet gives, fitted on measured deployments.
+
+    hbm_efficiency / flops_efficiency: achieved fraction of the datasheet HBM bandwidth and
+    matmul rate; layer_gap_s: seconds per layer per step between the kernels of a CUDA-graph
+    decode step (norms, RoPE, quantise, small GEMM tails); collective_latency_s: latency of one
+    intra-node collective (one-shot all-reduce / all-to-all launch and sync); step_overhead_s:
+    per decode step outside the GPU (scheduler, sampling, output processing), per backend;
+    request_overhead_s: per request before its first token (tokenise, schedule, first
+    detokenise), per backend; schedule_wait_steps: decode steps a new request waits before the
+    scheduler admits its prefill;
+    prefill_share: how much of each prompt's prefill a decode step absorbs (1 = all of it;
+    below 1 where chunked prefill overlaps it with decode); queue_factor: how many of the
+    other in-flight requests' prefills a new request waits behind, per unit of occupancy.
+    """
+
+    hbm_efficiency: float = 0.9061
+    flops_efficiency: float = 0.176
+    layer_gap_s: float = 6.702e-05
+    collective_latency_s: float = 1.0e-07
+    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 2.694e-03), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
+    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.2620), ("trtllm", 3.158e-03), ("vllm", 1.0e-04))
+    schedule_wait_steps: float = 9.924
+    prefill_share: float = 1.166
+    queue_factor: float = 5.507
+    source: str = ("bench/serve_silicon.py: fitted on the 652 H100 + B200 aggregated MoE configurations of "
+                   "aiconfigurator-core 0.12.0 systems/silicon_sample.csv (H200 rows held out), with the "
+                   "package's measured NCCL / custom all-reduce curves in the profiles")
+
+    def step_overhead(self, backend: str) -> float:
+        return _per_backend(self.step_overhead_s, backend)
+
+    def request_overhead(self, backend: str) -> float:
+        return _per_backend(self.request_overhead_s, backend)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hbm_efficiency": self.hbm_efficiency, "flops_efficiency": self.flops_efficiency,
+                "layer_gap_s": self.layer_gap_s, "collective_latency_s": self.collective_latency_s,
+                "step_overhead_s": dict(self.step_overhead_s), "request_overhead_s": dict(self.request_overhead_s),
+                "schedule_wait_steps": self.schedule_wait_steps, "prefill_share": self.prefill_share, "queue_factor": self.queue_factor, "source": self.source}
+
+
+def _per_backend(table: tuple[tuple[str, float], ...], backend: str) -> float:
+    values = dict(table)
+    if backend not in values:
+        raise InputError(f"unknown backend {backend!r}", field="backend", fix=f"use one of {', '.join(values)}")
+    return values[backend]
+
+
+def experts_hit(tokens: float, choose_prob: np.ndarray) -> float:
+    """Expected distinct experts among a device's local experts that ``tokens`` independent
+    tokens hit: Σ_e 1 − (1 − p_e)^tokens, ``choose_prob[e]`` the chance that one token picks
+    local expert e (k / E each under uniform routing; from a trace's expert loads otherwise)."""
+    p = np.clip(np.asarray(choose_prob, dtype=np.float64), 0.0, 1.0)
+    return float(np.sum(1.0 - np.power(1.0 - p, max(tokens, 0.0))))
+
+
+def allreduce_time(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
+    """All-reduce of ``nbytes`` per rank over ``ranks`` ranks: the cheaper of one-shot (every
+    rank reads the others' buffers: latency + (n−1)·bytes / bw) and two-shot (reduce-scatter +
+    all-gather: 2·latency + 2·(n−1)/n·bytes / bw) — the switch TRT-LLM's and SGLang's custom
+    all-reduce make by message size (NVIDIA/TensorRT-LLM cpp/tensorrt_llm/kernels/customAllReduceKernels.h,
+    AllReduceStrategyType ONESHOT/TWOSHOT; sgl-project/sglang sgl-kernel custom_all_reduce)."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    one_shot = latency + (ranks - 1) * nbytes / bandwidth
+    two_shot = 2 * latency + 2 * (ranks - 1) / ranks * nbytes / bandwidth
+    return min(one_shot, two_shot)
+
+
+@dataclass(frozen=True)
+class ServeStepCost:
+    """Seconds of one step on one GPU, by part: ``attention`` (projections + KV reads, all
+    layers), ``experts`` (routed experts hit, MoE layers), ``other`` (shared experts, dense FFN
+    layers, router, LM head), ``tp_comm`` (attention-TP all-reduces), ``ep_comm`` (MoE
+    dispatch/combine), ``overhead`` (kernel gaps and the framework's per-step time)."""
+
+    attention: float
+    experts: float
+    other: float
+    tp_comm: float
+    ep_comm: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts().values())
+
+    def parts(self) -> dict[str, float]:
+        return {"attention": self.attention, "experts": self.experts, "other": self.other,
+                "tp_comm": self.tp_comm, "ep_comm": self.ep_comm, "overhead": self.overhead}
+
+
+@dataclass(frozen=True)
+class ServePoint:
+    """Predicted figures at one concurrency: TTFT and TPOT (seconds, per request, as a
+    benchmark client measures them), output tokens/s per GPU, and the steps behind them."""
+
+    ttft: float
+    tpot: float
+    tokens_per_s_per_gpu: float
+    decode: ServeStepCost
+    prefill: ServeStepCost
+    kv_fits: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ttft_s": self.ttft, "tpot_s": self.tpot, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+                "decode_step_s": self.decode.parts(), "prefill_s": self.prefill.parts(), "kv_fits": self.kv_fits}
+
+
+@dataclass
+class ServePredictor:
+    """TTFT/TPOT of one model on one GPU type under one layout, precision and backend.
+    ``cost`` supplies the model and the hardware profile; ``choose_prob`` (optional, [experts])
+    the per-token chance of picking each expert (from a trace), uniform k / E otherwise."""
+
+    cost: CostModel
+    layout: ServeLayout
+    precision: Precision
+    backend: str
+    terms: ServeTerms = field(default_factory=ServeTerms)
+    choose_prob: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.layout.validate()
+        self.precision.validate()
+        self.terms.step_overhead(self.backend)
+        m = self.cost.model
+        if self.choose_prob is None:
+            self.choose_prob = np.full(m.num_experts, m.top_k / m.num_experts)
+        if len(self.choose_prob) != m.num_experts:
+            raise InputError(f"routing distribution has {len(self.choose_prob)} experts, the model {m.num_experts}",
+                             field="choose_prob")
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _roofline(self, flops: float, nbytes: float, fmt: str) -> float:
+        dev = self.cost.hw.device
+        t = self.terms
+        return max(flops / (matmul_rate(dev, fmt) * t.flops_efficiency),
+                   nbytes / (dev.hbm_bandwidth.value * t.hbm_efficiency))
+
+    def _collective(self, nbytes: float, ranks: int, op: str) -> float:
+        """A measured curve of the profile for this op and rank count inside a node when it has
+        one (``moeplan hardware import --aiconfigurator``), else the algorithm models above."""
+        hw = self.cost.hw
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        inside = ranks <= hw.devices_per_node
+        curve = hw.find_curve("collective", op=op, scope="intra_node", ranks=ranks) if inside else None
+        if curve is not None and curve.prov.measured:
+            return float(curve(nbytes))
+        link = hw.intra_node if inside else hw.inter_node
+        latency = self.terms.collective_latency_s + (0.0 if inside else hw.inter_node.latency.value)
+        if op == "all_reduce":
+            return allreduce_time(nbytes, ranks, link.bandwidth.value, latency)
+        return latency + nbytes * (ranks - 1) / ranks / link.bandwidth.value
+
+    def _local_expert_probs(self) -> np.ndarray:
+        """Per-token pick probabilities of the experts on the busiest EP rank (contiguous
+        blocks of E / EP experts, the default placement of every backend)."""
+        p = np.asarray(self.choose_prob, dtype=np.float64)
+        blocks = p.reshape(self.layout.moe_ep, -1) if len(p) % self.layout.moe_ep == 0 else p[None, :]
+        return blocks[int(np.argmax(blocks.sum(axis=1)))]
+
+    def step(self, tokens: float, context: float, phase: str) -> ServeStepCost:
+        """One step on one GPU: ``tokens`` new tokens per attention replica (decode: one per
+        sequence; prefill: prompt tokens), each attending to ``context`` tokens."""
+        m, lay, pr = self.cost.model, self.layout, self.precision
+        a, h = m.attention, m.hidden_size
+        tp = lay.attention_tp
+        kv_split = min(tp, a.num_kv_heads) if a.kind == "gqa" else 1
+        causal = 0.5 if phase == "prefill" else 1.0
+        kv_tokens = context * (tokens if phase == "decode" else 1.0)
+        att_w = a.params(h)
+        score = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * context * causal / tp
+        kv_read = a.kv_cache_elems_per_token() * pr.kv_bytes * kv_tokens / kv_split
+        attention = m.num_layers * self._roofline(2.0 * att_w * tokens / tp + score,
+                                                  att_w * pr.gemm_bytes / tp + kv_read, pr.gemm)
+
+        moe_tokens = tokens * lay.attention_dp                  # distinct tokens entering each MoE layer
+        local = self._local_expert_probs()
+        choices = moe_tokens * float(local.sum())
+        hit = experts_hit(moe_tokens, local)
+        expert_w = m.expert_params() / lay.moe_tp
+        experts = m.num_moe_layers * self._roofline(2.0 * expert_w * choices, hit * expert_w * pr.moe_bytes, pr.moe)
+
+        shared = m.shared_params() / tp
+        router = m.router_params()
+        dense = m.dense_ffn_params() / tp
+        other = (m.num_moe_layers * self._roofline(2.0 * (shared + router) * tokens,
+                                                   shared * pr.gemm_bytes + router * 2.0, pr.gemm)
+                 + len(m.dense_layers) * self._roofline(2.0 * dense * tokens, dense * pr.gemm_bytes, pr.gemm))
+        head_w = m.vocab_size * h / tp
+        head_tokens = tokens if phase == "decode" else 1.0
+        other += self._roofline(2.0 * head_w * head_tokens, head_w * pr.head_bytes, pr.head)
+
+        act = tokens * h * 2.0                                  # bf16 activations of one replica's tokens
+        tp_comm = 2 * m.num_layers * self._collective(act, tp, "all_reduce")
+        ep_comm = 0.0
+        if lay.moe_ep > 1 or lay.attention_dp > 1:
+            ep_comm = 2 * m.num_moe_layers * self._collective(act * m.top_k / tp, lay.world, "all_to_all")
+        overhead = m.num_layers * self.terms.layer_gap_s + (self.terms.step_overhead(self.backend)
+                                                            if phase == "decode" else 0.0)
+        return ServeStepCost(attention, experts, other, tp_comm, ep_comm, overhead)
+
+    def decode_step(self, sequences: float, context: float) -> ServeStepCost:
+        """One decode step of ``sequences`` sequences per attention replica at ``context`` tokens each."""
+        return self.step(sequences, context, "decode")
+
+    def prefill_step(self, prompt_tokens: float) -> ServeStepCost:
+        """Prefill of one prompt of ``prompt_tokens`` tokens on its replica."""
+        return self.step(prompt_tokens, prompt_tokens, "prefill")
+
+    def kv_fits(self, concurrency: int, context: float) -> bool:
+        """Whether ``concurrency`` sequences of ``context`` tokens fit in the KV cache next to
+        the weights (90% of HBM, as the backends' memory-fraction defaults leave)."""
+        m, lay, pr = self.cost.model, self.layout, self.precision
+        a = m.attention
+        kv_split = min(lay.attention_tp, a.num_kv_heads) if a.kind == "gqa" else 1
+        weights = (m.non_expert_params() * pr.gemm_bytes / lay.attention_tp
+                   + m.num_moe_layers * m.num_experts * m.expert_params() * pr.moe_bytes / lay.world)
+        kv = math.ceil(concurrency / lay.attention_dp) * context * m.kv_cache_bytes_per_token(pr.kv_bytes) / kv_split
+        return weights + kv <= 0.9 * self.cost.hw.device.memory.value
+
+    # ---- request level ------------------------------------------------------------------------
+    def predict(self, concurrency: int, isl: int, osl: int) -> ServePoint:
+        """TTFT and TPOT with ``concurrency`` requests in flight, each ``isl`` prompt tokens and
+        ``osl`` output tokens (see the module docstring, part 2)."""
+        if concurrency < 1 or isl < 1 or osl < 1:
+            raise InputError("concurrency, isl and osl must be ≥ 1", field="concurrency")
+        t = self.terms
+        per_replica = math.ceil(concurrency / self.layout.attention_dp)
+        decode = self.decode_step(per_replica, isl + osl / 2.0)
+        prefill = self.prefill_step(isl)
+        t_pf = prefill.total
+        tpot = decode.total + t.prefill_share * per_replica / osl * t_pf
+        occupancy = t_pf / (t_pf + osl * tpot)
+        ttft = (t.request_overhead(self.backend) + t_pf * (1.0 + t.queue_factor * (per_replica - 1) * occupancy)
+                + t.schedule_wait_steps * tpot)
+        return ServePoint(ttft=ttft, tpot=tpot, tokens_per_s_per_gpu=concurrency / tpot / self.layout.world,
+                          decode=decode, prefill=prefill, kv_fits=self.kv_fits(concurrency, isl + osl))
+
+
+def predict_disaggregated(prefill: ServePredictor, decode: ServePredictor, prefill_workers: int,
+                          decode_workers: int, concurrency: int, isl: int, osl: int) -> ServePoint:
+    """TTFT and TPOT of disaggregated serving: ``prefill_workers`` instances of ``prefill``'s
+    layout run prompts, ``decode_workers`` instances of ``decode``'s layout run the
+    ``concurrency`` requests' decode steps (no prefill mixed in). Prompts arrive at the rate the
+    decode side finishes requests (concurrency / (osl × TPOT)); each prefill worker is an M/D/1
+    queue at that share of the rate (waiting ρ / (2(1 − ρ)) × service, ρ capped at 0.95 where the
+    prefill side cannot keep up); the KV cache of a prompt crosses the inter-node link once.
+    Throughput per GPU counts both pools."""
+    if min(prefill_workers, decode_workers, concurrency, isl, osl) < 1:
+        raise InputError("workers, concurrency, isl and osl must be ≥ 1", field="concurrency")
+    t = decode.terms
+    per_replica = math.ceil(concurrency / (decode_workers * decode.layout.attention_dp))
+    step = decode.decode_step(per_replica, isl + osl / 2.0)
+    tpot = step.total
+    first = prefill.prefill_step(isl)
+    t_pf = first.total
+    rho = min(concurrency / (osl * tpot) * t_pf / (prefill_workers * prefill.layout.attention_dp), 0.95)
+    m = decode.cost.model
+    kv_bytes = isl * m.kv_cache_bytes_per_token(decode.precision.kv_bytes)
+    transfer = kv_bytes / decode.cost.hw.inter_node.bandwidth.value
+    ttft = t.request_overhead(prefill.backend) + t_pf * (1.0 + rho / (2.0 * (1.0 - rho))) + transfer
+    gpus = prefill_workers * prefill.layout.world + decode_workers * decode.layout.world
+    fits = decode.kv_fits(math.ceil(concurrency / decode_workers), isl + osl)
+    return ServePoint(ttft=ttft, tpot=tpot, tokens_per_s_per_gpu=concurrency / tpot / gpus, decode=step,
+                      prefill=first, kv_fits=fits)

@@ -1,0 +1,80 @@
+"""moeplan hardware-import --aiconfigurator on a miniature aiconfigurator-core package tree.
+
+The rows below are copied from NVIDIA aiconfigurator-core 0.12.0 (Apache-2.0),
+systems/data/h200_sxm/comm/nccl/2.29.2/nccl_perf.parquet (all_reduce, half, 8 GPUs) and
+systems/data/h200_sxm/comm/sglang/0.5.14/custom_allreduce_perf.parquet; latency in ms,
+message_size in elements."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moeplan.cli import app
+from moeplan.cost import CostModel
+from moeplan.errors import InputError
+from moeplan.hardware import HardwareProfile
+from moeplan.model import ModelSpec
+
+pd = pytest.importorskip("pandas")
+pytest.importorskip("pyarrow")
+
+NCCL = [(256, 0.01601), (65536, 0.02145), (1048576, 0.03746), (16777216, 0.19734), (268435456, 2.04031)]
+CUSTOM = [(128, 0.00258), (65536, 0.0040), (1048576, 0.0150)]
+
+
+def fake_package(root: Path) -> Path:
+    comm = root / "aiconfigurator_core" / "systems" / "data" / "h200_sxm" / "comm"
+    (comm / "nccl" / "2.29.2").mkdir(parents=True)
+    (comm / "sglang" / "0.5.14").mkdir(parents=True)
+    pd.DataFrame([{"op_name": "all_reduce", "nccl_dtype": "half", "num_gpus": 8, "message_size": s, "latency": t}
+                  for s, t in NCCL]).to_parquet(comm / "nccl" / "2.29.2" / "nccl_perf.parquet")
+    rows = [{"op_name": "all_reduce", "allreduce_dtype": "bfloat16", "num_gpus": 8, "message_size": s, "latency": t,
+             "kernel_source": "SGLang_CustomAllReduce_graph"} for s, t in CUSTOM]
+    rows.append({"op_name": "all_reduce", "allreduce_dtype": "bfloat16", "num_gpus": 8, "message_size": 128,
+                 "latency": 0.03, "kernel_source": "SGLang_CustomAllReduce_eager"})
+    pd.DataFrame(rows).to_parquet(comm / "sglang" / "0.5.14" / "custom_allreduce_perf.parquet")
+    (comm / "nccl" / "2.29.2" / "collection_meta.yaml").write_text("runtime: {framework: nccl, version: 2.29.2}\n")
+    dist = root / "aiconfigurator_core-0.12.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.4\nName: aiconfigurator-core\nVersion: 0.12.0\n")
+    return root
+
+
+def test_import_writes_measured_curves_in_bytes_and_seconds_with_their_source(tmp_path: Path) -> None:
+    root = fake_package(tmp_path / "pkg")
+    out = tmp_path / "h200.yaml"
+    res = CliRunner().invoke(app, ["hardware-import", "--aiconfigurator", "h200_sxm", "--aiconfigurator-path", str(root),
+                                   "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    hw = HardwareProfile.load(out)
+    curve = hw.find_curve("collective", op="all_reduce", scope="intra_node", ranks=8)
+    assert curve.prov.measured and "aiconfigurator-core 0.12.0" in curve.prov.ref and "nccl_perf" in curve.prov.ref
+    assert curve.x[-1] == 268435456 * 2 and curve.y[-1] == pytest.approx(2.04031e-3)
+    assert hw.runs["aiconfigurator"]["tables"]["systems/data/h200_sxm/comm/nccl/2.29.2/nccl_perf.parquet"]["runtime"]
+    cm = CostModel(ModelSpec.preset("deepseek-v3"), hw)
+    assert cm.collective_time("all_reduce", 2 * 65536, 8) == pytest.approx(0.02145e-3)   # folding/placement use it
+    shown = CliRunner().invoke(app, ["hardware", str(out)])
+    assert "measured: aiconfigurator-core 0.12.0" in shown.output
+
+
+def test_framework_custom_allreduce_replaces_nccl_and_drops_eager_rows(tmp_path: Path) -> None:
+    from moeplan.aiconfigurator_import import import_profile
+    hw = import_profile("h200_sxm", "sglang", str(fake_package(tmp_path / "pkg")))
+    ar = [c for c in hw.curves if c.kind == "collective" and c.key["op"] == "all_reduce"]
+    assert len(ar) == 1 and "custom_allreduce" in ar[0].prov.ref
+    assert ar[0].y[0] == pytest.approx(0.00258e-3)
+
+
+def test_unknown_system_framework_or_folder_is_refused(tmp_path: Path) -> None:
+    from moeplan.aiconfigurator_import import import_profile
+    root = str(fake_package(tmp_path / "pkg"))
+    with pytest.raises(InputError, match="no moeplan profile"):
+        import_profile("x_sxm", None, root)
+    with pytest.raises(InputError, match="unknown framework"):
+        import_profile("h200_sxm", "tgi", root)
+    with pytest.raises(InputError, match="no aiconfigurator_core/systems"):
+        import_profile("h200_sxm", None, str(tmp_path))
+    with pytest.raises(InputError, match="no NCCL table"):
+        import_profile("b200_sxm", None, root)
