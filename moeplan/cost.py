@@ -41,8 +41,8 @@ from moeplan.errors import InputError
 from moeplan.hardware import Curve, HardwareProfile
 from moeplan.model import ModelSpec
 
-LAUNCHES_PER_EXPERT = 5     # gate/up GEMM, activation, down GEMM, gather, scatter-add (loop kernel)
-LAUNCHES_PER_GROUPED = 4    # 2 grouped GEMMs, activation, offsets
+LAUNCHES_PER_EXPERT = 5     # runtime loop kernel per expert: fused gate/up GEMM, silu, mul, down GEMM, copy out
+LAUNCHES_PER_GROUPED = 5    # runtime grouped kernel: group offsets to the device, 2 grouped GEMMs, silu, mul
 LAUNCHES_PER_ROUTING = 14   # router GEMM, softmax, top-k, sort, bincount, host copy, gather, scale, index_add
 ACTIVATION_FACTOR = 34      # bytes of live activations per token per hidden element in training
                             # without recompute (Korthikanti et al. 2022: 34·s·b·h per layer)

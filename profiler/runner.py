@@ -22,7 +22,6 @@ from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.profiler.attention_ops import AttentionShape
 from moeplan.profiler.collectives import GROUP_TIMEOUT, Comm, collective_points, measure_collective
-from moeplan.profiler.compute_ops import grouped_impl
 from moeplan.profiler.device import Accelerator, host_free_bytes
 from moeplan.profiler.ops import build_op
 from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures
@@ -117,14 +116,13 @@ class Profiler:
 
     def _expert_steps(self) -> list[Step]:
         out = []
-        impl = grouped_impl(self.acc)
         for (h, f), names in self._expert_shapes().items():
             base = {"hidden": h, "ffn": f, "dtype": "bf16"}
             kernels: list[dict[str, Any]] = [{"kernel": "loop"}]
             kernels += [{"kernel": "grouped", "experts": g} for g in self.sizes.grouped_experts]
             for k in kernels:
                 key = {**base, **k}
-                params = {**key, "models": names, **({"impl": impl} if k["kernel"] == "grouped" else {})}
+                params = {**key, "models": names}
                 label = f"expert {h}×{f} {k['kernel']}" + (f" G={k['experts']}" if "experts" in k else "")
                 out += [Step("experts", f"{label} @ {n} tok", "expert_ffn", params, n, key)
                         for n in self.sizes.expert_tokens]
