@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,7 @@ def run(model_names: list[str], profile: HardwareProfile, device: torch.device,
                 net.counts = []
                 net.forward(tokens, caches, record=True)
                 counts = np.stack(net.counts)
-                times = time_step(lambda: net.forward(tokens, caches), device)
+                times = time_step(partial(net.forward, tokens, caches), device)
             pred = cost.forward_time(n_tokens, context, phase, counts).to_dict()
             measured = statistics.median(times)
             rows.append({"set": case_set, "model": m.name, "model_spec": m.to_dict(), "phase": phase, "batch": batch, "seq": seq, "tokens": n_tokens,
