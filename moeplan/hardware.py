@@ -27,6 +27,7 @@ from moeplan.io import Fields, guarded_load, read_yaml, write_yaml
 
 SCHEMA_VERSION = 1
 SOURCES = ("datasheet", "measured", "assumed")
+NOISY_SPREAD = 0.15   # a measured point whose median sits more than this share above its fastest repeat is noisy
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,12 @@ class Curve:
 
     def matches(self, kind: str, **key: Any) -> bool:
         return self.kind == kind and all(self.key.get(k) == v for k, v in key.items())
+
+    def spread(self) -> tuple[float, ...]:
+        """(y − y_min) / y at each point: how far the median sits above the fastest repeat (empty
+        without min/max). The max is left out: one preempted repeat sets it (the H200 runs of
+        bench/RESULTS.md put the median point's max 35% above its median, its min 6% below)."""
+        return tuple((y - lo) / y for lo, y in zip(self.y_min, self.y))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "key": dict(self.key), "x": list(self.x), "y": list(self.y)}
@@ -279,7 +286,19 @@ class HardwareProfile:
         note = f"measured: {', '.join(parts) or 'nothing'}"
         if not self.links_measured:
             note += "; link curves NOT measured (datasheet bandwidth used for all-to-all)"
+        noisy, points = self.noisy_points()
+        if noisy:
+            note += (f"; {noisy} of {points} measured points have a median > {NOISY_SPREAD:.0%} above their "
+                     "fastest repeat (predictions from them are noisy)")
+        if self.corrections:
+            note += f"; calibrated ({len(self.corrections)} corrections by moeplan calibrate)"
         return note
+
+    def noisy_points(self) -> tuple[int, int]:
+        """(noisy, all): measured curve points whose :meth:`Curve.spread` exceeds NOISY_SPREAD, of
+        all measured points that record their spread."""
+        spreads = [s for c in self.curves if c.prov.measured for s in c.spread()]
+        return sum(1 for s in spreads if s > NOISY_SPREAD), len(spreads)
 
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

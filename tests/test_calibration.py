@@ -152,3 +152,16 @@ def test_cli_calibrate_writes_the_profile_and_exits_2_on_bad_input(tmp_path: Pat
     result = CliRunner().invoke(app, ["calibrate", str(fwd), "--profile", "h100-sxm", "-o", str(out),
                                       "--scope", "layer"])
     assert result.exit_code == 2 and "scope" in result.output
+
+
+def test_profile_says_how_many_measured_points_are_noisy() -> None:
+    from moeplan.hardware import NOISY_SPREAD, Curve
+    steady = Curve("expert_ffn", {"hidden": 8}, (1.0, 2.0), (1.0, 2.0), PROV, (0.95, 1.9), (9.0, 9.0))
+    noisy = Curve("expert_ffn", {"hidden": 9}, (1.0, 2.0), (1.0, 2.0), PROV, (0.5, 1.9), (1.1, 2.1))
+    assert steady.spread() == pytest.approx((0.05, 0.05))        # a slow outlier repeat (max) is not noise
+    assert noisy.spread()[0] > NOISY_SPREAD
+    profile = replace(hw(), curves=(steady, noisy))
+    assert profile.noisy_points() == (1, 4)
+    assert "1 of 4 measured points" in profile.provenance_note()
+    assert "calibrated" in replace(profile, corrections=fit_steps(steps(model(), "decode", [(16, 512)]), hw(),
+                                                                  PROV)).provenance_note()
