@@ -8,7 +8,8 @@ What is fitted and what is judged:
 
 * **Forward step**: corrections fitted on machine A's calibration steps (other batch/sequence
   shapes of the same models) plus A's replay; judged on the 12 judged steps of A and of B,
-  predicted from A's pass-1 profile before and after calibration. Also ``scope=all`` (one
+  predicted from A's pass-1 profile before and after calibration; and each machine calibrated on
+  its own calibration steps, judged on its own judged steps ("own machine"). Also ``scope=all`` (one
   correction per phase for every model) fitted on OLMoE's calibration steps only and judged on
   Qwen1.5-MoE's judged steps (transfer to a model it never saw).
 * **Per-device replay**: expert corrections fitted on A's replay with Zipf-shuffled and balanced
@@ -108,7 +109,8 @@ def main(argv: list[str]) -> int:
     fwd = {m: GPU / f"h200{m}-forward.json" for m in "ab"}
     rt = {m: GPU / f"h200{m}-runtime.json" for m in "ab"}
     base = prof["a"]
-    cal = calibrate(base, [load_run(fwd["a"]), train_replay(rt["a"])])
+    own = {m: calibrate(prof[m], [load_run(fwd[m]), train_replay(rt[m])]) for m in "ab"}
+    cal = own["a"]
     olmoe_only = load_run(fwd["a"])
     olmoe_only = replace(olmoe_only, steps=tuple(s for s in olmoe_only.steps if s.model.name.startswith("OLMoE")))
     cal_all = calibrate(base, [olmoe_only, train_replay(rt["a"])], scope="all")
@@ -121,10 +123,12 @@ def main(argv: list[str]) -> int:
         entry = {"forward_before_own_profile": summary(step_errors(judged, prof[m])),
                  "forward_before": summary(step_errors(judged, base)),
                  "forward_after": summary(step_errors(judged, cal)),
+                 "forward_after_own_machine_calibration": summary(step_errors(judged, own[m])),
                  "forward_qwen_before": summary(step_errors(qwen, base)),
                  "forward_qwen_after_scope_all_fit_on_olmoe": summary(step_errors(qwen, cal_all)),
                  "replay_before": summary(replay_errors(replay_configs(rt[m], True), base)),
                  "replay_after": summary(replay_errors(replay_configs(rt[m], True), cal)),
+                 "replay_after_own_machine_calibration": summary(replay_errors(replay_configs(rt[m], True), own[m])),
                  "replay_per_cell_after": summary(relative_errors(
                      [o for o in load_run(rt[m]).compute if o.tags["traffic"] == JUDGED_TRAFFIC], cal))}
         if m == "a":
