@@ -1,19 +1,19 @@
 """Calibration judged on runs it never saw (issue 26), from the committed JSON of two H200 machines.
 
-Inputs (bench/results/gpu/, written by bench/gpu_session4.sh on machines A and B):
-``h200{a,b}-profile-pass{1,2}.yaml`` (two profiling passes per machine), ``h200{a,b}-forward.json``
-(forward steps: "calibration" and "judged" sets), ``h200{a,b}-runtime.json`` (per-device replay).
+Inputs (bench/results/gpu/, written by bench/gpu_session4.sh on machines A, B and C):
+``h200{a,b,c}-profile-pass{1,2}.yaml`` (two profiling passes per machine), ``h200{a,b,c}-forward.json``
+(forward steps: "calibration" and "judged" sets), ``h200{a,b,c}-runtime.json`` (per-device replay).
 
 What is fitted and what is judged:
 
 * **Forward step**: corrections fitted on machine A's calibration steps (other batch/sequence
-  shapes of the same models) plus A's replay; judged on the 12 judged steps of A and of B,
+  shapes of the same models) plus A's replay; judged on the 12 judged steps of A, B and C,
   predicted from A's pass-1 profile before and after calibration; and each machine calibrated on
   its own calibration steps, judged on its own judged steps ("own machine"). Also ``scope=all`` (one
   correction per phase for every model) fitted on OLMoE's calibration steps only and judged on
   Qwen1.5-MoE's judged steps (transfer to a model it never saw).
 * **Per-device replay**: expert corrections fitted on A's replay with Zipf-shuffled and balanced
-  traffic; judged on the "zipf1.2-ranked" traffic rows (never fitted) of A and of B. One
+  traffic; judged on the "zipf1.2-ranked" traffic rows (never fitted) of A, B and C. One
   configuration = model × traffic × devices × batch × kernel × placement; its figure is the
   straggler's expert compute summed over the replayed layers.
 * **Profile agreement**: each expert / routing / attention point of one pass against the other
@@ -39,6 +39,7 @@ from moeplan.model import ModelSpec
 
 GPU = Path(__file__).parent / "results" / "gpu"
 JUDGED_TRAFFIC = "zipf1.2-ranked"
+MACHINES = "abc"
 
 
 def summary(errors: np.ndarray) -> dict[str, float]:
@@ -104,12 +105,12 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
     args = p.parse_args(argv)
-    prof = {m: HardwareProfile.load(GPU / f"h200{m}-profile-pass1.yaml") for m in "ab"}
-    prof2 = {m: HardwareProfile.load(GPU / f"h200{m}-profile-pass2.yaml") for m in "ab"}
-    fwd = {m: GPU / f"h200{m}-forward.json" for m in "ab"}
-    rt = {m: GPU / f"h200{m}-runtime.json" for m in "ab"}
+    prof = {m: HardwareProfile.load(GPU / f"h200{m}-profile-pass1.yaml") for m in MACHINES}
+    prof2 = {m: HardwareProfile.load(GPU / f"h200{m}-profile-pass2.yaml") for m in MACHINES}
+    fwd = {m: GPU / f"h200{m}-forward.json" for m in MACHINES}
+    rt = {m: GPU / f"h200{m}-runtime.json" for m in MACHINES}
     base = prof["a"]
-    own = {m: calibrate(prof[m], [load_run(fwd[m]), train_replay(rt[m])]) for m in "ab"}
+    own = {m: calibrate(prof[m], [load_run(fwd[m]), train_replay(rt[m])]) for m in MACHINES}
     cal = own["a"]
     olmoe_only = load_run(fwd["a"])
     olmoe_only = replace(olmoe_only, steps=tuple(s for s in olmoe_only.steps if s.model.name.startswith("OLMoE")))
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> int:
     res: dict[str, Any] = {"fitted_on": "machine A: forward calibration steps + replay traffic zipf1.2, balanced",
                            "corrections": [c.to_dict() for c in cal.corrections]}
     table = []
-    for m in "ab":
+    for m in MACHINES:
         judged = forward_rows(fwd[m], judged=True)
         qwen = [r for r in judged if r["model"].startswith("Qwen")]
         entry = {"forward_before_own_profile": summary(step_errors(judged, prof[m])),
@@ -136,9 +137,8 @@ def main(argv: list[str]) -> int:
         res[f"judged_on_{m}"] = entry
         for name, s in entry.items():
             table.append((m.upper(), name, s))
-    res["profile_agreement"] = {"a_pass2_vs_pass1": agreement(prof["a"], prof2["a"]),
-                                "b_pass2_vs_pass1": agreement(prof["b"], prof2["b"]),
-                                "b_pass1_vs_a_pass1": agreement(prof["a"], prof["b"])}
+    res["profile_agreement"] = {**{f"{m}_pass2_vs_pass1": agreement(prof[m], prof2[m]) for m in MACHINES},
+                                **{f"{m}_pass1_vs_a_pass1": agreement(prof["a"], prof[m]) for m in MACHINES[1:]}}
     write_json(args.out, res)
     print(f"{'machine':7} {'figure':44} {'n':>4} {'median':>8} {'worst':>8}")
     for m, name, s in table:
