@@ -113,6 +113,20 @@ def test_cpu_run_curves_feed_the_cost_model(cpu_run: Path) -> None:
     assert all(c.key["scope"] == "intra_node" and c.key["ranks"] == 2 for c in prof.curves_of("collective"))
 
 
+def test_cpu_run_measures_every_point_in_two_passes_and_the_curve_spans_both(cpu_run: Path) -> None:
+    raw = RawProfile.load(cpu_run / "p.json")
+    experts = raw.of_kind("expert_ffn")
+    by_point: dict[tuple, list] = {}
+    for m in experts:
+        by_point.setdefault((tuple(sorted(m.key.items())), m.x), []).append(m)
+    assert by_point and all(len(ms) == 2 for ms in by_point.values())      # one measurement per pass
+    profile = HardwareProfile.load(cpu_run / "p.yaml")
+    for (key, x), ms in by_point.items():
+        curve = profile.find_curve("expert_ffn", **dict(key))
+        i = curve.x.index(x)
+        assert curve.y_min[i] == min(m.min for m in ms) and curve.y_max[i] == max(m.max for m in ms)
+
+
 def test_cpu_run_raw_json_follows_nccl_tests_conventions(cpu_run: Path) -> None:
     raw = RawProfile.load(cpu_run / "p.json")
     coll = raw.of_kind("collective")
