@@ -7,6 +7,10 @@ with CUDA events (3 warm-ups, median of 10), and predicts each with
 ``CostModel.forward_time`` from a measured profile, using the expert token counts the random
 router actually produced.
 
+Every row keeps what ``moeplan calibrate`` needs to price it again: the model, phase, tokens,
+context, the expert token counts per MoE layer and the measured seconds; ``"set"`` says whether it
+is a calibration step or a judged one (:data:`CASES`).
+
 Usage: python bench/gpu_forward.py PROFILE.yaml OUT_DIR   (CPU: tiny shapes, for the test path)
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,11 @@ from moeplan.runtime.kernels import ExpertKernel
 
 CASES = [("prefill", 1, 2048), ("prefill", 4, 1024), ("prefill", 2, 4096),
          ("decode", 32, 1024), ("decode", 64, 2048), ("decode", 128, 1024)]
+"""The judged steps (phase, batch, sequence or context): never used by ``moeplan calibrate``."""
+CALIBRATION_CASES = [("prefill", 1, 1024), ("prefill", 2, 2048), ("prefill", 1, 8192),
+                     ("decode", 8, 4096), ("decode", 16, 512), ("decode", 48, 1536), ("decode", 96, 512),
+                     ("decode", 192, 1024)]
+"""Other steps of the same models, the ones ``moeplan calibrate`` fits on (``"set": "calibration"``)."""
 
 
 class RandomMoEModel:
@@ -128,8 +138,9 @@ def time_step(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> l
     return times
 
 
-def run(model_names: list[str], profile: HardwareProfile, device: torch.device, cases: list[tuple[str, int, int]],
-        shrink: bool = False, out_file: Path | None = None) -> list[dict]:
+def run(model_names: list[str], profile: HardwareProfile, device: torch.device,
+        cases: list[tuple[str, str, int, int]], shrink: bool = False, out_file: Path | None = None,
+        header: dict | None = None) -> list[dict]:
     """Time every case of every model; rows are also written to ``out_file`` as they come."""
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -143,7 +154,7 @@ def run(model_names: list[str], profile: HardwareProfile, device: torch.device, 
         net = RandomMoEModel(m, device, dtype)
         cost = CostModel(m, profile, CostOptions(kernel="grouped"))
         a = m.attention
-        for phase, batch, seq in cases:
+        for case_set, phase, batch, seq in cases:
             g = torch.Generator(device="cpu").manual_seed(batch * seq)
             with torch.no_grad():
                 if phase == "prefill":
@@ -158,15 +169,16 @@ def run(model_names: list[str], profile: HardwareProfile, device: torch.device, 
                 net.counts = []
                 net.forward(tokens, caches, record=True)
                 counts = np.stack(net.counts)
-                times = time_step(lambda: net.forward(tokens, caches), device)
+                times = time_step(partial(net.forward, tokens, caches), device)
             pred = cost.forward_time(n_tokens, context, phase, counts).to_dict()
             measured = statistics.median(times)
-            rows.append({"model": m.name, "phase": phase, "batch": batch, "seq": seq, "tokens": n_tokens,
-                         "measured_s": measured, "min_s": min(times), "max_s": max(times),
+            rows.append({"set": case_set, "model": m.name, "model_spec": m.to_dict(), "phase": phase, "batch": batch, "seq": seq, "tokens": n_tokens,
+                         "context": context, "kernel": "grouped", "expert_counts": counts.tolist(),
+                         "measured_s": measured, "samples_s": times, "min_s": min(times), "max_s": max(times),
                          "predicted_s": pred["total"], "predicted_parts": pred,
                          "error": (pred["total"] - measured) / measured})
             if out_file is not None:
-                out_file.write_text(json.dumps({"rows": rows}, indent=1))
+                out_file.write_text(json.dumps({**(header or {}), "rows": rows}, indent=1))
             print(f"{m.name:22s} {phase:7s} B={batch:<4d} S={seq:<5d} measured {measured * 1e3:8.3f} ms  "
                   f"predicted {pred['total'] * 1e3:8.3f} ms  error {100 * rows[-1]['error']:+6.1f}%", flush=True)
             del caches
@@ -184,14 +196,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    cases = CASES if cuda else [("prefill", 1, 16), ("decode", 2, 16)]
+    if cuda:
+        cases = [("calibration", *c) for c in CALIBRATION_CASES] + [("judged", *c) for c in CASES]
+    else:
+        cases = [("calibration", "prefill", 1, 8), ("calibration", "decode", 2, 8), ("judged", "prefill", 1, 16),
+                 ("judged", "decode", 2, 16)]
+    header = {"kind": "forward_step", "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+              "torch": torch.__version__, "profile": profile.name, "profile_digest": profile.digest(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rows = run(["olmoe-1b-7b", "qwen1.5-moe-a2.7b"], profile, device, cases, shrink=not cuda,
-               out_file=out / "forward.json")
-    errors = [abs(r["error"]) for r in rows]
-    summary = {"median_abs_error": statistics.median(errors), "worst_abs_error": max(errors),
-               "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
-    (out / "forward.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    print(f"median |error| {100 * summary['median_abs_error']:.1f}%  worst {100 * summary['worst_abs_error']:.1f}%")
+               out_file=out / "forward.json", header=header)
+    errors = [abs(r["error"]) for r in rows if r["set"] == "judged"]
+    summary = {"judged_median_abs_error": statistics.median(errors), "judged_worst_abs_error": max(errors)}
+    (out / "forward.json").write_text(json.dumps({**header, "summary": summary, "rows": rows}, indent=1))
+    print(f"judged steps: median |error| {100 * summary['judged_median_abs_error']:.1f}%  "
+          f"worst {100 * summary['judged_worst_abs_error']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def replay_matrix(setup: Setup, hw: HardwareProfile, device: torch.device, log: 
                     counts = {name: replay_slot_tokens(p, ids, index) for name, p in plans.items()}
                     for kernel in KERNELS:
                         t0 = time.perf_counter()
-                        row: dict[str, Any] = {"model": label, "traffic": traffic, "devices": devices,
+                        row: dict[str, Any] = {"model": label, "model_spec": model.to_dict(), "traffic": traffic, "devices": devices,
                                                "batch": batch_label, "tokens_per_device": tokens, "kernel": kernel,
                                                "layers": layers}
                         for name, placement in plans.items():

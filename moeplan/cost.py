@@ -23,7 +23,8 @@ Read it top to bottom:
    does not fit, with the numbers.
 6. **One forward step** — :meth:`CostModel.step_cost` composes the parts above into a
    :class:`StepCost` (attention, dense, routing, experts, shared experts, dispatch, combine,
-   head, norms, overheads) for the simulator, the single-device forward check, elastic latency
+   head, norms, overheads; ``overheads`` is the profile's fitted ``forward_step`` correction,
+   see :mod:`moeplan.calibration`) for the simulator, the single-device forward check, elastic latency
    and the cache planner's step time. The whole step under a parallel mapping (training and
    serving with TP/CP/PP/EP/ETP collectives) is :mod:`moeplan.parallel_step`, built on the
    same primitives (:meth:`CostModel.head_time`, :meth:`CostModel.kv_capacity_tokens`).
@@ -38,11 +39,11 @@ from typing import Any
 import numpy as np
 
 from moeplan.errors import InputError
-from moeplan.hardware import Curve, HardwareProfile
+from moeplan.hardware import Correction, Curve, HardwareProfile
 from moeplan.model import ModelSpec
 
-LAUNCHES_PER_EXPERT = 5     # gate/up GEMM, activation, down GEMM, gather, scatter-add (loop kernel)
-LAUNCHES_PER_GROUPED = 4    # 2 grouped GEMMs, activation, offsets
+LAUNCHES_PER_EXPERT = 5     # runtime loop kernel per expert: fused gate/up GEMM, silu, mul, down GEMM, copy out
+LAUNCHES_PER_GROUPED = 5    # runtime grouped kernel: group offsets to the device, 2 grouped GEMMs, silu, mul
 LAUNCHES_PER_ROUTING = 14   # router GEMM, softmax, top-k, sort, bincount, host copy, gather, scale, index_add
 ACTIVATION_FACTOR = 34      # bytes of live activations per token per hidden element in training
                             # without recompute (Korthikanti et al. 2022: 34·s·b·h per layer)
@@ -109,7 +110,8 @@ class StepCost:
     the dispatch overlapped with compute left out), ``experts``, ``shared_experts`` and
     ``routing`` the slowest device's compute phase split by what it ran. ``attention`` (all
     layers), ``dense`` (dense FFN layers), ``norms`` and ``head`` (the LM head) are per device;
-    ``overheads`` is per-step time outside all of them. Averaged over batches when priced from
+    ``overheads`` is per-step time outside all of them: the profile's measured ``forward_step``
+    correction (per-layer host and launch time, rate errors), 0 without one. Averaged over batches when priced from
     a trace."""
 
     attention: float
@@ -204,6 +206,8 @@ class CostModel:
         self._grouped = self._fit_grouped(hardware.curves_of("expert_ffn"))
         self._routing_curve = hardware.find_curve("moe_routing", hidden=model.hidden_size, experts=model.num_experts,
                                                   top_k=model.top_k)
+        self._compute_correction = hardware.find_correction("expert_compute", hidden=model.hidden_size,
+                                                            ffn=model.expert_ffn, kernel=self.opt.kernel)
 
     def with_options(self, **changes: Any) -> "CostModel":
         """The same model and hardware priced with these :class:`CostOptions` fields changed."""
@@ -266,10 +270,22 @@ class CostModel:
         return np.where(busy, t, 0.0)
 
     def device_compute(self, slot_tokens: np.ndarray) -> np.ndarray:
-        """Expert compute per device for tokens per slot [..., devices, slots], with the chosen kernel."""
-        if self.opt.kernel == "grouped":
-            return self.grouped_time(slot_tokens)
-        return self.expert_time(slot_tokens).sum(axis=-1)
+        """Expert compute per device for tokens per slot [..., devices, slots], with the chosen kernel;
+        times the profile's ``expert_compute`` correction at the device's token-choices per active
+        slot when ``moeplan calibrate`` fitted one for this expert shape and kernel."""
+        n = np.asarray(slot_tokens, dtype=np.float64)
+        t = self.grouped_time(n) if self.opt.kernel == "grouped" else self.expert_time(n).sum(axis=-1)
+        if self._compute_correction is None:
+            return t
+        per_slot = n.sum(axis=-1) / np.maximum((n > 0).sum(axis=-1), 1)
+        return t * self._compute_correction.factor_at(np.maximum(per_slot, 1.0))
+
+    def step_correction(self, phase: str) -> Correction | None:
+        """The profile's ``forward_step`` correction for this model and phase (one fitted for this
+        model first, else one fitted for every model), or None."""
+        hw, name = self.hw, self.model.name
+        return (hw.find_correction("forward_step", model=name, phase=phase)
+                or hw.find_correction("forward_step", model="*", phase=phase))
 
     def routing_time(self, tokens: np.ndarray | float) -> np.ndarray:
         """Everything a MoE layer does on one device besides the expert GEMMs, for ``tokens`` tokens
@@ -461,10 +477,16 @@ class CostModel:
             routing += float(np.mean(np.take_along_axis(lc.routing, slowest, axis=-1)))
             combine += float(np.mean(c_max))
             dispatch += float(np.mean(lc.time - w_max - c_max))
-        return StepCost(attention=m.num_layers * self.attention_time(tokens, context, phase),
+        step = StepCost(attention=m.num_layers * self.attention_time(tokens, context, phase),
                         dense=len(m.dense_layers) * self.dense_ffn_time(tokens), routing=routing, experts=experts,
                         shared_experts=shared, dispatch=dispatch, combine=combine,
                         head=float(self.head_time(tokens)) if include_head else 0.0, norms=self.norms_time(tokens))
+        correction = self.step_correction(phase)
+        if correction is None:
+            return step
+        device = step.total - step.dispatch - step.combine
+        corrected = max(correction.scale * device + correction.offset_per_layer_s * m.num_layers, 0.0)
+        return replace(step, overheads=corrected - device)
 
     def forward_time(self, tokens: float, context: float, phase: str, expert_tokens: np.ndarray,
                      include_head: bool = True) -> StepCost:

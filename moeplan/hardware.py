@@ -27,6 +27,7 @@ from moeplan.io import Fields, guarded_load, read_yaml, write_yaml
 
 SCHEMA_VERSION = 1
 SOURCES = ("datasheet", "measured", "assumed")
+NOISY_SPREAD = 0.15   # a measured point whose median sits more than this share above its fastest repeat is noisy
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,64 @@ class Curve:
     def matches(self, kind: str, **key: Any) -> bool:
         return self.kind == kind and all(self.key.get(k) == v for k, v in key.items())
 
+    def spread(self) -> tuple[float, ...]:
+        """(y − y_min) / y at each point: how far the median sits above the fastest repeat (empty
+        without min/max). The max is left out: one preempted repeat sets it (the H200 runs of
+        bench/RESULTS.md put the median point's max 35% above its median, its min 6% below)."""
+        return tuple((y - lo) / y for lo, y in zip(self.y_min, self.y))
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "key": dict(self.key), "x": list(self.x), "y": list(self.y)}
         if self.y_min:
             d["y_min"] = list(self.y_min)
             d["y_max"] = list(self.y_max)
+        d.update(self.prov.to_dict())
+        return d
+
+
+CORRECTION_TARGETS = ("expert_compute", "forward_step")
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A measured correction of one cost-model prediction, fitted by ``moeplan calibrate`` on
+    runtime measurements (:mod:`moeplan.calibration`).
+
+    target ``expert_compute``: key {hidden, ffn, kernel}; ``x`` token-choices per active slot of a
+        device (rows per expert), ``factor`` measured / predicted there: it multiplies
+        :meth:`CostModel.device_compute` (log-log interpolation in x, the end values held beyond).
+    target ``forward_step``: key {model, phase} (model "*" for every model); a whole step is
+        ``scale`` × the predicted step (attention, dense, routing, experts, head, norms) plus
+        ``offset_per_layer_s`` × layers (the per-layer host and launch time the parts miss).
+    ``residual``: median |measured − corrected| / measured over the observations it was fitted on
+    (a fitted figure, not a judged one); ``observations``: how many.
+    """
+
+    target: str
+    key: dict[str, Any]
+    prov: Provenance
+    observations: int
+    residual: float
+    x: tuple[float, ...] = ()
+    factor: tuple[float, ...] = ()
+    scale: float = 1.0
+    offset_per_layer_s: float = 0.0
+
+    def factor_at(self, x: float | np.ndarray) -> np.ndarray:
+        """``factor`` at ``x`` (expert_compute): log-log interpolation, end values held."""
+        q = np.log(np.maximum(np.asarray(x, dtype=np.float64), 1e-9))
+        return np.exp(np.interp(q, np.log(np.asarray(self.x)), np.log(np.asarray(self.factor))))
+
+    def matches(self, target: str, **key: Any) -> bool:
+        return self.target == target and all(self.key.get(k) == v for k, v in key.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"target": self.target, "key": dict(self.key), "observations": self.observations,
+                             "residual": self.residual}
+        if self.target == "expert_compute":
+            d.update(x=list(self.x), factor=list(self.factor))
+        else:
+            d.update(scale=self.scale, offset_per_layer_s=self.offset_per_layer_s)
         d.update(self.prov.to_dict())
         return d
 
@@ -150,6 +204,7 @@ class HardwareProfile:
     curves: tuple[Curve, ...] = ()
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_file: str = ""
+    corrections: tuple[Correction, ...] = ()
 
     @property
     def num_devices(self) -> int:
@@ -182,6 +237,13 @@ class HardwareProfile:
         """The first curve of ``kind`` whose key has all the given entries, or None."""
         for c in self.curves:
             if c.matches(kind, **key):
+                return c
+        return None
+
+    def find_correction(self, target: str, **key: Any) -> Correction | None:
+        """The first correction of ``target`` whose key has all the given entries, or None."""
+        for c in self.corrections:
+            if c.matches(target, **key):
                 return c
         return None
 
@@ -224,7 +286,19 @@ class HardwareProfile:
         note = f"measured: {', '.join(parts) or 'nothing'}"
         if not self.links_measured:
             note += "; link curves NOT measured (datasheet bandwidth used for all-to-all)"
+        noisy, points = self.noisy_points()
+        if noisy:
+            note += (f"; {noisy} of {points} measured points have a median > {NOISY_SPREAD:.0%} above their "
+                     "fastest repeat (predictions from them are noisy)")
+        if self.corrections:
+            note += f"; calibrated ({len(self.corrections)} corrections by moeplan calibrate)"
         return note
+
+    def noisy_points(self) -> tuple[int, int]:
+        """(noisy, all): measured curve points whose :meth:`Curve.spread` exceeds NOISY_SPREAD, of
+        all measured points that record their spread."""
+        spreads = [s for c in self.curves if c.prov.measured for s in c.spread()]
+        return sum(1 for s in spreads if s > NOISY_SPREAD), len(spreads)
 
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -249,6 +323,7 @@ class HardwareProfile:
             },
             "runs": self.runs,
             "curves": [c.to_dict() for c in self.curves],
+            **({"corrections": [c.to_dict() for c in self.corrections]} if self.corrections else {}),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -263,6 +338,10 @@ class HardwareProfile:
             if c.prov.measured and c.prov.run not in self.runs:
                 raise InputError(f"curve {c.kind} {c.key} names run '{c.prov.run}' that is not under runs",
                                  source=src, field="curves", fix="add the run's record under 'runs'")
+        for c in self.corrections:
+            if c.prov.run not in self.runs:
+                raise InputError(f"correction {c.target} {c.key} names run '{c.prov.run}' that is not under runs",
+                                 source=src, field="corrections", fix="add the calibration's record under 'runs'")
         return self
 
     @classmethod
@@ -377,6 +456,29 @@ def _curve(data: Any, source: str, index: int) -> Curve:
     return Curve(kind, key, tuple(x), tuple(y), _prov(f), y_min, y_max)
 
 
+def _correction(data: Any, source: str, index: int) -> Correction:
+    f = Fields(data, source, f"corrections[{index}].")
+    target = f.str("target", choices=CORRECTION_TARGETS)
+    key = f.raw("key")
+    if not isinstance(key, dict):
+        raise f.fail("key", "expected a mapping")
+    prov = _prov(f)
+    if not prov.measured:
+        raise f.fail("source", "a correction is fitted on measurements", "use source: measured")
+    common = {"target": target, "key": key, "prov": prov, "observations": f.int("observations", minimum=1),
+              "residual": f.float("residual", minimum=0.0, positive=False)}
+    if target == "expert_compute":
+        x = f.numbers("x", positive=True)
+        factor = f.numbers("factor", positive=True)
+        if not x or len(x) != len(factor):
+            raise f.fail("factor", f"x and factor must be non-empty and of equal length ({len(x)} vs {len(factor)})")
+        if any(b <= a for a, b in zip(x, x[1:])):
+            raise f.fail("x", "must be strictly increasing")
+        return Correction(**common, x=tuple(x), factor=tuple(factor))
+    return Correction(**common, scale=f.float("scale", positive=True),
+                      offset_per_layer_s=f.float("offset_per_layer_s", positive=False, minimum=None))
+
+
 def _parse_profile(data: Any, source: str) -> HardwareProfile:
     f = Fields(data, source)
     version = f.int("schema_version", minimum=1)
@@ -406,14 +508,16 @@ def _parse_profile(data: Any, source: str) -> HardwareProfile:
         name=f.str("name"), description=f.str("description", ""), device=device,
         devices_per_node=cl.int("devices_per_node", minimum=1), nodes=cl.int("nodes", 1, minimum=1),
         intra_node=link("intra_node"), inter_node=link("inter_node"), curves=curves, runs=runs,
-        source_file=source,
+        source_file=source, corrections=tuple(_correction(c, source, i) for i, c in enumerate(f.list("corrections", []))),
     )
     return prof.validate()
 
 
 def merge_profiles(base: HardwareProfile, update: HardwareProfile) -> HardwareProfile:
     """Fold ``update``'s measurements into ``base``: its measured curves replace curves of the same
-    kind and key, its measured scalars replace base's, and both profiles' runs are kept."""
+    kind and key, its measured scalars replace base's, and both profiles' runs are kept. Base's
+    corrections are dropped (they were fitted against the figures this merge replaces: run
+    ``moeplan calibrate`` again); ``update``'s are kept."""
     def newer(a: Quantity, b: Quantity) -> Quantity:
         return b if b.prov.measured else a
     d, u = base.device, update.device
@@ -428,7 +532,8 @@ def merge_profiles(base: HardwareProfile, update: HardwareProfile) -> HardwarePr
     def link(a: Link, b: Link) -> Link:
         return Link(a.name, newer(a.bandwidth, b.bandwidth), newer(a.latency, b.latency))
     return replace(base, device=device, curves=tuple(kept) + tuple(c for c in update.curves if c.prov.measured),
-                   runs={**base.runs, **update.runs}, intra_node=link(base.intra_node, update.intra_node),
+                   runs={**base.runs, **update.runs}, corrections=update.corrections,
+                   intra_node=link(base.intra_node, update.intra_node),
                    inter_node=link(base.inter_node, update.inter_node)).validate()
 
 

@@ -12,6 +12,9 @@ What replaces what:
 - curves ``expert_ffn``, ``attention_prefill``, ``attention_decode``, ``host_copy``, ``collective``:
   one per key, y = median seconds per x with min/max of the repeats (point-to-point: median over
   all measured pairs, min/max over every pair's repeats).
+
+The base's calibration corrections are dropped: they were fitted against the figures a new run
+replaces (``moeplan calibrate`` fits them again).
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def measured_profile(base: HardwareProfile, raw: RawProfile) -> HardwareProfile:
     curves = tuple(_curves(raw, prov))
     links = {scope: _link(getattr(base, scope), raw, scope, prov) for scope in ("intra_node", "inter_node")}
     runs = {**base.runs, raw.run_id: raw.run}
-    return replace(base, device=device, curves=_replace_curves(base.curves, curves), runs=runs,
+    return replace(base, device=device, curves=_replace_curves(base.curves, curves), runs=runs, corrections=(),
                    intra_node=links["intra_node"], inter_node=links["inter_node"]).validate()
 
 

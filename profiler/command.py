@@ -91,7 +91,7 @@ def profile(
     err = Console(stderr=True)
     t0 = time.perf_counter()
     if lead:
-        total = len(profiler.steps()) + profiler.collective_count()
+        total = len(profiler.steps()) * profiler.sizes.passes + profiler.collective_count()
         err.print(f"profiling {acc.name()} ({acc.backend}, {comm.world if comm else 1} rank(s)) against "
                   f"'{chosen.name}': {total} points{' (quick)' if quick else ''}", highlight=False)
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

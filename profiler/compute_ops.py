@@ -1,21 +1,23 @@
 """The compute operations the profiler times, each as an :class:`~moeplan.profiler.timing.Op`:
-dense matmul (bf16; fp8 through ``torch._scaled_mm``), HBM copy, kernel-launch overhead, and the
-SwiGLU expert FFN, one expert at a time ("loop") or G experts in one grouped kernel ("grouped").
+dense matmul (bf16; fp8 through ``torch._scaled_mm``), HBM copy, kernel-launch overhead, the
+SwiGLU expert FFN and the routing around it.
 
-Expert FFN (one expert, n tokens, hidden h, FFN width f; weights as ``nn.Linear`` stores them):
-    loop:    g = x·W_gateᵀ, u = x·W_upᵀ, a = silu(g)·u, y = a·W_downᵀ      (3 GEMMs, silu, mul: 5 launches)
-    grouped: x is [G·n, h] already sorted by expert; h13 = grouped_mm(x, W13ᵀ) with W13 = [G, 2f, h]
-             (gate and up fused), a = silu(gate)·up, y = grouped_mm(a, W2ᵀ) with W2 = [G, h, f];
-             ``torch._grouped_mm`` where it runs, else ``torch.bmm`` on [G, n, ·] (equal n needs no padding).
+Expert FFN: the runtime's own :class:`moeplan.runtime.kernels.ExpertKernel` (one kernel module
+shared by the profiler, ``moeplan run`` and the runtime), "loop" (per expert: fused gate/up GEMM
+on W13 [2f, h], silu, mul, down GEMM, copy out: 5 launches) or "grouped" (G experts in two
+``torch._grouped_mm`` calls, or a padded ``torch.bmm``), over x [G·n, h] sorted by expert.
 FLOPs per run: 2·n·h·f for each of the three matmuls, times G.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from moeplan.profiler.device import Accelerator
 from moeplan.profiler.timing import Op
+from moeplan.runtime.kernels import ExpertKernel
 
 BF16 = torch.bfloat16
 LAUNCHES_PER_RUN = 64          # tiny kernels per timed run of the launch-overhead op
@@ -69,46 +71,24 @@ def launch_op(acc: Accelerator) -> Op:
               work={"launches": float(LAUNCHES_PER_RUN)}, impl="Tensor.add_ on one element")
 
 
-def expert_loop_op(acc: Accelerator, hidden: int, ffn: int, tokens: int) -> Op:
-    """One expert's SwiGLU FFN at ``tokens`` tokens, its own launches (the "loop" kernel)."""
+def expert_op(acc: Accelerator, hidden: int, ffn: int, tokens: int, experts: int, kernel: str) -> Op:
+    """``experts`` experts, ``tokens`` tokens each, through the runtime's own expert kernel
+    (:class:`moeplan.runtime.kernels.ExpertKernel`, ``kernel`` "loop" or "grouped"): the very
+    code ``moeplan run`` and the runtime execute, so a profile prices what runs. The token
+    grouping (:meth:`ExpertKernel.groups`) is built once per input set, outside the timed run,
+    as the runtime builds it once per batch."""
+    expert_kernel = ExpertKernel(kernel, acc.device, BF16, hidden, ffn)
     s = 1.0 / hidden ** 0.5
 
-    def make() -> tuple[torch.Tensor, ...]:
-        return (randn(acc, tokens, hidden), randn(acc, ffn, hidden, scale=s), randn(acc, ffn, hidden, scale=s),
-                randn(acc, hidden, ffn, scale=1.0 / ffn ** 0.5))
+    def make() -> tuple[Any, ...]:
+        return (randn(acc, experts * tokens, hidden), expert_kernel.groups([tokens] * experts),
+                randn(acc, experts, 2 * ffn, hidden, scale=s), randn(acc, experts, hidden, ffn, scale=1.0 / ffn ** 0.5))
 
-    def run(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x, wg, wu, wd = t
-        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-    return Op(make=make, run=run, set_bytes=2 * (tokens * hidden + 3 * hidden * ffn),
-              work=_expert_work(hidden, ffn, tokens, 1), impl="F.linear x3 + silu*mul")
-
-
-def expert_grouped_op(acc: Accelerator, hidden: int, ffn: int, tokens: int, experts: int, impl: str) -> Op:
-    """``experts`` experts, ``tokens`` tokens each, in one grouped kernel; impl "grouped_mm" or "bmm"."""
-    s = 1.0 / hidden ** 0.5
-
-    def make() -> tuple[torch.Tensor, ...]:
-        offs = torch.arange(1, experts + 1, device=acc.device, dtype=torch.int32) * tokens
-        return (randn(acc, experts * tokens, hidden), randn(acc, experts, 2 * ffn, hidden, scale=s),
-                randn(acc, experts, hidden, ffn, scale=1.0 / ffn ** 0.5), offs)
-
-    if impl == "grouped_mm":
-        def run(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            x, w13, w2, offs = t
-            h = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(F.silu(h[:, :ffn]) * h[:, ffn:], w2.transpose(-2, -1), offs=offs)
-        name = "torch._grouped_mm"
-    elif impl == "bmm":
-        def run(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            x, w13, w2, _ = t
-            h = torch.bmm(x.view(experts, tokens, hidden), w13.transpose(-2, -1))
-            return torch.bmm(F.silu(h[..., :ffn]) * h[..., ffn:], w2.transpose(-2, -1))
-        name = "torch.bmm (equal tokens per expert, no padding)"
-    else:
-        raise ValueError(f"grouped impl must be grouped_mm or bmm, got {impl}")
+    def run(t: tuple[Any, ...]) -> torch.Tensor:
+        return expert_kernel(*t)
     return Op(make=make, run=run, set_bytes=2 * experts * (tokens * hidden + 3 * hidden * ffn),
-              work=_expert_work(hidden, ffn, tokens, experts), impl=name)
+              work=_expert_work(hidden, ffn, tokens, experts), impl=f"moeplan.runtime.kernels {kernel}: "
+                                                                   f"{expert_kernel.impl}")
 
 
 def routing_op(acc: Accelerator, hidden: int, experts: int, top_k: int, tokens: int) -> Op:
@@ -134,22 +114,6 @@ def routing_op(acc: Accelerator, hidden: int, experts: int, top_k: int, tokens: 
     return Op(make=make, run=run, set_bytes=2 * (tokens * hidden + experts * hidden),
               work={"flops": 2.0 * tokens * hidden * experts, "bytes": nbytes},
               impl="router + softmax + top-k + stable sort + split sizes to host + gather + weighted index_add")
-
-
-def grouped_impl(acc: Accelerator) -> str:
-    """"grouped_mm" when ``torch._grouped_mm`` exists and agrees with bmm on a small probe here,
-    else "bmm"."""
-    if not hasattr(torch, "_grouped_mm"):
-        return "bmm"
-    probe = [expert_grouped_op(acc, 64, 32, 16, 2, impl) for impl in ("grouped_mm", "bmm")]
-    inputs = probe[0].make()
-    try:
-        got = probe[0].run(inputs).float()
-    except (RuntimeError, TypeError, ValueError):
-        return "bmm"
-    want = probe[1].run(inputs).float().reshape(got.shape)
-    err = float((got - want).norm() / want.norm().clamp_min(1e-6))
-    return "grouped_mm" if err < 2e-2 else "bmm"
 
 
 def _expert_work(hidden: int, ffn: int, tokens: int, experts: int) -> dict[str, float]:

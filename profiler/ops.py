@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeplan.profiler.attention_ops import AttentionShape, decode_op, prefill_op
-from moeplan.profiler.compute_ops import copy_op, expert_grouped_op, expert_loop_op, launch_op, matmul_op, routing_op
+from moeplan.profiler.compute_ops import copy_op, expert_op, launch_op, matmul_op, routing_op
 from moeplan.profiler.device import Accelerator
 from moeplan.profiler.host_ops import host_copy_op
 from moeplan.profiler.timing import Op
@@ -25,9 +25,7 @@ def build_op(acc: Accelerator, kind: str, params: dict[str, Any], x: float) -> O
     if kind == "launch":
         return launch_op(acc)
     if kind == "expert_ffn":
-        if params["kernel"] == "loop":
-            return expert_loop_op(acc, params["hidden"], params["ffn"], n)
-        return expert_grouped_op(acc, params["hidden"], params["ffn"], n, params["experts"], params["impl"])
+        return expert_op(acc, params["hidden"], params["ffn"], n, int(params.get("experts", 1)), params["kernel"])
     if kind == "moe_routing":
         return routing_op(acc, params["hidden"], params["experts"], params["top_k"], n)
     if kind == "attention_prefill":

@@ -1,7 +1,8 @@
 """The profiler run: what is measured, in which order, on which rank.
 
 Rank 0 measures its own device and host link (sections ``device``: matmul, copy, launch overhead;
-``experts``; ``attention``; ``host``) while the other ranks wait on a CPU barrier; then every rank
+``experts``; ``attention``; ``host``), every point once per pass (``Sizes.passes``: two, so each
+curve point's spread covers two passes apart in time), while the other ranks wait on a CPU barrier; then every rank
 measures the collectives. A point that fails on rank 0 (out of memory, a kernel this torch lacks)
 is recorded under ``skipped`` with the reason and the run goes on; collectives fail loudly, since
 one rank cannot drop out of a collective alone.
@@ -22,7 +23,6 @@ from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.profiler.attention_ops import AttentionShape
 from moeplan.profiler.collectives import GROUP_TIMEOUT, Comm, collective_points, measure_collective
-from moeplan.profiler.compute_ops import grouped_impl
 from moeplan.profiler.device import Accelerator, host_free_bytes
 from moeplan.profiler.ops import build_op
 from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures
@@ -80,7 +80,7 @@ class Profiler:
 
     # ---- the plan ---------------------------------------------------------------------------------
     def steps(self) -> list[Step]:
-        """Rank 0's points, in order (planned once)."""
+        """Rank 0's points, in order (planned once; measured ``sizes.passes`` times over)."""
         if self._steps is None:
             self._steps = self._plan()
         return self._steps
@@ -117,14 +117,13 @@ class Profiler:
 
     def _expert_steps(self) -> list[Step]:
         out = []
-        impl = grouped_impl(self.acc)
         for (h, f), names in self._expert_shapes().items():
             base = {"hidden": h, "ffn": f, "dtype": "bf16"}
             kernels: list[dict[str, Any]] = [{"kernel": "loop"}]
             kernels += [{"kernel": "grouped", "experts": g} for g in self.sizes.grouped_experts]
             for k in kernels:
                 key = {**base, **k}
-                params = {**key, "models": names, **({"impl": impl} if k["kernel"] == "grouped" else {})}
+                params = {**key, "models": names}
                 label = f"expert {h}×{f} {k['kernel']}" + (f" G={k['experts']}" if "experts" in k else "")
                 out += [Step("experts", f"{label} @ {n} tok", "expert_ffn", params, n, key)
                         for n in self.sizes.expert_tokens]
@@ -185,11 +184,12 @@ class Profiler:
         started = datetime.datetime.now(datetime.timezone.utc)
         measurements: list[Measurement] = []
         if self.rank == 0:
-            for step in self.steps():
-                point = self._measure_step(step)
-                if point is not None:
-                    measurements.append(point)
-                advance(step.section, step.label)
+            for _ in range(self.sizes.passes):
+                for step in self.steps():
+                    point = self._measure_step(step)
+                    if point is not None:
+                        measurements.append(point)
+                    advance(step.section, step.label)
         if self._gloo is not None:
             dist.barrier(group=self._gloo)
         if "collectives" in self.request.sections:
@@ -220,7 +220,9 @@ class Profiler:
             timing = measure(self.acc, op, self.sizes.effort)
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:   # out of memory, an op this build lacks
             self.acc.empty_cache()
-            self.skipped.append({"what": step.label, "why": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+            skip = {"what": step.label, "why": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            if skip not in self.skipped:                                     # once, not once per pass
+                self.skipped.append(skip)
             return None
         if op.set_bytes > 2**28:
             self.acc.empty_cache()

@@ -34,7 +34,9 @@ class Sizes:
     expert_tokens: tokens per expert of the expert-FFN curves; grouped_experts: the two expert counts
     of the grouped kernel; prefill_seqs / decode_contexts: attention lengths (batch prefill_batch /
     decode_batch); host_bytes: host-copy sizes (each preset's expert size is added); collective_bytes:
-    bytes per rank; effort: time budget per point."""
+    bytes per rank; effort: time budget per point; passes: how many times the whole device plan is
+    measured, one pass after the other (each point's curve keeps the median over passes and the
+    min/max over every pass's repeats, so its spread covers both)."""
 
     matmul_n: int
     copy_bytes: int
@@ -47,6 +49,7 @@ class Sizes:
     host_bytes: tuple[int, ...]
     collective_bytes: tuple[int, ...]
     effort: Effort
+    passes: int
 
     @classmethod
     def choose(cls, accelerator: bool, quick: bool, host_free_bytes: int, ranks_on_host: int) -> Sizes:
@@ -55,22 +58,22 @@ class Sizes:
                        prefill_seqs=doublings(512, 16384), prefill_batch=1, decode_contexts=doublings(512, 32768),
                        decode_batch=16, host_bytes=doublings(64 * KIB, 256 * MIB, 4),
                        collective_bytes=doublings(64 * KIB, 512 * MIB),
-                       effort=Effort(warmup=3, min_reps=5, max_reps=200, target_s=0.25, max_sets=32))
+                       effort=Effort(warmup=3, min_reps=5, max_reps=200, target_s=0.25, max_sets=32), passes=2)
         if accelerator:
             return cls(matmul_n=4096, copy_bytes=256 * MIB, expert_tokens=(1, 16, 128, 1024, 4096),
                        grouped_experts=(1, 8), prefill_seqs=(1024, 4096), prefill_batch=1,
                        decode_contexts=(1024, 8192), decode_batch=16, host_bytes=(MIB, 64 * MIB),
                        collective_bytes=(64 * KIB, MIB, 16 * MIB, 64 * MIB),
-                       effort=Effort(warmup=2, min_reps=3, max_reps=20, target_s=0.02, max_sets=8))
+                       effort=Effort(warmup=2, min_reps=3, max_reps=20, target_s=0.02, max_sets=8), passes=2)
         cap = max(64 * KIB, host_free_bytes // (16 * max(ranks_on_host, 1)))
         if not quick:
             plan = cls(matmul_n=1024, copy_bytes=64 * MIB, expert_tokens=doublings(1, 256, 4), grouped_experts=(1, 4),
                        prefill_seqs=(128, 256, 512), prefill_batch=1, decode_contexts=(256, 1024, 4096),
                        decode_batch=4, host_bytes=(), collective_bytes=doublings(64 * KIB, 64 * MIB, 4),
-                       effort=Effort(warmup=2, min_reps=3, max_reps=20, target_s=0.05, max_sets=8))
+                       effort=Effort(warmup=2, min_reps=3, max_reps=20, target_s=0.05, max_sets=8), passes=2)
         else:
             plan = cls(matmul_n=256, copy_bytes=4 * MIB, expert_tokens=(1, 8, 64), grouped_experts=(1, 4),
                        prefill_seqs=(64, 128), prefill_batch=1, decode_contexts=(64, 256), decode_batch=2,
                        host_bytes=(), collective_bytes=(64 * KIB, 256 * KIB, MIB),
-                       effort=Effort(warmup=1, min_reps=3, max_reps=5, target_s=0.002, max_sets=2))
+                       effort=Effort(warmup=1, min_reps=3, max_reps=5, target_s=0.002, max_sets=2), passes=2)
         return replace(plan, collective_bytes=tuple(b for b in plan.collective_bytes if b <= cap) or (64 * KIB,))

@@ -27,7 +27,7 @@ from moeplan.profiler.assemble import measured_profile  # noqa: E402
 from moeplan.profiler.attention_ops import AttentionShape, decode_op, prefill_op  # noqa: E402
 from moeplan.profiler.collectives import Topology, bus_factor, skewed_splits  # noqa: E402
 from moeplan.profiler.command import base_for  # noqa: E402
-from moeplan.profiler.compute_ops import expert_grouped_op, expert_loop_op, grouped_impl, matmul_op  # noqa: E402
+from moeplan.profiler.compute_ops import expert_op, matmul_op  # noqa: E402
 from moeplan.profiler.device import Accelerator  # noqa: E402
 from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures  # noqa: E402
 from moeplan.profiler.timing import Effort, Op, measure, rotation_sets  # noqa: E402
@@ -111,6 +111,20 @@ def test_cpu_run_curves_feed_the_cost_model(cpu_run: Path) -> None:
     ops = {c.key["op"] for c in prof.curves_of("collective")}
     assert ops == set(OPS)
     assert all(c.key["scope"] == "intra_node" and c.key["ranks"] == 2 for c in prof.curves_of("collective"))
+
+
+def test_cpu_run_measures_every_point_in_two_passes_and_the_curve_spans_both(cpu_run: Path) -> None:
+    raw = RawProfile.load(cpu_run / "p.json")
+    experts = raw.of_kind("expert_ffn")
+    by_point: dict[tuple, list] = {}
+    for m in experts:
+        by_point.setdefault((tuple(sorted(m.key.items())), m.x), []).append(m)
+    assert by_point and all(len(ms) == 2 for ms in by_point.values())      # one measurement per pass
+    profile = HardwareProfile.load(cpu_run / "p.yaml")
+    for (key, x), ms in by_point.items():
+        curve = profile.find_curve("expert_ffn", **dict(key))
+        i = curve.x.index(x)
+        assert curve.y_min[i] == min(m.min for m in ms) and curve.y_max[i] == max(m.max for m in ms)
 
 
 def test_cpu_run_raw_json_follows_nccl_tests_conventions(cpu_run: Path) -> None:
@@ -326,18 +340,16 @@ def test_ops_make_fresh_random_data_and_match_a_reference() -> None:
     acc = Accelerator("cpu")
     a, _ = matmul_op(acc, 32, "bf16").make()
     assert bool((a != 0).all()) and not torch.equal(a, matmul_op(acc, 32, "bf16").make()[0])
-    loop = expert_loop_op(acc, 64, 32, 8)
-    x, wg, wu, wd = loop.make()
-    want = (torch.nn.functional.silu(x.float() @ wg.float().T) * (x.float() @ wu.float().T)) @ wd.float().T
-    assert torch.allclose(loop.run((x, wg, wu, wd)).float(), want, rtol=0.1, atol=0.05)
-    impl = grouped_impl(acc)
-    grouped = expert_grouped_op(acc, 64, 32, 8, 3, impl)
-    x, w13, w2, offs = grouped.make()
-    got = grouped.run((x, w13, w2, offs)).float().reshape(3, 8, 64)
-    for e in range(3):
-        h = x[e * 8:(e + 1) * 8].float() @ w13[e].float().T
-        ref = (torch.nn.functional.silu(h[:, :32]) * h[:, 32:]) @ w2[e].float().T
-        assert torch.allclose(got[e], ref, rtol=0.1, atol=0.05)
+    for kernel, experts in (("loop", 1), ("loop", 3), ("grouped", 3)):
+        op = expert_op(acc, 64, 32, 8, experts, kernel)
+        assert "moeplan.runtime.kernels" in op.impl       # the runtime's own kernel is what is timed
+        x, groups, w13, w2 = op.make()
+        assert groups.counts == [8] * experts
+        got = op.run((x, groups, w13, w2)).float()
+        for e in range(experts):
+            h = x[e * 8:(e + 1) * 8].float() @ w13[e].float().T
+            ref = (torch.nn.functional.silu(h[:, :32]) * h[:, 32:]) @ w2[e].float().T
+            assert torch.allclose(got[e * 8:(e + 1) * 8], ref, rtol=0.1, atol=0.05)
     shape = AttentionShape.of(ModelSpec.from_hf_dict(TINY_MLA, "tiny-mla"))
     assert (shape.decode_kv_heads, shape.decode_qk_dim, shape.decode_v_dim) == (1, 40, 32)
     _, k, v = decode_op(acc, shape, 16, 2).make()

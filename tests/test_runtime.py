@@ -289,6 +289,20 @@ def test_run_cli_writes_measurements_beside_predictions(tiny_files, tmp_path: Pa
     assert cell["measured"]["median_s"] > 0 and cell["predicted_s"] > 0
     assert len(data["straggler"]["measured_ratio"]) == 3
 
+    # the closed loop: the replay report calibrates the profile it was predicted with
+    from moeplan.calibration import load_run, relative_errors
+    calibrated = tmp_path / "calibrated.yaml"
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "replay.json"), "--profile", "h100-sxm",
+                                   "-o", str(calibrated)])
+    assert res.exit_code == 0, res.output
+    cal = HardwareProfile.load(calibrated)
+    model = tiny_model()
+    assert cal.find_correction("expert_compute", hidden=model.hidden_size, ffn=model.expert_ffn, kernel="grouped")
+    cells = load_run(tmp_path / "replay.json").compute
+    assert len(cells) == 6
+    before = np.median(np.abs(relative_errors(cells, HardwareProfile.resolve("h100-sxm"))))
+    assert np.median(np.abs(relative_errors(cells, cal))) < before      # fitted data: closer after
+
     out = tmp_path / "stack.json"
     res = CliRunner().invoke(app, ["run", "--plan", str(plan), "--trace", str(trace), "--kernel", "loop",
                                    "--device", "cpu", "--layers", "0,2", "--tokens-per-device", "16",
@@ -296,6 +310,8 @@ def test_run_cli_writes_measurements_beside_predictions(tiny_files, tmp_path: Pa
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["mode"] == "stack" and [p["layer"] for p in data["per_layer"]] == [0, 2]
+    res = CliRunner().invoke(app, ["calibrate", str(out), "--profile", "h100-sxm", "-o", str(tmp_path / "x.yaml")])
+    assert res.exit_code == 2 and "mode" in res.output                  # per-layer stack reports are not fitted
 
 
 def test_run_cli_bad_input_exits_2(tiny_files, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from moeplan.cli import collect_cmd, info, simulate_cmd, trace_cmd  # noqa: F401
 from moeplan.cli import export_cmd  # noqa: F401  (registration)
 from moeplan.cli import run_cmd  # noqa: F401  (registration)
 from moeplan.cli import profile_cmd  # noqa: F401  (registration)
+from moeplan.cli import calibrate_cmd  # noqa: F401  (registration)
 from moeplan.cli import plan_folding  # noqa: F401  (registration)
 from moeplan.cli import plan_cache  # noqa: F401  (registration)
 from moeplan.cli import autoscale_cmd, plan_scale  # noqa: F401  (registration)

@@ -91,7 +91,8 @@ def run(
         ids, index = trace_window(trace, tokens_per_device * placement.num_devices, str(trace_path))
         slot_tokens = replay_slot_tokens(placement, ids, index)
         replayed = replay_devices(m, placement, slot_tokens, chosen, kernel, dev, dtype, warmup, repeats, seed)
-        report.update(_replay_report(replayed, cost.device_compute(slot_tokens[chosen])))
+        report.update(_replay_report(replayed, cost.device_compute(slot_tokens[chosen])),
+                      model_spec=m.to_dict(), slot_tokens=slot_tokens[chosen].tolist())
         _print_replay(report)
     else:
         timed = time_local_stack(m, trace, tokens_per_device, chosen, kernel, dev, dtype, warmup, repeats, seed)
