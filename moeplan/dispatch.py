@@ -35,7 +35,7 @@ from moeplan.errors import InputError
 
 if TYPE_CHECKING:
     from moeplan.model import ModelSpec
-    from moeplan.plan import Placement
+    from moeplan.plan import Placement, Plan
 
 RUNTIME_DISPATCH = {"sglang": "sglang-static", "eplb": "even", "vllm": "even"}
 """The dispatch model each export format's runtime applies."""
@@ -133,3 +133,22 @@ def shares_match(placement: "Placement", dispatch: str, model: "ModelSpec", atol
     """True when ``dispatch`` realises ``placement``'s own shares."""
     realised = realised_share(placement.slot_expert, dispatch, model, placement.replica_share)
     return bool(np.allclose(realised, placement.replica_share, atol=atol))
+
+
+def check_export(plan: "Plan", fmt: str) -> None:
+    """Refuse (InputError, exit 2) to export a ``weighted`` plan to format ``fmt`` when that
+    runtime's dispatch realises other shares than the plan's, naming the balancedness it would
+    realise (``predicted.realised_balancedness``, recorded at planning time)."""
+    placement, target = plan.placement, RUNTIME_DISPATCH.get(fmt)
+    if placement is None or target is None or placement.dispatch != "weighted":
+        return
+    if shares_match(placement, target, plan.model):
+        return
+    realised = plan.predicted.get("realised_balancedness", {})
+    said = plan.predicted.get("balancedness")
+    figure = (f"{fmt} would balance it at {realised[target]:.4f}" if target in realised else
+              f"{fmt}'s balance was not recorded in the plan")
+    claim = f" (the plan reports {said:.4f} under its own shares)" if isinstance(said, (int, float)) else ""
+    raise InputError(f"the plan's replica shares assume weighted dispatch, which {fmt} cannot honour: {figure} "
+                     f"under {target} dispatch{claim}", field="placement.dispatch",
+                     fix=f"re-solve with --dispatch {target} (moeplan plan placement / moeplan plan)")

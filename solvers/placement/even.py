@@ -24,6 +24,21 @@ Per layer:
    ``balance_cap`` (or where it already was).
 
 Further sweeps repeat 3 with both neighbours fixed.
+
+:func:`solve_even_ilp` then re-solves each layer as a MILP with the replica counts fixed (one
+binary per candidate (expert, device) pair: its devices in the heuristic's placement plus its
+``candidates`` cheapest; OR-Tools CP-SAT or PuLP + HiGHS, the heuristic as the hint):
+
+    minimise    COST_SCALE · Σ_w M_w + W · Σ cost[e, d] · x[e, d]    ("mean": W workloads)
+                COST_SCALE · M + Σ cost[e, d] · x[e, d]              ("worst")
+    subject to  Σ_d x[e, d] = replicas[e],  Σ_e x[e, d] = slots,
+                Σ_e units_w[e] · x[e, d] ≤ M_w           (every workload w, device d)
+
+(loads per replica in units of 1/1000 of the mean device load; "worst" has one M for all
+workloads). A layer's solution is kept only when it lowers
+the layer's exact objective. The proved bound of the whole problem is
+:func:`.problem.lower_bound` (equal split is a special case of the weighted split it bounds);
+each layer's MILP gap is reported.
 """
 from __future__ import annotations
 
@@ -33,12 +48,15 @@ import numpy as np
 
 from moeplan.plan import Placement
 
+from . import milp
 from .layer import neighbour_affinity, unit_costs
 from .options import SolverOptions
-from .problem import PlacementProblem
+from .problem import PlacementProblem, lower_bound
 from .result import SolveResult, finish
 
 MAX_SWAPS = 400
+UNITS_PER_DEVICE = 1000
+COST_SCALE = 1000
 
 
 def allowed_counts(devices: int, dispatch: str) -> np.ndarray:
@@ -164,16 +182,12 @@ def workload_loads(problem: PlacementProblem) -> np.ndarray:
                          where=totals > 0)
 
 
-def solve_even(problem: PlacementProblem, options: SolverOptions) -> SolveResult:
-    """The heuristic of the module docstring, under the problem's dispatch (``even`` unless
-    the problem says ``sglang-static``)."""
-    t0 = time.perf_counter()
+def _heuristic(problem: PlacementProblem, options: SolverOptions, dispatch: str) -> tuple[np.ndarray, int]:
+    """Steps 1-3 over all layers: ([layers, devices, slots] experts, swaps made)."""
     p = problem
     nl, e, d, s = p.num_layers, p.num_experts, p.num_devices, p.slots_per_device
-    dispatch = p.dispatch if p.dispatch != "weighted" else "even"
     loads = workload_loads(p)
     allowed = allowed_counts(d, dispatch)
-    compute = p.weights.compute
     traffic = bool(p.flows.any())
     slot_expert = np.zeros((nl, d, s), dtype=np.int32)
     shares: list[np.ndarray | None] = [None] * nl
@@ -182,28 +196,143 @@ def solve_even(problem: PlacementProblem, options: SolverOptions) -> SolveResult
         for layer in range(nl):
             counts = robust_counts(loads[:, layer], d * s, allowed)
             pk = LayerPacking(loads[:, layer], counts, d, s)
-            if traffic:
-                a_in, a_out = neighbour_affinity(p, layer, shares)
-                cost_ed = unit_costs(p, layer, a_in, a_out) * p.load[layer][:, None]
-                item_cost = cost_ed[pk.expert] / counts[pk.expert][:, None]
-            else:
-                item_cost = np.zeros((pk.expert.shape[0], d))
+            item_cost = _item_cost(p, layer, shares, pk.expert, counts)
             if sweep == 0:
                 pk.pack(item_cost, options.slack)
             else:
                 _load_layer(pk, slot_expert[layer])
-            swaps += pk.improve(item_cost, compute, options.robust, options.balance_cap)
+            swaps += pk.improve(item_cost, p.weights.compute, options.robust, options.balance_cap)
             slot_expert[layer] = pk.slot_expert()
             shares[layer] = _device_share(slot_expert[layer], e)
+    return slot_expert, swaps
+
+
+def _item_cost(problem: PlacementProblem, layer: int, shares: list[np.ndarray | None], item_expert: np.ndarray,
+               counts: np.ndarray) -> np.ndarray:
+    """[items, devices] traffic seconds of each replica on each device, neighbours fixed (zeros
+    without a trace)."""
+    if not problem.flows.any():
+        return np.zeros((item_expert.shape[0], problem.num_devices))
+    a_in, a_out = neighbour_affinity(problem, layer, shares)
+    cost_ed = unit_costs(problem, layer, a_in, a_out) * problem.load[layer][:, None]
+    return cost_ed[item_expert] / counts[item_expert][:, None]
+
+
+def _dispatch_of(problem: PlacementProblem) -> str:
+    return problem.dispatch if problem.dispatch != "weighted" else "even"
+
+
+def _notes(problem: PlacementProblem, options: SolverOptions, dispatch: str) -> list[str]:
+    workloads = 1 if problem.workloads is None else problem.workloads.shape[0]
+    return [f"{dispatch} dispatch: replicas share their expert's tokens equally"
+            + (" (replica counts divide the device count, where SGLang's static rule is exactly even)"
+               if dispatch == "sglang-static" else ""),
+            f"robust over {workloads} workloads: {options.robust} of the max device load per layer" if workloads > 1
+            else "one workload"]
+
+
+def solve_even(problem: PlacementProblem, options: SolverOptions) -> SolveResult:
+    """The heuristic of the module docstring, under the problem's dispatch (``even`` unless
+    the problem says ``sglang-static``)."""
+    t0 = time.perf_counter()
+    dispatch = _dispatch_of(problem)
+    slot_expert, swaps = _heuristic(problem, options, dispatch)
+    placement = Placement.from_slots(slot_expert, problem.num_experts, problem.devices_per_node, dispatch=dispatch)
+    return finish(problem, placement, "even", t0, _notes(problem, options, dispatch),
+                  {"swaps": swaps, "dispatch": dispatch, "robust": options.robust})
+
+
+def solve_even_ilp(problem: PlacementProblem, options: SolverOptions) -> SolveResult:
+    """The heuristic, then each layer's MILP with the replica counts fixed (module docstring)."""
+    t0 = time.perf_counter()
+    deadline = t0 + options.time_limit
+    p = problem
+    nl, e, d, s = p.num_layers, p.num_experts, p.num_devices, p.slots_per_device
+    dispatch = _dispatch_of(p)
+    slot_expert, swaps = _heuristic(p, options, dispatch)
+    warm = Placement.from_slots(slot_expert, e, p.devices_per_node, dispatch=dispatch)
+    loads = workload_loads(p)
+    allowed = allowed_counts(d, dispatch)
+    shares: list[np.ndarray | None] = [_device_share(slot_expert[layer], e) for layer in range(nl)]
+    records: list[dict[str, float]] = []
+    for layer in range(nl):
+        budget = (deadline - time.perf_counter()) / (nl - layer)
+        if budget < 0.05:
+            break
+        counts = robust_counts(loads[:, layer], d * s, allowed)
+        experts = np.arange(e)
+        item_cost = _item_cost(p, layer, shares, experts, counts)
+        record = _layer_milp(p, options, loads[:, layer], counts, item_cost, slot_expert[layer], budget)
+        records.append(record)
+        if "slots" in record:
+            slot_expert[layer] = record.pop("slots")
+            shares[layer] = _device_share(slot_expert[layer], e)
     placement = Placement.from_slots(slot_expert, e, p.devices_per_node, dispatch=dispatch)
-    workloads = 1 if p.workloads is None else p.workloads.shape[0]
-    notes = [f"{dispatch} dispatch: replicas share their expert's tokens equally"
-             + (" (replica counts divide the device count, where SGLang's static rule is exactly even)"
-                if dispatch == "sglang-static" else ""),
-             f"robust over {workloads} workload(s): {options.robust} of Σ max device load" if workloads > 1 else
-             "one workload"]
-    return finish(p, placement, "even", t0, notes, {"swaps": swaps, "dispatch": dispatch, "workloads": workloads,
-                                                     "robust": options.robust})
+    gaps = [r["gap"] for r in records if "gap" in r]
+    backend = "OR-Tools CP-SAT" if options.milp == "cpsat" else "PuLP + HiGHS"
+    notes = _notes(p, options, dispatch) + [
+        f"{backend}: each layer re-solved with its replica counts fixed, warm start the equal-split heuristic",
+        "the bound is the whole problem's proved bound"]
+    if len(records) < nl:
+        notes.append(f"time limit reached after {len(records)} of {nl} layer solves")
+    from .problem import objective
+    extra = {"warm_start": "even", "warm_objective": objective(p, warm).total, "swaps": swaps, "dispatch": dispatch,
+             "robust": options.robust, "layer_solves": len(records),
+             "layers_improved": sum(1 for r in records if r.get("accepted")),
+             "subproblem_gap_max": max(gaps) if gaps else 0.0,
+             "subproblem_gap_mean": float(np.mean(gaps)) if gaps else 0.0, "milp": options.milp}
+    return finish(p, placement, "ilp", t0, notes, extra, lower_bound(p))
+
+
+def _layer_milp(problem: PlacementProblem, options: SolverOptions, loads: np.ndarray, counts: np.ndarray,
+                cost_ed: np.ndarray, current: np.ndarray, time_limit: float) -> dict:
+    """One layer's MILP (module docstring); the record gets ``slots`` when the layer improved."""
+    p = problem
+    e, d, s = p.num_experts, p.num_devices, p.slots_per_device
+    w = loads.shape[0]
+    held = np.zeros((e, d), dtype=bool)
+    held[current.ravel(), np.repeat(np.arange(d), s)] = True
+    if e * d <= options.full_pairs:
+        mask = np.ones((e, d), dtype=bool)
+    else:
+        jitter = ((np.arange(d)[None, :] + 7 * np.arange(e)[:, None]) % d) * 1e-12 * (1 + np.abs(cost_ed).max())
+        cheapest = np.argsort(cost_ed + jitter, axis=1)[:, :options.candidates]
+        mask = held.copy()
+        mask[np.arange(e)[:, None], cheapest] = True
+    pe, pd = np.nonzero(mask)
+    unit = loads.sum(axis=1).mean() / (d * UNITS_PER_DEVICE)
+    per_replica = np.round(loads / counts / max(unit, 1e-300))                  # [w, e]
+    compute = p.weights.compute
+    scale = COST_SCALE / max(compute * unit, 1e-300)
+    pair_cost = np.round(cost_ed[pe, pd] * scale * (w if options.robust == "mean" else 1))
+    m = milp.LinearModel()
+    ix = m.add_vars(pe.shape[0], 0, 1, True, cost=pair_cost)
+    n_max = w if options.robust == "mean" else 1
+    im = m.add_vars(n_max, 0, float(per_replica.sum(axis=1).max()), True, cost=COST_SCALE)
+    m.add_rows(pe, ix, 1.0, e, counts.astype(np.float64), counts.astype(np.float64))
+    m.add_rows(pd, ix, 1.0, d, float(s), float(s))
+    for k in range(w):
+        m.add_rows(np.concatenate([pd, np.arange(d)]), np.concatenate([ix, np.full(d, im[k % n_max])]),
+                   np.concatenate([per_replica[k, pe], -np.ones(d)]), d, -np.inf, 0.0)
+    hint = np.zeros(m.num_vars)
+    hint[ix] = held[pe, pd]
+    hint_loads = np.zeros((w, d))
+    np.add.at(hint_loads.T, np.repeat(np.arange(d), s), per_replica[:, current.ravel()].T)
+    hint[im] = hint_loads.max(axis=1) if n_max == w else hint_loads.max()
+    sol = milp.solve(m, options.milp, time_limit, options.gap, hint, options.workers)
+    record: dict = {"status": sol.status, "seconds": sol.seconds, "pairs": int(pe.shape[0])}
+    if sol.values is None:
+        return record
+    record["gap"] = (sol.objective - sol.bound) / sol.objective if sol.objective > 0 else 0.0
+    chosen = sol.values[ix] > 0.5
+    if np.bincount(pd[chosen], minlength=d).tolist() != [s] * d:
+        return record
+    new = np.array([np.sort(pe[chosen & (pd == dev)]) for dev in range(d)], dtype=np.int32)
+    old_value = float(hint @ np.asarray(np.concatenate(m.cost)))
+    if float(sol.values @ np.asarray(np.concatenate(m.cost))) < old_value * (1 - 1e-9):
+        record["slots"] = new
+        record["accepted"] = True
+    return record
 
 
 def _load_layer(pk: LayerPacking, slots: np.ndarray) -> None:
