@@ -166,8 +166,8 @@ def export_sglang(plan: Plan, out: Path, model_path: str | None = None,
     ``out`` is a ``.json``/``.pt`` file, or a folder that gets ``expert_location.json``.
     """
     placement = require_placement(plan, "sglang")
-    check_export(plan, "sglang")
     phy2log = location_map(plan)
+    check_export(plan, "sglang")
     target = output_file(out, "expert_location.json", (".json", ".pt"))
     args = launch_args(plan, str(target.resolve()), model_path or hf_model_path(plan.model), rebalance_every)
     if target.suffix == ".pt":
