@@ -21,7 +21,8 @@ Per layer:
    of one expert on distinct devices.
 3. **Swaps** of two replicas between devices: first those that lower the balance term, then
    those that lower the whole layer objective while every workload's max/mean stays within
-   ``balance_cap`` (or where it already was).
+   ``balance_cap`` (or where it already was), trying the replicas with the most traffic to save;
+   at most ``MAX_SWAPS`` per layer.
 
 Further sweeps repeat 3 with both neighbours fixed.
 
@@ -55,6 +56,7 @@ from .problem import PlacementProblem, lower_bound
 from .result import SolveResult, finish
 
 MAX_SWAPS = 400
+TRAFFIC_SOURCES = 32   # replicas tried per traffic swap (those with the most traffic to save)
 UNITS_PER_DEVICE = 1000
 COST_SCALE = 1000
 
@@ -129,7 +131,11 @@ class LayerPacking:
         mean = self.dev_load.mean(axis=1)                                          # [w]
         peak = self.dev_load.max(axis=1)
         hot = np.unique(self.dev_load.argmax(axis=1))
-        src = np.flatnonzero(np.isin(dev, hot)) if balance_only else np.arange(n)
+        if balance_only:
+            src = np.flatnonzero(np.isin(dev, hot))
+        else:   # the replicas that could save the most traffic by moving
+            potential = item_cost[np.arange(n), dev] - item_cost.min(axis=1)
+            src = np.argsort(-potential, kind="stable")[:TRAFFIC_SOURCES]
         a, b = np.meshgrid(src, np.arange(n), indexing="ij")
         a, b = a.ravel(), b.ravel()
         da, db = dev[a], dev[b]
