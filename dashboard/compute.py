@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -202,10 +204,12 @@ def memory(key: ProblemKey, slots: int, kv_tokens_per_device: float) -> MemoryRe
 @st.cache_resource(show_spinner="Predicting the MoE step (standard EP and ExFlow)…", max_entries=16)
 def plan(key: SolveKey) -> Plan:
     """The Plan of these inputs through the CLI's pipeline (:func:`placement_plan`), judged on the
-    whole trace the dashboard fits (the page says so)."""
+    whole trace the dashboard fits (the page says so). The plan the export page offers is served
+    under SGLang's static dispatch: its shares and balance figures are what SGLang realises."""
     s, p = key.problem.setup, key.problem
     result = solution(key)
-    return placement_plan(problem(p), cost_model(s), result.placement, result.report(), trace(s.model, s.traffic),
+    served = dataclasses.replace(problem(p), dispatch="sglang-static")
+    return placement_plan(served, cost_model(s), result.placement, result.report(), trace(s.model, s.traffic),
                           p.tokens_per_device, judged_on="the fitted tokens (the dashboard holds nothing out)",
                           stats=trace_stats(s.model, s.traffic))
 

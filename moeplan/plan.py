@@ -254,6 +254,11 @@ class Plan:
                 raise InputError(f"placement spans {p.num_devices} devices ({p.devices_per_node} per node), the "
                                  f"cluster {self.num_devices} ({self.devices_per_node} per node)", source=source,
                                  field="placement.devices")
+            from moeplan.dispatch import shares_match
+            if p.dispatch != "weighted" and not shares_match(p, p.dispatch, self.model):
+                raise InputError(f"replica shares differ from what {p.dispatch} dispatch realises for these slots",
+                                 source=source, field="placement.replica_share",
+                                 fix="let moeplan set the shares (moeplan.dispatch.realise), or use dispatch weighted")
         if self.parallel is not None and self.parallel.world != self.num_devices:
             raise InputError(f"tp×cp×dp×pp = {self.parallel.world}, the cluster has {self.num_devices} devices",
                              source=source, field="parallel.attention")

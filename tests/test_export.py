@@ -60,7 +60,7 @@ def toy_model(dense: int, moe: int, experts: int, n_group: int = 1) -> ModelSpec
 
 def make_plan(model: ModelSpec, slots: np.ndarray, parallel: dict | None = None) -> Plan:
     cluster = h100().with_cluster(devices=slots.shape[1])
-    placement = Placement.from_slots(slots, model.num_experts, cluster.devices_per_node)
+    placement = Placement.from_slots(slots, model.num_experts, cluster.devices_per_node, dispatch="even")
     layout = ParallelLayout.from_dict(parallel, "plan") if parallel is not None else None
     return Plan(model=model, hardware=cluster.ref(), devices_per_node=cluster.devices_per_node, nodes=cluster.nodes,
                 placement=placement, parallel=layout).validate()

@@ -205,7 +205,8 @@ def test_cli_plan_placement_writes_a_plan_and_rejects_bad_slots(tmp_path: Path) 
                          ).exit_code == 0
     out = tmp_path / "plan.json"
     base = ["plan", "placement", "--model", spec_name, "--trace", str(trace_path), "--gpus", "8", "-o", str(out)]
-    res = runner.invoke(app, base + ["--solver", "ilp", "--time-limit", "4", "--slots", "16", "--judge-fraction", "0"])
+    res = runner.invoke(app, base + ["--solver", "ilp", "--time-limit", "4", "--slots", "16", "--judge-fraction", "0",
+                                     "--dispatch", "weighted"])
     assert res.exit_code == 0, res.output
     plan = Plan.load(out)
     assert plan.placement.slots_per_device == 2 and plan.solver["name"] == "ilp"

@@ -2,6 +2,7 @@
 export — and ``moeplan compare``: any plans (including imported ones) on the same traffic."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,12 @@ import typer
 from moeplan.cli.apps import app, plan_app
 from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export
 from moeplan.cost import CostModel
+from moeplan.dispatch import RUNTIME_DISPATCH, realise
 from moeplan.errors import InputError
 from moeplan.export.registry import EXPORTERS, export_plan
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
-from moeplan.plan import Plan
+from moeplan.plan import DISPATCH_MODELS, Plan
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
 from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, placement_plan, placement_quality,
                                                 split_for_judging)
@@ -59,6 +61,9 @@ def plan_end_to_end(
                                          "memory, as DeepSeek deploys V3: 288 on 32 GPUs)."),
     time_limit: float = typer.Option(30.0, help="ILP time limit, seconds."),
     export: str = typer.Option("sglang", help=f"Runtime format to export: {', '.join(EXPORTERS)} or none."),
+    dispatch: str = typer.Option(None, help=f"Dispatch model to solve under: {' | '.join(DISPATCH_MODELS)} "
+                                            "(default: the export's runtime: sglang-static for sglang, even for "
+                                            "eplb/vllm, weighted for none/megatron)."),
     out_dir: Path = typer.Option(Path("moeplan-out"), "--out", help="Folder for the trace, plan and exports."),
 ) -> None:
     """Plan expert placement end to end: trace → stats → placement → validate → export, with EPLB
@@ -68,6 +73,10 @@ def plan_end_to_end(
     if export != "none" and export not in EXPORTERS:
         raise InputError(f"unknown export format '{export}'", field="export",
                          fix=f"use {', '.join(EXPORTERS)} or none")
+    dispatch = dispatch or RUNTIME_DISPATCH.get(export, "weighted")
+    if dispatch not in DISPATCH_MODELS:
+        raise InputError(f"unknown dispatch model '{dispatch}'", field="dispatch",
+                         fix=f"use one of: {', '.join(DISPATCH_MODELS)}")
     spec = ModelSpec.resolve(model)
     hw = HardwareProfile.resolve(hardware).with_cluster(devices=gpus, nodes=nodes)
     cost = CostModel(spec, hw)
@@ -87,7 +96,8 @@ def plan_end_to_end(
                   f"{fit.num_tokens:,}, judged on {held.num_tokens:,} held-out tokens", highlight=False)
     per_device = default_slots(cost, slots, DEFAULT_TOKENS_PER_DEVICE)
     with console.status("3/5 building the placement problem"):
-        problem = PlacementProblem.build(cost, stats, per_device, DEFAULT_TOKENS_PER_DEVICE)
+        problem = replace(PlacementProblem.build(cost, stats, per_device, DEFAULT_TOKENS_PER_DEVICE),
+                          dispatch=dispatch)
     options = SolverOptions(time_limit=time_limit).validate()
     results = {}
     for name in dict.fromkeys(["eplb", solver]):
@@ -99,12 +109,12 @@ def plan_end_to_end(
         cost.memory(per_device, hw.num_devices, batch_tokens_per_device=DEFAULT_TOKENS_PER_DEVICE).check(
             f"{spec.name} with {per_device} expert slots per GPU")
         plan = placement_plan(problem, cost, chosen.placement, chosen.report(), held, tpd)
-        rows = [{"name": name, **placement_quality(cost, r.placement, held, tpd)}
+        rows = [{"name": name, **placement_quality(cost, realise(r.placement, dispatch, spec), held, tpd)}
                 for name, r in results.items() if name != solver] + [{"name": solver, **plan.predicted}]
     plan_path = out_dir / "plan.json"
     plan.save(plan_path)
     print_quality(f"{spec.name} on {hw.num_devices}× {hw.device.name}, {per_device * hw.num_devices} slots "
-                  f"({held.num_tokens:,} held-out tokens, {tpd} tokens/GPU per step)", rows)
+                  f"({held.num_tokens:,} held-out tokens, {tpd} tokens/GPU per step, {dispatch} dispatch)", rows)
     console.print(f"solver {solver}: objective {chosen.objective * 1e3:.2f} ms/step, proved bound "
                   f"{chosen.bound * 1e3:.2f}, gap {100 * chosen.gap:.1f}%, {chosen.seconds:.1f} s", highlight=False)
     console.print(f"[dim]{hw.provenance_note()}[/]")

@@ -1,13 +1,17 @@
-"""``moeplan plan placement``: place experts (with replicas and token shares) for a routing trace."""
+"""``moeplan plan placement``: place experts (with replicas and token shares) for a routing trace
+or recorded loads, under the dispatch model of the runtime that will serve the plan."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import typer
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
 from moeplan.solvers.placement.incremental import replace_incremental
-from moeplan.solvers.placement.pipeline import JUDGE_FRACTION, default_slots, placement_plan, split_for_judging
+from moeplan.solvers.placement.options import ROBUST_MODES
+from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, load_plan, placement_plan,
+                                                split_for_judging)
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
@@ -15,9 +19,10 @@ from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
+from moeplan.loads import Workloads, read_loads
 from moeplan.model import ModelSpec
 from moeplan.moves import Move
-from moeplan.plan import Plan
+from moeplan.plan import DISPATCH_MODELS, Plan
 from moeplan.stats import TraceStats
 from moeplan.trace import RoutingTrace
 
@@ -27,7 +32,17 @@ from moeplan.trace import RoutingTrace
 def placement(
     model: str = typer.Option(..., help="Model preset or config.json."),
     hardware: str = typer.Option("h100-sxm", help="Hardware profile name or YAML."),
-    trace_path: Path = typer.Option(..., "--trace", help="Routing trace (.npz) to fit."),
+    trace_path: Path = typer.Option(None, "--trace", help="Routing trace (.npz) to fit (its traffic terms too)."),
+    load: list[Path] = typer.Option(None, "--load", help="Recorded expert loads, one workload per file (repeat): "
+                                                         "SGLang recorder stat dumps (.json/.pt) or moeplan load "
+                                                         "files. Several make the placement robust across them."),
+    dispatch: str = typer.Option("even", help=f"How the serving runtime splits an expert's tokens among its "
+                                              f"replicas: {' | '.join(DISPATCH_MODELS)} (even: EPLB, vLLM; "
+                                              f"sglang-static: SGLang; weighted: moeplan's runtime only)."),
+    robust: str = typer.Option("mean", help=f"With several workloads: minimise the {' or the '.join(ROBUST_MODES)} "
+                                            "workload's max device load."),
+    leave_one_out: bool = typer.Option(False, help="With several --load files: also plan on all but each one and "
+                                                   "judge on it."),
     solver: str = typer.Option("ilp", help=f"Placement solver: {' | '.join(SOLVERS)}."),
     slots: int = typer.Option(None, help="Physical expert slots per layer over all GPUs (replicas included); must "
                                          "divide evenly among the GPUs. Default: every expert once plus one slot "
@@ -59,21 +74,37 @@ def placement(
     hw = HardwareProfile.resolve(hardware)
     if gpus is not None or nodes is not None:
         hw = hw.with_cluster(devices=gpus, nodes=nodes)
-    trace = RoutingTrace.load(trace_path)
-    trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))
+    if trace_path is None and not load:
+        raise InputError("nothing to plan from", field="trace", fix="give --trace FILE and/or --load FILE")
+    if dispatch not in DISPATCH_MODELS:
+        raise InputError(f"unknown dispatch model '{dispatch}'", field="dispatch",
+                         fix=f"use one of: {', '.join(DISPATCH_MODELS)}")
     if flows not in FLOW_MODELS:
         raise InputError(f"unknown flow model '{flows}'", field="flows", fix=f"use one of: {', '.join(FLOW_MODELS)}")
     if (current is None) != (move_budget is None):
         raise InputError("--current and --move-budget go together", field="current",
                          fix="give both to re-place incrementally, or neither to solve from scratch")
-    options = SolverOptions(time_limit=time_limit, gap=gap, milp=milp,
+    options = SolverOptions(time_limit=time_limit, gap=gap, milp=milp, robust=robust,
                             balance_cap=balance_cap if balance_cap > 0 else None).validate()
     cost = CostModel(spec, hw)
     per_device = default_slots(cost, slots, tokens_per_device)
+    workloads = read_loads(load, spec) if load else None
+    if trace_path is None:
+        assert workloads is not None
+        if current is not None:
+            raise InputError("--current re-places against a trace", field="current", fix="give --trace as well")
+        _plan_from_loads(cost, workloads, per_device, tokens_per_device, dispatch, solver, options, leave_one_out,
+                         output)
+        return
+    trace = RoutingTrace.load(trace_path)
+    trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))
     fit, judged = split_for_judging(trace, judge_fraction)
     stats = TraceStats.of(fit)
     with console.status(f"reading the trace's traffic ({fit.num_tokens:,} tokens)"):
-        problem = PlacementProblem.build(cost, stats, per_device, tokens_per_device, flows)
+        problem = replace(PlacementProblem.build(cost, stats, per_device, tokens_per_device, flows), dispatch=dispatch)
+    if workloads is not None:
+        problem = replace(problem, load=workloads.pooled() * (problem.load.sum() / workloads.pooled().sum()),
+                          workloads=workloads.loads if workloads.count > 1 else None).validate()
     moves: tuple[Move, ...] = ()
     if current is not None:
         base = Plan.load(current)
@@ -97,12 +128,54 @@ def placement(
     console.print(f"wrote {output}")
 
 
+def _plan_from_loads(cost: CostModel, workloads: Workloads, per_device: int, tokens_per_device: int, dispatch: str,
+                     solver: str, options: SolverOptions, leave_one_out: bool, output: Path) -> None:
+    """Plan from recorded loads alone; print each workload's (and each held-out workload's) balance."""
+    def solved(w: Workloads) -> Any:
+        problem = PlacementProblem.from_loads(cost, w.loads, per_device, tokens_per_device, dispatch)
+        return problem, solve(problem, solver, options)
+
+    with console.status(f"solving with {solver} on {workloads.count} workload(s)"):
+        problem, result = solved(workloads)
+    held: dict[str, float] | None = None
+    if leave_one_out:
+        if workloads.count < 2:
+            raise InputError("leave-one-out needs at least two --load files", field="leave-one-out")
+        from moeplan.dispatch import realise
+        from moeplan.solvers.placement.metrics import balancedness
+        held = {}
+        for i, name in enumerate(workloads.names):
+            with console.status(f"leave-one-out: planning without {name}"):
+                _, r = solved(workloads.without(i))
+            placed = realise(r.placement, dispatch, cost.model) if dispatch != "weighted" else r.placement
+            held[name] = balancedness(placed, workloads.loads[i])
+    plan = load_plan(problem, cost, result.placement, result.report(), workloads, held)
+    plan.save(output)
+    p, predicted = plan.placement, plan.predicted
+    rows: list[tuple[str, Any]] = [("solver", result.solver), ("dispatch", p.dispatch),
+                                   ("GPUs × slots", f"{plan.num_devices} × {p.slots_per_device} = {p.num_physical} "
+                                                    f"physical for {p.num_experts} experts")]
+    for name, value in predicted["workload_balancedness"].items():
+        rows.append((f"balancedness on {name} (fitted)", value))
+    for name, value in (held or {}).items():
+        rows.append((f"balancedness on {name} (held out: planned on the others)", value))
+    if held:
+        rows.append(("leave-one-out mean balancedness", predicted["leave_one_out_mean"]))
+    rows += [("objective (s/step)", fmt(result.objective)), ("proved lower bound (s/step)", fmt(result.bound)),
+             ("gap", f"{100 * result.gap:.2f}%"), ("solver time", human_seconds(result.seconds))]
+    print_table(f"{plan.model.name}: expert placement from recorded loads", ["quantity", "value"], rows)
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/]", highlight=False)
+    console.print(f"wrote {output}")
+
+
 def _print(plan: Plan, report: dict[str, Any], incremental: bool) -> None:
     p, predicted = plan.placement, plan.predicted
     metrics = predicted
     rows = [("solver", report["name"]),
             ("GPUs × slots", f"{plan.num_devices} ({plan.nodes} node(s) × {plan.devices_per_node}) × "
                              f"{p.slots_per_device} = {p.num_physical} physical for {p.num_experts} experts"),
+            ("dispatch", p.dispatch),
             ("balancedness (Σ max / Σ mean device load)", metrics["balancedness"]),
             ("devices touched per token per layer", metrics["devices_touched_per_token_layer"]),
             ("nodes touched per token per layer", metrics["nodes_touched_per_token_layer"]),

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from moeplan.dispatch import check_export
 from moeplan.errors import InputError
 from moeplan.export.common import Export, require_placement
 from moeplan.io import atomic_open, write_text
@@ -197,6 +198,7 @@ def export_eplb(plan: Plan, out: Path) -> Export:
     ``out`` is a folder, or a ``.json``/``.pt`` path whose stem names both files.
     """
     placement = require_placement(plan, "eplb")
+    check_export(plan, "eplb")
     tensors = EplbTensors.from_placement(placement, plan.model.moe_layers)
     base = out.with_suffix("") if out.suffix in (".json", ".pt") else out / "eplb"
     json_path = base.with_name(base.name + ".json")

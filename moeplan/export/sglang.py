@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeplan.dispatch import check_export
 from moeplan.errors import InputError
 from moeplan.export.common import Export, hf_model_path, output_file, require_placement, same_rank_replica, \
     shell_command
@@ -166,6 +167,7 @@ def export_sglang(plan: Plan, out: Path, model_path: str | None = None,
     """
     placement = require_placement(plan, "sglang")
     phy2log = location_map(plan)
+    check_export(plan, "sglang")
     target = output_file(out, "expert_location.json", (".json", ".pt"))
     args = launch_args(plan, str(target.resolve()), model_path or hf_model_path(plan.model), rebalance_every)
     if target.suffix == ".pt":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeplan.dispatch import check_export
 from moeplan.errors import InputError
 from moeplan.export.common import Export, hf_model_path, require_placement, shell_command
 from moeplan.export.eplb import EplbTensors
@@ -82,6 +83,7 @@ def eplb_config(num_redundant: int, step_interval: int) -> dict[str, object]:
 def export_vllm(plan: Plan, out: Path, model_path: str | None = None, rebalance_every: int | None = None) -> Export:
     """Write ``out/launch_vllm.sh`` and ``out/placement_eplb.json``; ``out`` is a folder."""
     placement = require_placement(plan, "vllm")
+    check_export(plan, "vllm")
     if out.suffix:
         raise InputError("the vLLM export writes a folder (a launch script and the placement)", source=str(out),
                          field="output", fix="give a folder path without a suffix")

@@ -9,7 +9,7 @@ Every solver takes a :class:`PlacementProblem` and :class:`SolverOptions` and re
 
 Solvers: ``contiguous`` and ``round_robin`` (runtime defaults), ``lpt`` (greedy), ``eplb``
 (DeepSeek's EPLB), ``exflow`` (inter-layer affinity) and ``ilp`` (MoETuner-style, CP-SAT or PuLP +
-HiGHS). :mod:`.incremental` re-places within a budget of expert moves; :mod:`.metrics` measures a
+HiGHS), ``even`` (equal-split dispatch, robust across workloads, :mod:`.even`). :mod:`.incremental` re-places within a budget of expert moves; :mod:`.metrics` measures a
 placement on a trace.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from moeplan.errors import InputError
 
 from .baselines import solve_contiguous, solve_lpt, solve_round_robin
 from .eplb import rebalance_experts, solve_eplb
+from .even import solve_even
 from .exflow import solve_exflow
 from .ilp import solve_ilp
 from .options import SolverOptions
@@ -28,7 +29,7 @@ from .result import SolveResult
 
 SOLVERS: dict[str, Callable[[PlacementProblem, SolverOptions], SolveResult]] = {
     "contiguous": solve_contiguous, "round_robin": solve_round_robin, "lpt": solve_lpt, "eplb": solve_eplb,
-    "exflow": solve_exflow, "ilp": solve_ilp,
+    "exflow": solve_exflow, "ilp": solve_ilp, "even": solve_even,
 }
 
 

@@ -35,6 +35,7 @@ from moeplan.plan import Placement
 from . import milp
 from .baselines import solve_lpt
 from .eplb import solve_eplb
+from .even import solve_even_ilp
 from .exflow import solve_exflow
 from .layer import (balance_shares, layer_device_share, layer_model, layer_objective, neighbour_affinity,
                     unit_costs)
@@ -143,7 +144,9 @@ class LayerSolve:
 
 
 def solve_ilp(problem: PlacementProblem, options: SolverOptions) -> SolveResult:
-    """The layer-decomposed ILP (module docstring)."""
+    """The layer-decomposed ILP (module docstring); under equal-split dispatch, :func:`.even.solve_even_ilp`."""
+    if problem.dispatch != "weighted":
+        return solve_even_ilp(problem, options)
     t0 = time.perf_counter()
     deadline = t0 + options.time_limit
     warm = min((solver(problem, options) for solver in (solve_exflow, solve_lpt, solve_eplb)),

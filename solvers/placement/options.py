@@ -7,6 +7,8 @@ from moeplan.errors import InputError
 
 from .milp import MILP_BACKENDS
 
+ROBUST_MODES = ("mean", "worst")
+
 
 @dataclass(frozen=True)
 class SolverOptions:
@@ -29,6 +31,8 @@ class SolverOptions:
             devices when experts × devices ≤ full_pairs).
         full_pairs: ILP: the largest experts × devices model built with every pair.
         workers: solver threads.
+        robust: with several workloads, minimise the ``"mean"`` or the ``"worst"`` workload's
+            max device load per layer (:mod:`.even`).
     """
 
     time_limit: float = 60.0
@@ -42,6 +46,7 @@ class SolverOptions:
     candidates: int = 8
     full_pairs: int = 4096
     workers: int = 2
+    robust: str = "mean"
 
     def validate(self) -> "SolverOptions":
         if self.time_limit <= 0:
@@ -55,6 +60,9 @@ class SolverOptions:
             raise InputError("sweeps, candidates and workers must be ≥ 1, passes ≥ 0", field="options")
         if self.slack < 0 or self.coactivation < 0:
             raise InputError("slack and coactivation must be ≥ 0", field="options")
+        if self.robust not in ROBUST_MODES:
+            raise InputError(f"unknown robust mode {self.robust!r}", field="robust",
+                             fix=f"use one of: {', '.join(ROBUST_MODES)}")
         if self.balance_cap is not None and self.balance_cap < 1:
             raise InputError(f"balance cap must be ≥ 1, got {self.balance_cap}", field="balance-cap")
         return self

@@ -10,24 +10,36 @@ trace into what the solver fits and what the plan is judged on, and the ``predic
 3. :func:`placement_quality`: one placement on the judged tokens — the metrics of
    :func:`.metrics.evaluate`, the simulated MoE step (:func:`.predict.predict_moe_step`) and the
    peak memory per device — the row ``plan`` and ``compare`` print.
-4. :func:`placement_plan`: the Plan: placement, moves, the hardware profile and cost options
+4. :func:`placement_plan`: the Plan: placement (its shares what the problem's dispatch model
+   realises, :func:`moeplan.dispatch.realise`), moves, the hardware profile and cost options
    that priced it, the solver's report, and ``predicted`` = the quality row plus the traffic
    report of the problem (:func:`.exflow.traffic_report`) and what it was judged on.
+5. :func:`load_plan`: the same from recorded loads alone (no trace): ``predicted`` holds each
+   workload's balancedness and, when asked, the leave-one-out figure (plan on all workloads but
+   one, judge on that one).
+
+Every balancedness is the one the placement's dispatch model realises; ``realised_balancedness``
+gives it under each dispatch model, so an export to a runtime can name what that runtime makes
+of the plan.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from moeplan.cost import CostModel
+from moeplan.dispatch import realise
 from moeplan.errors import InputError
 from moeplan.moves import Move
-from moeplan.plan import Placement, Plan
+from moeplan.loads import Workloads
+from moeplan.plan import DISPATCH_MODELS, Placement, Plan
 from moeplan.stats import TraceStats
 from moeplan.trace import RoutingTrace
 
 from .exflow import traffic_report
-from .metrics import evaluate
+from .metrics import balancedness, evaluate
 from .predict import predict_moe_step
 from .problem import PlacementProblem, default_slots_per_device, slots_per_device_of
 
@@ -62,7 +74,15 @@ def placement_quality(cost: CostModel, placement: Placement, judged: RoutingTrac
     predicted = predict_moe_step(cost, placement, judged, tokens_per_device)
     memory = cost.memory(placement.slots_per_device, placement.num_devices, batch_tokens_per_device=tokens_per_device)
     notes = list(metrics.pop("notes", [])) + list(predicted.pop("notes", []))
-    return {**metrics, **predicted, "memory_peak_bytes": memory.peak, "memory_fits": memory.fits, "notes": notes}
+    load = (stats or TraceStats.of(judged)).load
+    return {**metrics, **predicted, "dispatch": placement.dispatch,
+            "realised_balancedness": realised_balancedness(cost, placement, load),
+            "memory_peak_bytes": memory.peak, "memory_fits": memory.fits, "notes": notes}
+
+
+def realised_balancedness(cost: CostModel, placement: Placement, load: np.ndarray) -> dict[str, float]:
+    """Balancedness of ``placement``'s slots on ``load`` [layers, experts] under every dispatch model."""
+    return {d: balancedness(realise(placement, d, cost.model), load) for d in DISPATCH_MODELS}
 
 
 def placement_plan(problem: PlacementProblem, cost: CostModel, placement: Placement, report: dict[str, Any],
@@ -71,6 +91,8 @@ def placement_plan(problem: PlacementProblem, cost: CostModel, placement: Placem
     """The Plan of a solved ``problem`` (module docstring, step 4). ``report`` is the solver's
     record; ``judged_on`` says what ``judged`` is, for the plan's ``predicted.judged_on``."""
     hw = cost.hw
+    if problem.dispatch != "weighted":
+        placement = realise(placement, problem.dispatch, cost.model)
     quality = placement_quality(cost, placement, judged, tokens_per_device, stats)
     predicted = {**quality, **traffic_report(problem, placement), "judged_on": judged_on,
                  "judged_tokens": judged.num_tokens}
@@ -78,3 +100,24 @@ def placement_plan(problem: PlacementProblem, cost: CostModel, placement: Placem
     return Plan(model=cost.model, hardware=hw.ref(), devices_per_node=hw.devices_per_node, nodes=hw.nodes,
                 placement=placement, moves=tuple(moves), cost_options=cost.opt, solver=solver,
                 predicted=predicted).validate()
+
+
+def load_plan(problem: PlacementProblem, cost: CostModel, placement: Placement, report: dict[str, Any],
+              workloads: Workloads, leave_one_out: dict[str, float] | None = None) -> Plan:
+    """The Plan of a ``problem`` solved from recorded ``workloads`` (module docstring, step 5);
+    ``leave_one_out`` maps each workload's name to its held-out balancedness."""
+    if problem.dispatch != "weighted":
+        placement = realise(placement, problem.dispatch, cost.model)
+    per = {name: balancedness(placement, load) for name, load in zip(workloads.names, workloads.loads)}
+    predicted: dict[str, Any] = {
+        "dispatch": placement.dispatch, "balancedness": float(np.mean(list(per.values()))),
+        "worst_workload_balancedness": max(per.values()), "workload_balancedness": per,
+        "realised_balancedness": realised_balancedness(cost, placement, workloads.pooled()),
+        "judged_on": f"the {workloads.count} fitted workload(s)", "workloads": list(workloads.names)}
+    if leave_one_out is not None:
+        predicted["leave_one_out_balancedness"] = leave_one_out
+        predicted["leave_one_out_mean"] = float(np.mean(list(leave_one_out.values())))
+    solver = {**report, "slots_per_device": problem.slots_per_device}
+    hw = cost.hw
+    return Plan(model=cost.model, hardware=hw.ref(), devices_per_node=hw.devices_per_node, nodes=hw.nodes,
+                placement=placement, cost_options=cost.opt, solver=solver, predicted=predicted).validate()

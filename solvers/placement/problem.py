@@ -32,7 +32,7 @@ import numpy as np
 
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.plan import Placement
+from moeplan.plan import DISPATCH_MODELS, Placement
 from moeplan.stats import TraceStats
 
 from .replication import replica_counts
@@ -79,6 +79,11 @@ class PlacementProblem:
         row_bytes: bytes of one token's activation row (hidden × activation bytes).
         flow_model: how ``flows`` were counted, "top1" or "spread" (module docstring).
         name: a label for reports.
+        dispatch: how the runtime splits an expert's tokens among its replicas
+            (:data:`moeplan.plan.DISPATCH_MODELS`, :mod:`moeplan.dispatch`); solvers that set
+            token shares do so only under ``weighted``.
+        workloads: float [workloads, layers, experts] the separate workloads ``load`` averages
+            (recorded load files, or windows of a trace), for robust placement; None for one.
     """
 
     load: np.ndarray
@@ -95,6 +100,8 @@ class PlacementProblem:
     row_bytes: float = 0.0
     flow_model: str = "top1"
     name: str = ""
+    dispatch: str = "weighted"
+    workloads: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -130,6 +137,11 @@ class PlacementProblem:
                              field="coactivation")
         if not np.all(np.isfinite(self.load)) or self.load.min() < 0:
             raise InputError("expert loads must be finite and ≥ 0", field="load")
+        if self.dispatch not in DISPATCH_MODELS:
+            raise InputError(f"unknown dispatch model {self.dispatch!r}", field="dispatch",
+                             fix=f"use one of: {', '.join(DISPATCH_MODELS)}")
+        if self.workloads is not None and self.workloads.shape[1:] != self.load.shape:
+            raise InputError(f"workloads must be [n, {nl}, {e}], got {self.workloads.shape}", field="load")
         return self
 
     @classmethod
@@ -181,6 +193,30 @@ class PlacementProblem:
             weights=objective_weights(cost, d, slots_per_device, tokens_per_device, trace.num_tokens),
             expert_bytes=model.expert_bytes(), n_group=model.n_group,
             row_bytes=model.hidden_size * cost.opt.act_bytes, flow_model=flow_model, name=model.name,
+        ).validate()
+
+    @classmethod
+    def from_loads(cls, cost: CostModel, loads: np.ndarray, slots_per_device: int,
+                   tokens_per_device: int = DEFAULT_TOKENS_PER_DEVICE, dispatch: str = "even") -> "PlacementProblem":
+        """A problem from recorded loads alone, float [workloads, layers, experts] token-choices
+        (no inter-layer traffic: flows and co-activation are zero); ``load`` is their mean with
+        each scaled to the same total, ``workloads`` the separate ones."""
+        model, hardware = cost.model, cost.hw
+        w = np.asarray(loads, dtype=np.float64)
+        d, per = hardware.num_devices, hardware.devices_per_node
+        check_cluster(model.num_experts, d, per, slots_per_device)
+        check_memory(cost, slots_per_device, d, tokens_per_device)
+        totals = w.sum(axis=(1, 2), keepdims=True)
+        load = (w / np.maximum(totals, 1e-300) * float(totals.mean())).mean(axis=0)
+        nl, e = load.shape
+        tokens = max(int(round(load.sum() / nl / model.top_k)), 1)
+        return cls(
+            load=load, flows=np.zeros((max(nl - 1, 0), e, e)), coactivation=np.zeros((nl, e, e)), num_devices=d,
+            devices_per_node=per, slots_per_device=slots_per_device, top_k=model.top_k, tokens=tokens,
+            weights=objective_weights(cost, d, slots_per_device, tokens_per_device, tokens),
+            expert_bytes=model.expert_bytes(), n_group=model.n_group,
+            row_bytes=model.hidden_size * cost.opt.act_bytes, name=model.name, dispatch=dispatch,
+            workloads=w if w.shape[0] > 1 else None,
         ).validate()
 
 
