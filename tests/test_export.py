@@ -395,6 +395,17 @@ def test_megatron_folding_arguments_follow_megatrons_rules(tmp_path: Path) -> No
     assert flag(words, "--num-layers-per-virtual-pipeline-stage") == "12" and "--use-distributed-optimizer" in words
     assert flag(words, "--moe-token-dispatcher-type") == "alltoall" and flag(words, "--seq-length") == "4096"
     assert "MOEPLAN_MEGATRON_ARGS=(" in result.files[0].read_text()
+    # validate_args asserts CUDA_DEVICE_MAX_CONNECTIONS == "1" for TP or CP > 1 before Blackwell
+    assert words[0] == "CUDA_DEVICE_MAX_CONNECTIONS=1" and words[1] == "torchrun"
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in result.files[0].read_text()
+
+
+def test_megatron_without_tp_or_cp_sets_no_connection_limit(tmp_path: Path) -> None:
+    parallel = {"attention": {"tp": 1, "cp": 1, "dp": 8, "pp": 1}, "moe": {"etp": 1, "ep": 8, "edp": 1}}
+    plan = Plan(model=ModelSpec.preset("qwen3-30b-a3b"), hardware=HardwareProfile.resolve("h100-sxm").ref(),
+                devices_per_node=8, nodes=1, parallel=ParallelLayout.from_dict(parallel, "plan"))
+    result = export_megatron(plan, tmp_path / "args.sh")
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in result.command + result.files[0].read_text()
 
 
 @pytest.mark.parametrize("parallel, field", [
