@@ -339,6 +339,9 @@ def test_vllm_loads_linear_and_round_robin_exactly(tmp_path: Path) -> None:
     assert "--enable-eplb" not in words and "--expert-placement-strategy" not in words
     words = command_words(export_vllm(round_robin, tmp_path / "b").command)
     assert flag(words, "--expert-placement-strategy") == "round_robin" and "--enable-eplb" not in words
+    # DP > 1 runs vLLM's all-to-all kernels; round_robin survives only on DeepEP low-latency (or NIXL EP)
+    dp = int(flag(words, "--data-parallel-size"))
+    assert dp == 1 or flag(words, "--all2all-backend") == "deepep_low_latency"
     ungrouped = make_plan(toy_model(0, 2, 8), round_robin.placement.slot_expert)
     assert layout_kind(ungrouped.placement, ungrouped.model) == "custom"  # vLLM would fall back to linear
     initial = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]).reshape(4, 3)  # build_initial_global_..._map(8, 4)
