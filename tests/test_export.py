@@ -35,7 +35,9 @@ from moeplan.errors import InputError
 from moeplan.export.eplb import EplbTensors, export_eplb
 from moeplan.export.importers import import_eplb, import_sglang_dump, import_sglang_location
 from moeplan.export.megatron import export_megatron, megatron_args, megatron_placement
-from moeplan.export.sglang import export_sglang, location_map
+from moeplan.export.common import same_rank_replica
+from moeplan.export.sglang import export_sglang, location_map, repair_same_rank_replicas
+from moeplan.solvers.placement.eplb import rebalance_experts
 from moeplan.export.vllm import export_vllm, layout_kind
 from moeplan.hardware import HardwareProfile
 from moeplan.model import AttentionSpec, ModelSpec
@@ -195,8 +197,8 @@ def test_sglang_round_trip_and_loader_accepts(case: tuple[ModelSpec, int, int, i
 def test_sglang_dense_rows_are_sglangs_trivial_rows() -> None:
     model = toy_model(2, 2, 6)
     plan = make_plan(model, np.stack([distinct_rank_layer(np.random.default_rng(i), 6, 4, 2) for i in range(2)]))
-    phy2log = location_map(plan)
-    assert phy2log.shape == (4, 8) and phy2log.dtype == np.int64
+    phy2log, swaps = location_map(plan)
+    assert swaps == 0 and phy2log.shape == (4, 8) and phy2log.dtype == np.int64
     assert np.array_equal(phy2log[0], np.arange(8) % 6) and np.array_equal(phy2log[1], np.arange(8) % 6)
     assert np.array_equal(phy2log[2:], plan.placement.phy2log())
 
@@ -206,8 +208,38 @@ def test_sglang_rejects_two_replicas_on_one_rank() -> None:
     slots = np.array([[[0, 0], [1, 2], [3, 1]]])  # rank 0 holds expert 0 twice
     with pytest.raises(AssertionError, match="never loaded"):
         sglang_loader({"physical_to_logical_map": slots.reshape(1, -1).tolist()}, 1, 4, 2, 3, (0,))
-    with tempfile.TemporaryDirectory() as tmp, pytest.raises(InputError, match="rank 0 holds two replicas"):
-        export_sglang(make_plan(model, slots), Path(tmp) / "loc.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = export_sglang(make_plan(model, slots), Path(tmp) / "loc.json")
+        repaired = json.loads(result.files[0].read_text())["physical_to_logical_map"]
+    assert any("1 slot swap" in n for n in result.notes)
+    sglang_loader({"physical_to_logical_map": repaired}, 1, 4, 2, 3, (0,))  # loads: no rank holds a twin
+    assert same_rank_replica(np.array(repaired), 3) is None
+    assert sorted(np.bincount(np.array(repaired).ravel())) == sorted(np.bincount(slots.ravel()))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sglang_repairs_eplb_plans_with_replicas(seed: int) -> None:
+    load = np.random.default_rng(seed).lognormal(0, 1, (4, 32))
+    phy2log, _, counts = rebalance_experts(load, 48, 1, 1, 8)  # EPLB's packing puts twins onto one GPU
+    if counts.max() > 8:  # more replicas than ranks: no placement avoids twins
+        with pytest.raises(InputError, match="no slot swap separates them"):
+            repair_same_rank_replicas(phy2log, 8)
+        return
+    assert same_rank_replica(phy2log, 8) is not None
+    repaired, swaps = repair_same_rank_replicas(phy2log, 8)
+    assert swaps > 0 and same_rank_replica(repaired, 8) is None
+    for row in range(4):
+        assert np.array_equal(np.bincount(repaired[row], minlength=32), np.bincount(phy2log[row], minlength=32))
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "dbrx", "olmoe-1b-7b"])
+def test_sglang_refuses_models_it_cannot_place(preset: str, tmp_path: Path) -> None:
+    model = ModelSpec.preset(preset)
+    slots = np.broadcast_to(np.arange(model.num_experts).reshape(2, -1), (model.num_moe_layers, 2,
+                                                                             model.num_experts // 2)).copy()
+    with pytest.raises(InputError, match="get_model_config_for_expert_location") as err:
+        export_sglang(make_plan(model, slots), tmp_path / "loc.json")
+    assert err.value.field == "model.family" and not (tmp_path / "loc.json").exists()
 
 
 def test_sglang_loader_reproduction_rejects_extra_keys_and_missing_experts() -> None:
