@@ -159,13 +159,17 @@ class TraceStats:
         """(:meth:`srp`, :meth:`sch`) for the same windows and layers."""
         return self.srp(segment, layers), self.sch(segment, cache_size, layers)
 
+    def head_for_sch(self) -> "TraceStats":
+        """Statistics of the first :data:`SUMMARY_SCH_TOKENS` tokens (self when the trace is no longer)."""
+        if self.trace.num_tokens <= SUMMARY_SCH_TOKENS:
+            return self
+        return TraceStats.of(self.trace.slice(0, SUMMARY_SCH_TOKENS))
+
     def summary(self) -> dict[str, float]:
         """Headline numbers for tables."""
         imb = self.imbalance()
         aff = self.affinity_strength()
-        srp = self.srp(16)
-        sch = TraceStats.of(self.trace.slice(0, SUMMARY_SCH_TOKENS)).sch(16) if self.trace.num_tokens > SUMMARY_SCH_TOKENS \
-            else self.sch(16)
+        srp, sch = self.srp(16), self.head_for_sch().sch(16)
         return {
             "tokens": self.trace.num_tokens, "moe_layers": self.trace.num_layers, "experts": self.num_experts,
             "top_k": self.trace.top_k,

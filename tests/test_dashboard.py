@@ -154,7 +154,7 @@ def test_trace_page_shows_trace_stats(small: AppTest) -> None:
     at.slider(key="affinity_layer").set_value(3)
     at.select_slider(key="segment_len").set_value(32).run()
     assert metric(at, "Strongest P(next | expert)") == f"{stats.transitions(3).max():.3f}"
-    srp, sch = stats.consistency(32, 16)
+    srp, sch = stats.srp(32), stats.head_for_sch().sch(32, 16)
     assert metric(at, "SRP") == f"{srp:.3f}" and metric(at, "SCH") == f"{sch:.3f}"
     assert metric(at, "Worst layer") == f"{stats.imbalance().max():.2f}"
 
