@@ -104,8 +104,10 @@ def trace_summary(model: ModelChoice, traffic: TrafficChoice) -> dict[str, float
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def consistency(model: ModelChoice, traffic: TrafficChoice, segment: int, cache_size: int) -> tuple[float, float]:
-    """(SRP, SCH) for segments of ``segment`` tokens and a cache of ``cache_size`` experts."""
-    return trace_stats(model, traffic).consistency(segment, cache_size)
+    """(SRP, SCH) for windows of ``segment`` tokens and a cache of ``cache_size`` experts per layer; SCH over the
+    trace's first tokens, as the summary (:meth:`TraceStats.head_for_sch`)."""
+    stats = trace_stats(model, traffic)
+    return stats.srp(segment), stats.head_for_sch().sch(segment, cache_size)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

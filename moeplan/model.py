@@ -43,6 +43,9 @@ class AttentionSpec:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     bias: bool = False
+    o_bias: bool = False
+    qk_norm_params: int = 0
+    sinks: bool = False
 
     @property
     def qk_head_dim(self) -> int:
@@ -55,7 +58,9 @@ class AttentionSpec:
         return self.v_head_dim if self.kind == "mla" else self.head_dim
 
     def params(self, hidden: int) -> int:
-        """Weights of the attention block of one layer (projections only, plus MLA's norms)."""
+        """Weights of the attention block of one layer: projections, their biases (q/k/v when ``bias``, o when
+        ``o_bias``: GPT-OSS), MLA's latent norms, the q/k norms (``qk_norm_params``: Qwen3 2 × head_dim, OLMoE
+        hidden + KV width) and one attention sink per head (``sinks``: GPT-OSS)."""
         if self.kind == "mla":
             h, nq = hidden, self.num_heads
             if self.q_lora_rank:
@@ -70,7 +75,8 @@ class AttentionSpec:
         kv = 2 * hidden * self.num_kv_heads * self.head_dim
         o = self.num_heads * self.head_dim * hidden
         b = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.bias else 0
-        return q + kv + o + b
+        b += hidden if self.o_bias else 0
+        return q + kv + o + b + self.qk_norm_params + (self.num_heads if self.sinks else 0)
 
     def kv_cache_elems_per_token(self) -> int:
         """Cached elements per token per layer: K and V heads for GQA, the latent + rope key for MLA."""
@@ -221,12 +227,16 @@ class ModelSpec:
         """All weights, counting tied embeddings once."""
         return self.non_expert_params() + self.num_moe_layers * self.num_experts * self.expert_params()
 
-    def active_params(self, include_input_embedding: bool = True) -> int:
+    def active_params(self, include_input_embedding: bool | None = None) -> int:
         """Weights one token uses: non-expert weights plus top_k routed experts per MoE layer.
 
         Publishers differ on the input embedding (a table lookup, not a matmul): Mixtral, Qwen,
-        OLMoE and DBRX count it, GPT-OSS does not; the preset records which.
+        OLMoE and DBRX count it, GPT-OSS and DeepSeek do not; the preset records which
+        (``published["active_excludes_input_embedding"]``), and the default (None) follows it, so every
+        view shows the same figure. True/False force one convention.
         """
+        if include_input_embedding is None:
+            include_input_embedding = not self.published.get("active_excludes_input_embedding", False)
         active = self.non_expert_params() + self.num_moe_layers * self.top_k * self.expert_params()
         if not include_input_embedding:
             active -= self.embedding_params()
@@ -291,7 +301,9 @@ class ModelSpec:
                     q_lora_rank=att.int("q_lora_rank", 0, minimum=0), kv_lora_rank=att.int("kv_lora_rank", 0, minimum=0),
                     qk_nope_head_dim=att.int("qk_nope_head_dim", 0, minimum=0),
                     qk_rope_head_dim=att.int("qk_rope_head_dim", 0, minimum=0),
-                    v_head_dim=att.int("v_head_dim", 0, minimum=0), bias=att.bool("bias", False)),
+                    v_head_dim=att.int("v_head_dim", 0, minimum=0), bias=att.bool("bias", False),
+                    o_bias=att.bool("o_bias", False), qk_norm_params=att.int("qk_norm_params", 0, minimum=0),
+                    sinks=att.bool("sinks", False)),
                 moe_layers=tuple(int(x) for x in f.list("moe_layers")),
                 num_experts=f.int("num_experts", minimum=1), top_k=f.int("top_k", minimum=1),
                 expert_ffn=f.int("expert_ffn", minimum=1), dense_ffn=f.int("dense_ffn", 0, minimum=0),
@@ -396,8 +408,11 @@ def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, 
             qk_nope_head_dim=f.int("qk_nope_head_dim", minimum=0), qk_rope_head_dim=f.int("qk_rope_head_dim", minimum=0),
             v_head_dim=f.int("v_head_dim", minimum=1))
     else:
+        qk_norm = {"qwen3_moe": 2 * head_dim, "olmoe": hidden + kv_heads * head_dim}.get(model_type, 0)
         attention = AttentionSpec(kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                                  bias=bool(cfg.get("attention_bias", False)) or model_type == "qwen2_moe")
+                                  bias=bool(cfg.get("attention_bias", False)) or model_type == "qwen2_moe",
+                                  o_bias=model_type == "gpt_oss" and bool(cfg.get("attention_bias", False)),
+                                  qk_norm_params=qk_norm, sinks=model_type == "gpt_oss")
     n_group = f.int("n_group", 1, minimum=1) if f.has("n_group") else 1
     topk_group = f.int("topk_group", 1, minimum=1) if f.has("topk_group") else 1
     if n_group == 1:

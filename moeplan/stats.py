@@ -4,13 +4,8 @@
 * ``coactivation(layer)``: ``C[i, j]`` = tokens that chose both i and j at that layer.
 * ``transitions(layer)``: ``P[i, j]`` = P(expert j at layer+1 | expert i at layer), over all
   top-k × top-k pairs of each token (rows with no traffic are zero).
-* Local routing consistency from Liang et al., "Not All Models Suit Expert Offloading"
-  (arXiv 2505.16056; their code: github.com/ljcleo/moe-lrc): **SRP** (segment routing best
-  performance: the best F1 with which one fixed expert set per segment of ``m`` tokens predicts
-  the segment's routing, the set chosen by a count threshold shared by all segments) and
-  **SCH** (segment cache best hit rate: the hit rate of an oracle cache of ``C`` experts that
-  holds each segment's ``C`` most used experts). Segments here are non-overlapping windows; the
-  paper's code slides them one token at a time, which weighs the same windows alike.
+* Local routing consistency, **SRP** and **SCH**, as the paper's current code defines them
+  (sliding windows; an online look-ahead cache; model level pooled): see :mod:`moeplan.consistency`.
 
 All counts come from ``np.bincount`` over flattened indices, chunked so that 1M tokens × 58
 layers × top-8 stays within a few hundred MB.
@@ -22,9 +17,15 @@ from functools import cached_property
 
 import numpy as np
 
+from moeplan.consistency import best_f1, lookahead_cache_hits, window_count_histogram
+from moeplan.errors import InputError
 from moeplan.trace import RoutingTrace
 
 CHUNK_TOKENS = 1 << 17
+SUMMARY_SCH_TOKENS = 8192
+"""Tokens (from the start) over which :meth:`TraceStats.summary` runs the model-level SCH cache: the cache is an
+online simulation, one Python step per token-choice (≈ 1 s per 1,000 tokens × 58 layers × top-8); the paper's code
+likewise samples (every 16th sequence)."""
 
 
 @dataclass
@@ -115,53 +116,60 @@ class TraceStats:
             out[layer] = c.max(axis=1).sum() / max(c.sum(), 1)
         return out
 
-    def _segment_counts(self, layer: int, segment: int) -> np.ndarray:
-        """[segments, experts]: how many tokens of each full segment chose each expert."""
-        ids = self.trace.expert_ids[:, layer, :]
-        n_seg = ids.shape[0] // segment
+    def _layers(self, layers: list[int] | None) -> list[int]:
+        chosen = list(range(self.trace.num_layers)) if layers is None else list(layers)
+        for layer in chosen:
+            if not 0 <= layer < self.trace.num_layers:
+                raise InputError(f"layer must lie in 0..{self.trace.num_layers - 1}, got {layer}", field="layer")
+        return chosen
+
+    def _check_segment(self, segment: int) -> None:
+        if segment < 1:
+            raise InputError(f"segment must be at least 1 token, got {segment}", field="segment")
+
+    def srp(self, segment: int = 16, layers: list[int] | None = None) -> float:
+        """Segment routing best performance (F1 in [0, 1]) over windows of ``segment`` tokens sliding by one,
+        one threshold shared by the given layers (default all: the model-level figure; ``[l]``: layer l).
+        NaN when the trace is shorter than one window."""
+        self._check_segment(segment)
+        hist = np.zeros(segment + 1, dtype=np.int64)
+        for layer in self._layers(layers):
+            hist += window_count_histogram(self.trace.expert_ids[:, layer, :], self.num_experts, segment)
+        return best_f1(hist, segment)
+
+    def sch(self, segment: int = 16, cache_size: int | None = None, layers: list[int] | None = None) -> float:
+        """Segment cache best hit rate in [0, 1]: an online cache of ``cache_size`` experts per layer
+        (default 2 × top_k) that sees ``segment`` tokens ahead. Over several layers (default all: the
+        model-level figure) one cache of ``cache_size × layers`` serves them all; ``[l]``: layer l alone."""
+        self._check_segment(segment)
+        size = 2 * self.trace.top_k if cache_size is None else cache_size
+        if size < 1:
+            raise InputError(f"cache size must be at least 1 expert per layer, got {size}", field="cache_size",
+                             fix="give a positive --cache-size or leave it out for 2 × top-k")
+        chosen = self._layers(layers)
+        if not chosen or self.trace.num_tokens == 0:
+            return float("nan")
         e = self.num_experts
-        seg_base = (np.arange(n_seg, dtype=np.int64) * e)[:, None, None]
-        flat = (seg_base + ids[: n_seg * segment].reshape(n_seg, segment * ids.shape[1])[:, None, :]).ravel()
-        return np.bincount(flat, minlength=n_seg * e).reshape(n_seg, e).astype(np.int32)
+        ids = self.trace.expert_ids[:, chosen, :].astype(np.int64) + (np.arange(len(chosen)) * e)[None, :, None]
+        requests = ids.reshape(ids.shape[0], -1)
+        return lookahead_cache_hits(requests, e * len(chosen), size * len(chosen), segment) / requests.size
 
     def consistency(self, segment: int = 16, cache_size: int | None = None,
                     layers: list[int] | None = None) -> tuple[float, float]:
-        """(SRP, SCH) in one pass over the trace: segment routing best performance (best F1 of one
-        fixed expert set per segment, chosen by a count threshold shared by all segments) and
-        segment cache best hit rate for ``cache_size`` experts (default 2 × top_k)."""
-        k = self.trace.top_k
-        size = cache_size or 2 * k
-        hist = np.zeros(segment + 1, dtype=np.int64)
-        hits = total = 0
-        for layer in layers if layers is not None else range(self.trace.num_layers):
-            counts = self._segment_counts(layer, segment)
-            if counts.size == 0:
-                continue
-            hist += np.bincount(counts.ravel(), minlength=segment + 1)
-            size_l = min(size, counts.shape[1])
-            hits += int(np.partition(counts, counts.shape[1] - size_l, axis=1)[:, counts.shape[1] - size_l:].sum())
-            total += int(counts.sum())
-        if total == 0:
-            return float("nan"), float("nan")
-        c = np.arange(segment + 1)
-        matches = np.cumsum((c * hist)[::-1])[::-1]  # Σ counts of experts with count ≥ j
-        chosen = np.cumsum(hist[::-1])[::-1]        # experts with count ≥ j
-        f1 = 2 * matches[1:] / (chosen[1:] * segment + matches[0])
-        return float(f1.max()), hits / total
+        """(:meth:`srp`, :meth:`sch`) for the same windows and layers."""
+        return self.srp(segment, layers), self.sch(segment, cache_size, layers)
 
-    def srp(self, segment: int = 16, layers: list[int] | None = None) -> float:
-        """Segment routing best performance (F1 in [0, 1]; 1 = one fixed set fits every segment)."""
-        return self.consistency(segment, None, layers)[0]
-
-    def sch(self, segment: int = 16, cache_size: int | None = None, layers: list[int] | None = None) -> float:
-        """Segment cache best hit rate for a cache of ``cache_size`` experts (default 2 × top_k)."""
-        return self.consistency(segment, cache_size, layers)[1]
+    def head_for_sch(self) -> "TraceStats":
+        """Statistics of the first :data:`SUMMARY_SCH_TOKENS` tokens (self when the trace is no longer)."""
+        if self.trace.num_tokens <= SUMMARY_SCH_TOKENS:
+            return self
+        return TraceStats.of(self.trace.slice(0, SUMMARY_SCH_TOKENS))
 
     def summary(self) -> dict[str, float]:
         """Headline numbers for tables."""
         imb = self.imbalance()
         aff = self.affinity_strength()
-        srp, sch = self.consistency(16)
+        srp, sch = self.srp(16), self.head_for_sch().sch(16)
         return {
             "tokens": self.trace.num_tokens, "moe_layers": self.trace.num_layers, "experts": self.num_experts,
             "top_k": self.trace.top_k,

@@ -155,7 +155,7 @@ def test_trace_page_shows_trace_stats(small: AppTest) -> None:
     at.slider(key="affinity_layer").set_value(3)
     at.select_slider(key="segment_len").set_value(32).run()
     assert metric(at, "Strongest P(next | expert)") == f"{stats.transitions(3).max():.3f}"
-    srp, sch = stats.consistency(32, 16)
+    srp, sch = stats.srp(32), stats.head_for_sch().sch(32, 16)
     assert metric(at, "SRP") == f"{srp:.3f}" and metric(at, "SCH") == f"{sch:.3f}"
     assert metric(at, "Worst layer") == f"{stats.imbalance().max():.2f}"
 
@@ -178,7 +178,7 @@ def test_export_page_offers_the_plan_and_every_runtime(small: AppTest) -> None:
     eplb = Plan(model=spec, hardware=hw.ref(), devices_per_node=8, nodes=2,
                 placement=solve(problem, "eplb", SolverOptions(balance_cap=1.01)).placement)
     try:
-        location_map(eplb)
+        location_map(eplb)  # repairs same-rank twins by slot swaps
         assert "Download expert_location.json" in {b.label for b in at.get("download_button")}
     except InputError as refused:
         assert f"SGLang cannot run this plan: {refused}" in [w.value for w in at.warning]

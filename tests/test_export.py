@@ -35,7 +35,9 @@ from moeplan.errors import InputError
 from moeplan.export.eplb import EplbTensors, export_eplb
 from moeplan.export.importers import import_eplb, import_sglang_dump, import_sglang_location
 from moeplan.export.megatron import export_megatron, megatron_args, megatron_placement
-from moeplan.export.sglang import export_sglang, location_map
+from moeplan.export.common import same_rank_replica
+from moeplan.export.sglang import export_sglang, location_map, repair_same_rank_replicas
+from moeplan.solvers.placement.eplb import rebalance_experts
 from moeplan.export.vllm import export_vllm, layout_kind
 from moeplan.hardware import HardwareProfile
 from moeplan.model import AttentionSpec, ModelSpec
@@ -195,8 +197,8 @@ def test_sglang_round_trip_and_loader_accepts(case: tuple[ModelSpec, int, int, i
 def test_sglang_dense_rows_are_sglangs_trivial_rows() -> None:
     model = toy_model(2, 2, 6)
     plan = make_plan(model, np.stack([distinct_rank_layer(np.random.default_rng(i), 6, 4, 2) for i in range(2)]))
-    phy2log = location_map(plan)
-    assert phy2log.shape == (4, 8) and phy2log.dtype == np.int64
+    phy2log, swaps = location_map(plan)
+    assert swaps == 0 and phy2log.shape == (4, 8) and phy2log.dtype == np.int64
     assert np.array_equal(phy2log[0], np.arange(8) % 6) and np.array_equal(phy2log[1], np.arange(8) % 6)
     assert np.array_equal(phy2log[2:], plan.placement.phy2log())
 
@@ -206,8 +208,38 @@ def test_sglang_rejects_two_replicas_on_one_rank() -> None:
     slots = np.array([[[0, 0], [1, 2], [3, 1]]])  # rank 0 holds expert 0 twice
     with pytest.raises(AssertionError, match="never loaded"):
         sglang_loader({"physical_to_logical_map": slots.reshape(1, -1).tolist()}, 1, 4, 2, 3, (0,))
-    with tempfile.TemporaryDirectory() as tmp, pytest.raises(InputError, match="rank 0 holds two replicas"):
-        export_sglang(make_plan(model, slots), Path(tmp) / "loc.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = export_sglang(make_plan(model, slots), Path(tmp) / "loc.json")
+        repaired = json.loads(result.files[0].read_text())["physical_to_logical_map"]
+    assert any("1 slot swap" in n for n in result.notes)
+    sglang_loader({"physical_to_logical_map": repaired}, 1, 4, 2, 3, (0,))  # loads: no rank holds a twin
+    assert same_rank_replica(np.array(repaired), 3) is None
+    assert sorted(np.bincount(np.array(repaired).ravel())) == sorted(np.bincount(slots.ravel()))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sglang_repairs_eplb_plans_with_replicas(seed: int) -> None:
+    load = np.random.default_rng(seed).lognormal(0, 1, (4, 32))
+    phy2log, _, counts = rebalance_experts(load, 48, 1, 1, 8)  # EPLB's packing puts twins onto one GPU
+    if counts.max() > 8:  # more replicas than ranks: no placement avoids twins
+        with pytest.raises(InputError, match="no slot swap separates them"):
+            repair_same_rank_replicas(phy2log, 8)
+        return
+    assert same_rank_replica(phy2log, 8) is not None
+    repaired, swaps = repair_same_rank_replicas(phy2log, 8)
+    assert swaps > 0 and same_rank_replica(repaired, 8) is None
+    for row in range(4):
+        assert np.array_equal(np.bincount(repaired[row], minlength=32), np.bincount(phy2log[row], minlength=32))
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "dbrx", "olmoe-1b-7b"])
+def test_sglang_refuses_models_it_cannot_place(preset: str, tmp_path: Path) -> None:
+    model = ModelSpec.preset(preset)
+    slots = np.broadcast_to(np.arange(model.num_experts).reshape(2, -1), (model.num_moe_layers, 2,
+                                                                             model.num_experts // 2)).copy()
+    with pytest.raises(InputError, match="get_model_config_for_expert_location") as err:
+        export_sglang(make_plan(model, slots), tmp_path / "loc.json")
+    assert err.value.field == "model.family" and not (tmp_path / "loc.json").exists()
 
 
 def test_sglang_loader_reproduction_rejects_extra_keys_and_missing_experts() -> None:
@@ -339,6 +371,9 @@ def test_vllm_loads_linear_and_round_robin_exactly(tmp_path: Path) -> None:
     assert "--enable-eplb" not in words and "--expert-placement-strategy" not in words
     words = command_words(export_vllm(round_robin, tmp_path / "b").command)
     assert flag(words, "--expert-placement-strategy") == "round_robin" and "--enable-eplb" not in words
+    # DP > 1 runs vLLM's all-to-all kernels; round_robin survives only on DeepEP low-latency (or NIXL EP)
+    dp = int(flag(words, "--data-parallel-size"))
+    assert dp == 1 or flag(words, "--all2all-backend") == "deepep_low_latency"
     ungrouped = make_plan(toy_model(0, 2, 8), round_robin.placement.slot_expert)
     assert layout_kind(ungrouped.placement, ungrouped.model) == "custom"  # vLLM would fall back to linear
     initial = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]).reshape(4, 3)  # build_initial_global_..._map(8, 4)
@@ -395,6 +430,17 @@ def test_megatron_folding_arguments_follow_megatrons_rules(tmp_path: Path) -> No
     assert flag(words, "--num-layers-per-virtual-pipeline-stage") == "12" and "--use-distributed-optimizer" in words
     assert flag(words, "--moe-token-dispatcher-type") == "alltoall" and flag(words, "--seq-length") == "4096"
     assert "MOEPLAN_MEGATRON_ARGS=(" in result.files[0].read_text()
+    # validate_args asserts CUDA_DEVICE_MAX_CONNECTIONS == "1" for TP or CP > 1 before Blackwell
+    assert words[0] == "CUDA_DEVICE_MAX_CONNECTIONS=1" and words[1] == "torchrun"
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in result.files[0].read_text()
+
+
+def test_megatron_without_tp_or_cp_sets_no_connection_limit(tmp_path: Path) -> None:
+    parallel = {"attention": {"tp": 1, "cp": 1, "dp": 8, "pp": 1}, "moe": {"etp": 1, "ep": 8, "edp": 1}}
+    plan = Plan(model=ModelSpec.preset("qwen3-30b-a3b"), hardware=HardwareProfile.resolve("h100-sxm").ref(),
+                devices_per_node=8, nodes=1, parallel=ParallelLayout.from_dict(parallel, "plan"))
+    result = export_megatron(plan, tmp_path / "args.sh")
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in result.command + result.files[0].read_text()
 
 
 @pytest.mark.parametrize("parallel, field", [

@@ -187,3 +187,31 @@ def test_bad_grouped_routing_and_layer_layout_name_the_field(change: dict[str, A
     with pytest.raises(InputError) as info:
         ModelSpec.from_hf_dict({**hf_config("deepseek-v3"), **change}, "d")
     assert info.value.field == field
+
+
+def test_every_view_shows_one_active_parameter_figure() -> None:
+    from typer.testing import CliRunner
+
+    from moeplan.cli import app
+    from moeplan.cli.common import human_params
+    spec = ModelSpec.preset("deepseek-v3")  # DeepSeek's 37B excludes the input embedding
+    assert spec.active_params() == spec.active_params(include_input_embedding=False)
+    detail = CliRunner().invoke(app, ["models", "deepseek-v3"]).output
+    table = CliRunner().invoke(app, ["models"]).output
+    assert human_params(spec.active_params()) in detail and human_params(spec.active_params()) in table
+
+
+def test_attention_counts_qk_norms_output_bias_and_sinks() -> None:
+    qwen3 = ModelSpec.preset("qwen3-30b-a3b").attention  # q_norm, k_norm: RMSNorm(head_dim) each
+    assert qwen3.qk_norm_params == 2 * qwen3.head_dim
+    plain = replace(qwen3, qk_norm_params=0)
+    assert qwen3.params(2048) - plain.params(2048) == 2 * 128
+    gpt = ModelSpec.preset("gpt-oss-120b")  # o_proj bias (hidden) and one sink per head, every layer
+    a = gpt.attention
+    assert a.o_bias and a.sinks
+    assert a.params(gpt.hidden_size) - replace(a, o_bias=False, sinks=False).params(gpt.hidden_size) \
+        == gpt.hidden_size + a.num_heads
+    olmoe = ModelSpec.preset("olmoe-1b-7b")  # q_norm over hidden, k_norm over the KV width
+    assert olmoe.attention.qk_norm_params == olmoe.hidden_size + olmoe.attention.num_kv_heads * olmoe.attention.head_dim
+    again = ModelSpec.from_dict(gpt.to_dict())
+    assert again.attention == a and again.total_params() == gpt.total_params()

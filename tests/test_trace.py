@@ -156,12 +156,59 @@ def test_transitions_by_hand() -> None:
 
 def test_srp_and_sch_by_hand() -> None:
     st = TraceStats.of(HAND)
-    # per (layer, segment of 2 tokens) expert counts: [2,1,1,0] [1,2,0,1] [1,0,2,1] [1,1,1,1]
-    # threshold 1 picks 13 (segment, expert) sets with 16 matches: F1 = 2·16 / (13·2 + 16)
-    # threshold 2 picks 3 with 6 matches: F1 = 2·6 / (3·2 + 16), lower
-    assert st.srp(segment=2) == pytest.approx(32 / 42)
-    assert st.sch(segment=2, cache_size=1) == pytest.approx((2 + 2 + 2 + 1) / 16)
-    assert st.sch(segment=2, cache_size=2) == pytest.approx((3 + 3 + 3 + 2) / 16)
-    assert st.sch(segment=2) == pytest.approx(1.0)  # default 2 × top-k = 4 = every expert
-    # layer 0 alone: threshold 1 picks 6 sets with all 8 choices: F1 = 2·8 / (6·2 + 8)
-    assert st.srp(segment=2, layers=[0]) == pytest.approx(2 * 8 / (6 * 2 + 8))
+    # layer 0, windows of 2 sliding by one: counts [2,1,1,0] [2,1,1,0] [1,2,0,1]; threshold 1 predicts
+    # 9 pairs × 2 tokens for all 12 choices: F1 = 2·12 / (18 + 12) = 0.8 (threshold 2: 12/18, 0: 24/36)
+    assert st.srp(segment=2, layers=[0]) == pytest.approx(0.8)
+    # cache 2, look-ahead 2: t0 [0,1] two cold hits; t1 [0,2] 0 hit, 2 miss (evicts 1: fewer future uses
+    # tie, older); t2 [0,1] 0 hit, 1 miss (evicts 2: no future use, older than 0); t3 [3,1] 1 hit → 5/8
+    assert st.sch(segment=2, cache_size=2, layers=[0]) == pytest.approx(5 / 8)
+    # model level: one cache of 2 × 2 layers over both layers (moe-lrc @ 7b3ca46 41_sch_calc.py gives these)
+    assert st.sch(segment=2, cache_size=2) == pytest.approx(0.6875)
+    assert st.sch(segment=2, cache_size=1) == pytest.approx(0.3125)
+    assert st.sch(segment=2) == pytest.approx(1.0)  # default 2 × top-k = 4 per layer = every expert
+    assert st.srp(segment=2) == pytest.approx(0.7741935)
+
+
+def test_toy_stream_matches_the_paper_code() -> None:
+    st = TraceStats.of(RoutingTrace(np.array([0, 0, 1, 1, 2, 2, 3, 3], dtype=np.int16).reshape(8, 1, 1), 4, "toy"))
+    # 0, 0, 1, 1 hit (the first two distinct experts fill the cache), 2 and 3 miss once each
+    assert st.sch(4, cache_size=2) == pytest.approx(6 / 8)
+    # 5 windows of 4: counts (2,2,0,0) (1,2,1,0) (0,2,2,0) (0,1,2,1) (0,0,2,2); threshold 2 picks 8 pairs, 16 matches
+    assert st.srp(4) == pytest.approx(2 * 16 / (8 * 4 + 20))
+
+
+# Figures from the paper's own code (github ljcleo/moe-lrc @ 7b3ca46: 41_sch_calc.py::calc_fsf,
+# 30_srp_calc.py::seg_stat + 31_srp_refine.py) run on the traces below; (tokens, layers, experts, top_k), window.
+UPSTREAM = [
+    ((96, 3, 8, 2), 4, [0.71875, 0.7708333, 0.75], 0.7552083, [0.7067669, 0.7236181, 0.7229219], 0.7177554),
+    ((64, 2, 16, 4), 16, [0.67578125, 0.66796875], 0.638671875, [0.5210062, 0.5139706], 0.5173891),
+    ((128, 4, 6, 1), 2, [0.6796875, 0.71875, 0.6796875, 0.703125], 0.693359375,
+     [0.8355263, 0.8327869, 0.8300654, 0.8246753], 0.8307441),
+    ((80, 2, 32, 8), 4, [0.703125, 0.7], 0.70703125, [0.7343988, 0.7232006], 0.7288168),
+]
+
+
+@pytest.mark.parametrize("seed", range(len(UPSTREAM)))
+def test_srp_and_sch_equal_the_paper_code(seed: int) -> None:
+    (tokens, layers, experts, k), window, sch_layers, sch_model, srp_layers, srp_model = UPSTREAM[seed]
+    rng = np.random.default_rng(seed)
+    ids = np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
+    for t in range(1, tokens):
+        if rng.random() < 0.5:
+            ids[t] = ids[t - 1]
+    st = TraceStats.of(RoutingTrace(ids.astype(np.int16), experts, "upstream"))
+    for layer in range(layers):
+        assert st.sch(window, k + 1, [layer]) == pytest.approx(sch_layers[layer], abs=1e-6)
+        assert st.srp(window, [layer]) == pytest.approx(srp_layers[layer], abs=1e-6)
+    assert st.sch(window, k + 1) == pytest.approx(sch_model, abs=1e-6)
+    assert st.srp(window) == pytest.approx(srp_model, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, field", [({"cache_size": 0}, "cache_size"), ({"cache_size": -2}, "cache_size"),
+                                           ({"segment": 0}, "segment"), ({"layers": [5]}, "layer")])
+def test_consistency_refuses_bad_input(kwargs: dict, field: str) -> None:
+    with pytest.raises(InputError) as err:
+        TraceStats.of(HAND).consistency(**{"segment": 2, **kwargs})
+    assert err.value.field == field
+
+

@@ -36,8 +36,7 @@ def models(
     for name in ModelSpec.preset_names():
         m = ModelSpec.preset(name)
         pub = m.published
-        excl = bool(pub.get("active_excludes_input_embedding"))
-        total, active = m.total_params(), m.active_params(not excl)
+        total, active = m.total_params(), m.active_params()
         rows.append((name, m.num_moe_layers, f"{m.num_experts}×top{m.top_k}", m.num_shared_experts, m.attention.kind,
                      human_params(total), human_params(pub["total"]) if pub.get("total") else "–",
                      human_params(active), human_params(pub["active"]) if pub.get("active") else "–",

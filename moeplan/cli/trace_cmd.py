@@ -66,7 +66,7 @@ def stats(
             ("max/mean expert load (worst layer)", summary["max_over_mean_load_worst"]),
             ("top-1 affinity (share following the likeliest successor)", summary["top1_affinity_mean"]),
             (f"layer {layer}: most co-activated pair", f"{top_pair[0]}+{top_pair[1]} ({int(co.max()):,} tokens)"),
-            ("SRP (segment 16)", summary["srp_16"]), ("SCH (segment 16, cache 2×top-k)", summary["sch_16_2k"])]
+            ("SRP (segment 16)", summary["srp_16"]), ("SCH (look-ahead 16, cache 2×top-k per layer)", summary["sch_16_2k"])]
     if trace.num_layers > 1:
         tr = st.transitions(layer if layer < trace.num_layers - 1 else layer - 1)
         rows.append((f"layer {layer}→{layer + 1}: strongest P(next|expert)", float(tr.max())))
@@ -74,5 +74,5 @@ def stats(
     if json_out:
         write_json(json_out, {**summary, "imbalance_per_layer": imb.tolist(), "load": st.load.tolist(),
                               "srp": {str(m): st.srp(m) for m in (4, 16, 64)},
-                              "sch": {str(m): st.sch(m) for m in (4, 16, 64)}})
+                              "sch": {str(m): st.head_for_sch().sch(m) for m in (4, 16, 64)}})
         console.print(f"wrote {json_out}")

@@ -161,6 +161,16 @@ def megatron_args(plan: Plan) -> list[str]:
     return args
 
 
+def launch_environment(layout: ParallelLayout | None) -> dict[str, str]:
+    """Environment variables Megatron needs for the layout: ``CUDA_DEVICE_MAX_CONNECTIONS=1`` when TP or CP > 1,
+    which Megatron-Core's ``megatron/training/arguments.py::validate_args`` asserts on GPUs before Blackwell
+    (compute capability < 10; without FSDP or MoE comm overlap) so that TP/CP communication kernels are issued in
+    order; on Blackwell it is harmless."""
+    if layout is not None and (layout.tp > 1 or layout.cp > 1):
+        return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    return {}
+
+
 def export_megatron(plan: Plan, out: Path) -> Export:
     """Write a bash snippet defining ``MOEPLAN_MEGATRON_ARGS=(…)`` and build the torchrun line.
 
@@ -171,9 +181,11 @@ def export_megatron(plan: Plan, out: Path) -> Export:
     header = ["# Megatron-Core arguments from moeplan: parallel mapping, MoE layout, model shape.",
               f"# Model {plan.model.name}; {plan.num_devices} GPUs ({plan.nodes} node(s) × {plan.devices_per_node}).",
               "# Architecture flags (attention type, norms, rope, tokenizer, data) come from your model recipe."]
-    body = ["MOEPLAN_MEGATRON_ARGS=(", *("    " + line for line in arg_lines(args)), ")"]
+    env = launch_environment(plan.parallel)
+    body = [f"export {name}={value}" for name, value in env.items()]
+    body += ["MOEPLAN_MEGATRON_ARGS=(", *("    " + line for line in arg_lines(args)), ")"]
     write_text(target, "\n".join(header + body) + "\n")
-    launcher = ["torchrun", "--nproc-per-node", str(plan.devices_per_node), "--nnodes", str(plan.nodes)]
+    launcher = [*(f"{name}={value}" for name, value in env.items()), "torchrun", "--nproc-per-node", str(plan.devices_per_node), "--nnodes", str(plan.nodes)]
     if plan.nodes > 1:
         launcher += ["--node-rank", "$NODE_RANK", "--master-addr", "$MASTER_ADDR", "--master-port", "6000"]
     command = shell_command([*launcher, "pretrain_gpt.py"] + args)

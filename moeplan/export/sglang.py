@@ -28,7 +28,10 @@ What the map must be (each rule is the loader's, or a crash/defect it would hit)
 * no two replicas of one expert on one rank (MoE rows): since late 2025
   ``_compute_logical_to_all_physical_map`` keeps only the *nearest* replica per rank
   (``_find_nearest_expert``: the first same-GPU one), so the weight loader fills one of the two
-  slots and the other stays empty while other ranks may still dispatch to it.
+  slots and the other stays empty while other ranks may still dispatch to it. The export repairs
+  such a plan by slot swaps between ranks (:func:`repair_same_rank_replicas`) and says how many;
+* a model SGLang can place: a family whose model class lacks ``get_model_config_for_expert_location``
+  (Mixtral, DBRX, OLMoE) is refused (:data:`NO_EXPERT_LOCATION`).
 
 **Dense-layer rows.** SGLang ignores their content for computation (no FusedMoE there) but
 validates them as above. We write what SGLang itself builds for them in ``init_trivial``:
@@ -49,8 +52,7 @@ import numpy as np
 
 from moeplan.dispatch import check_export
 from moeplan.errors import InputError
-from moeplan.export.common import Export, hf_model_path, output_file, require_placement, same_rank_replica, \
-    shell_command
+from moeplan.export.common import Export, hf_model_path, output_file, require_placement, shell_command
 from moeplan.io import atomic_open, write_text
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan
@@ -63,15 +65,77 @@ def dense_row(num_physical: int, num_experts: int) -> np.ndarray:
     return np.arange(num_physical, dtype=np.int64) % num_experts
 
 
-def location_map(plan: Plan) -> np.ndarray:
-    """int64 [num_hidden_layers, E + R]: the plan's placement as SGLang's ``physical_to_logical_map``."""
+NO_EXPERT_LOCATION = {"mixtral": "MixtralForCausalLM", "dbrx": "DbrxForCausalLM", "olmoe": "OlmoeForCausalLM"}
+"""Hugging Face ``model_type`` → SGLang model class without ``get_model_config_for_expert_location``: for these
+``sglang/srt/eplb/expert_location.py::compute_initial_expert_location_metadata`` gets no expert-location config
+and ``ExpertLocationDispatchInfo.init_new`` asserts, so SGLang cannot place their experts (read in SGLang 0.5.x's
+``sglang/srt/models/{mixtral,dbrx,olmoe}.py``)."""
+
+
+def check_model_supported(model: ModelSpec) -> None:
+    """Raise InputError if SGLang cannot load an expert placement for ``model``'s family."""
+    cls = NO_EXPERT_LOCATION.get(model.family)
+    if cls is not None:
+        raise InputError(f"SGLang cannot place the experts of {model.name}: its {cls} has no "
+                         f"get_model_config_for_expert_location, so compute_initial_expert_location_metadata has "
+                         f"no expert-location config and ExpertLocationDispatchInfo.init_new asserts at startup",
+                         source="plan", field="model.family",
+                         fix="serve this model without --init-expert-location (SGLang's default placement), or "
+                             "export to vLLM")
+
+
+def repair_same_rank_replicas(phy2log: np.ndarray, ep_size: int) -> tuple[np.ndarray, int]:
+    """Move replicas so that no rank holds two of one expert, by swapping slot contents between ranks.
+
+    ``phy2log``: int [rows, P], rank r owning slots ``r·P/ep … (r+1)·P/ep − 1``. Each duplicate slot swaps with a
+    slot of another rank that holds neither copy's expert and whose expert the first rank lacks, preferring a
+    slot that itself holds a replicated expert (so single-copy experts stay put). Every rank keeps its slot count
+    and every expert its replica count. Returns the repaired copy and the number of swaps; raises InputError when
+    no swap exists (an expert with more replicas than ranks)."""
+    out = np.array(phy2log, dtype=np.int64, copy=True)
+    rows, width = out.shape
+    per = width // ep_size
+    swaps = 0
+    for row in range(rows):
+        ranks = out[row].reshape(ep_size, per)
+        copies = np.bincount(ranks.ravel())
+        for rank in range(ep_size):
+            for slot in range(per):
+                x = ranks[rank, slot]
+                if np.count_nonzero(ranks[rank] == x) < 2:
+                    continue
+                best: tuple[int, int, int] | None = None
+                for other in range(ep_size):
+                    if other == rank or (ranks[other] == x).any():
+                        continue
+                    for cand in range(per):
+                        y = ranks[other, cand]
+                        if (ranks[rank] == y).any():
+                            continue
+                        key = -int(copies[y])
+                        if best is None or key < best[0]:
+                            best = (key, other, cand)
+                if best is None:
+                    raise InputError(f"row {row}: expert {x} has two replicas on rank {rank} and no slot swap "
+                                     f"separates them", source="plan", field=MAP_KEY,
+                                     fix="give an expert at most one replica per rank")
+                _, other, cand = best
+                ranks[rank, slot], ranks[other, cand] = ranks[other, cand], x
+                swaps += 1
+    return out, swaps
+
+
+def location_map(plan: Plan) -> tuple[np.ndarray, int]:
+    """int64 [num_hidden_layers, E + R]: the plan's placement as SGLang's ``physical_to_logical_map``, with
+    same-rank duplicate replicas repaired (:func:`repair_same_rank_replicas`), and the number of swaps made."""
     placement = require_placement(plan, "sglang")
     model = plan.model
+    check_model_supported(model)
     out = np.tile(dense_row(placement.num_physical, model.num_experts), (model.num_layers, 1))
-    out[list(model.moe_layers)] = placement.phy2log()
+    moe_rows, swaps = repair_same_rank_replicas(placement.phy2log(), placement.num_devices)
+    out[list(model.moe_layers)] = moe_rows
     check_location_map(out, model, placement.num_devices, source="plan")
-    check_distinct_ranks(out, model, placement.num_devices, source="plan")
-    return out
+    return out, swaps
 
 
 def check_location_map(phy2log: np.ndarray, model: ModelSpec, ep_size: int, source: str) -> None:
@@ -105,16 +169,6 @@ def check_location_map(phy2log: np.ndarray, model: ModelSpec, ep_size: int, sour
         kind = "MoE" if row in model.moe_layers else "dense"
         raise bad(f"logical expert {expert} has no physical slot in row {row} ({kind} layer); SGLang's static "
                   f"dispatch needs every expert in every row", "put each expert in at least one slot of every row")
-
-
-def check_distinct_ranks(phy2log: np.ndarray, model: ModelSpec, ep_size: int, source: str) -> None:
-    """Raise InputError if a rank holds two replicas of one expert in a MoE row (module docstring)."""
-    dup = same_rank_replica(phy2log[list(model.moe_layers)], ep_size)
-    if dup is not None:
-        row, rank, expert = dup
-        raise InputError(f"layer {model.moe_layers[row]}: rank {rank} holds two replicas of expert {expert}; "
-                         f"SGLang loads weights into only one of them (nearest-replica rule)", source=source,
-                         field=MAP_KEY, fix="place the replicas of an expert on distinct ranks")
 
 
 def launch_args(plan: Plan, location_file: str, model_path: str, rebalance_every: int | None) -> list[str]:
@@ -166,7 +220,7 @@ def export_sglang(plan: Plan, out: Path, model_path: str | None = None,
     ``out`` is a ``.json``/``.pt`` file, or a folder that gets ``expert_location.json``.
     """
     placement = require_placement(plan, "sglang")
-    phy2log = location_map(plan)
+    phy2log, swaps = location_map(plan)
     check_export(plan, "sglang")
     target = output_file(out, "expert_location.json", (".json", ".pt"))
     args = launch_args(plan, str(target.resolve()), model_path or hf_model_path(plan.model), rebalance_every)
@@ -180,6 +234,9 @@ def export_sglang(plan: Plan, out: Path, model_path: str | None = None,
              f"rows hold SGLang's trivial row arange({placement.num_physical}) % {placement.num_experts}",
              "SGLang splits an expert's tokens among its replicas by its static dispatch (same-GPU replica first), "
              "not by the plan's replica shares"]
+    if swaps:
+        notes.append(f"{swaps} slot swap(s) moved replicas so that no rank holds two of one expert (SGLang loads "
+                     f"weights into only the nearest one); per-rank loads may differ slightly from the plan's")
     if rebalance_every is None:
         notes.append("static placement: --enable-eplb is off, so SGLang keeps this placement")
     else:

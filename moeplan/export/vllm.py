@@ -43,6 +43,12 @@ STEP_INTERVAL = 3000
 RPC_PORT = 13345
 
 
+ROUND_ROBIN_ALL2ALL = "deepep_low_latency"
+"""All-to-all backend a round_robin placement needs when DP > 1: vLLM's
+``vllm/model_executor/layers/fused_moe/layer.py::determine_expert_placement_strategy`` falls back to linear when
+``use_all2all_kernels`` (DP > 1 with EP) and the kernels are neither DeepEP low-latency nor NIXL EP."""
+
+
 def layout_kind(placement: Placement, model: ModelSpec) -> str:
     """Which vLLM layout the placement is: "linear", "round_robin", "eplb_initial" or "custom"."""
     d, s, e = placement.num_devices, placement.slots_per_device, placement.num_experts
@@ -99,8 +105,11 @@ def export_vllm(plan: Plan, out: Path, model_path: str | None = None, rebalance_
     notes: list[str] = []
     if kind == "round_robin" and rebalance_every is None:
         args += ["--expert-placement-strategy", "round_robin"]
+        if dp > 1:
+            args += ["--all2all-backend", ROUND_ROBIN_ALL2ALL]
         notes.append("the plan is vLLM's round_robin placement and loads exactly (vLLM keeps round_robin only "
-                     "without EPLB, and with an all-to-all backend only on deepep_low_latency)")
+                     "without EPLB, and, with DP > 1, only on the deepep_low_latency or NIXL EP all-to-all: "
+                     "determine_expert_placement_strategy falls back to linear on any other backend)")
     elif kind == "linear" and rebalance_every is None:
         notes.append("the plan is vLLM's default linear placement and loads exactly (no EPLB needed)")
     else:

@@ -10,9 +10,12 @@ reference step by step:
 * otherwise the global policy, which is the hierarchical one with one group and one node.
 
 Physical slots are GPU-major: GPU g owns slots ``[g·P/G, (g+1)·P/G)``, node n owns GPUs
-``[n·G/N, (n+1)·G/N)``. The reference sorts with an unstable ``torch.sort``; here every sort is
-stable (ties go to the lower index), so results equal the reference's whenever the loads being
-sorted have no ties. Replicas of one expert share its tokens equally, as the runtimes do.
+``[n·G/N, (n+1)·G/N)``. The reference sorts ``weight.float()`` with torch's default (unstable) sort;
+here loads are sorted as float32 too, descending, ties to the lower index (a stable sort). Replicas of one expert
+always tie, and torch orders ties by its implementation, so the outputs equal the reference's run with
+``sort(..., stable=True)`` (tested on 24 random cases, ``tests/test_eplb_reference.py``); with torch's default
+sort the balance is the same and the slot order of tied experts may differ. Replicas of one expert share its
+tokens equally, as the runtimes do.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     for i in range(rows):
         pack_weight = np.zeros(num_packs)
         pack_items = np.zeros(num_packs, dtype=np.int64)
-        for item in np.argsort(-weight[i], kind="stable"):
+        for item in np.argsort(-weight[i].astype(np.float32), kind="stable"):
             pack = int(np.where(pack_items < per_pack, pack_weight, np.inf).argmin())
             pack_index[i, item] = pack
             rank_in_pack[i, item] = pack_items[pack]
