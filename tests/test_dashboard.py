@@ -164,10 +164,11 @@ def test_export_page_offers_the_plan_and_every_runtime(small: AppTest) -> None:
     at = go(go(small, "placement"), "export")
     at.selectbox(key="export_solver").set_value("lpt").run()
     labels = {b.label for b in at.get("download_button")}
-    assert {"Download plan JSON", "Download expert_location.json", "Download eplb.json", "Download launch_vllm.sh",
+    assert {"Download plan JSON", "Download eplb.json", "Download launch_vllm.sh",
             "Download placement_eplb.json"} <= labels
-    sglang = next(c.value for c in at.code if "sglang.launch_server" in c.value)
-    assert "--init-expert-location expert_location.json" in sglang and "--ep-num-redundant-experts" in sglang
+    assert "Download expert_location.json" not in labels   # SGLang has no expert-location support for OLMoE
+    assert any("SGLang cannot place the experts of OLMoE" in w.value and "get_model_config_for_expert_location"
+               in w.value for w in at.warning)
     assert any("Megatron-Core cannot run this plan" in w.value for w in at.warning)  # replicas: Megatron has none
     spec, hw, trace, stats = library()
     problem = PlacementProblem.build(CostModel(spec, hw), stats, int(at.session_state["slots"]), 256)
