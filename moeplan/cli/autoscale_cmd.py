@@ -81,7 +81,7 @@ def autoscale(
                   f"{r['device_hours']:.1f}", f"{r['scaling_steps']:.1f}", f"{r['scaling_seconds']:.1f} s")
                  for _, r in grouped.iterrows()])
     for note in study.notes:
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"note: {note}", style="dim", highlight=False)
     if output:
         write_json(output, {"model": spec.name, "hardware": hw.name, "sizes": list(study.sizes), "slo_s": study.slo,
                             "peak_tokens_per_s": study.peak_rate, "notes": study.notes,

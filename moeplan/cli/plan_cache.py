@@ -73,7 +73,7 @@ def cache(
 def _print(sizing: CacheSizing) -> None:
     p, b, s = sizing.problem, sizing.budget, sizing.summary()
     gib = 2**30
-    console.print(f"[bold]{p.model.name}[/] on {p.hardware.device.name}: {p.shape.phase}, batch {p.shape.batch}, "
+    console.print(f"{p.model.name} on {p.hardware.device.name}: {p.shape.phase}, batch {p.shape.batch}, "
                   f"context {p.context}; {sizing.steps:,} held-out steps judged; one expert "
                   f"{human_bytes(b.expert_bytes)}, {s['copy_seconds_per_expert'] * 1e3:.3f} ms over the host link")
     console.print(f"memory: {b.capacity / gib:.2f} GiB usable − non-expert {b.non_expert / gib:.2f} − KV "
@@ -101,7 +101,7 @@ def _print(sizing: CacheSizing) -> None:
                   f"{s['lp_bound_tokens_per_s']:.2f}; knee at {s['knee_slots']} slots "
                   f"({s['knee_bytes'] / gib:.2f} GiB, {s['knee_tokens_per_s']:.2f} tokens/s)")
     for note in sizing.notes:
-        console.print(f"[dim]{note}[/]")
+        console.print(note, style="dim")
 
 
 def _regroup(sizing: CacheSizing) -> dict[str, float]:

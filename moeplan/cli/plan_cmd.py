@@ -107,7 +107,7 @@ def plan_end_to_end(
                   f"({held.num_tokens:,} held-out tokens, {tpd} tokens/GPU per step)", rows)
     console.print(f"solver {solver}: objective {chosen.objective * 1e3:.2f} ms/step, proved bound "
                   f"{chosen.bound * 1e3:.2f}, gap {100 * chosen.gap:.1f}%, {chosen.seconds:.1f} s", highlight=False)
-    console.print(f"[dim]{hw.provenance_note()}[/]")
+    console.print(hw.provenance_note(), style="dim")
     console.print(f"wrote {plan_path}")
     if export != "none":
         with console.status(f"5/5 exporting to {export}"):
@@ -145,4 +145,4 @@ def compare(
                                                                 trace, tokens_per_device)})
     print_quality(f"{first.model.name} on {hw.num_devices}× {hw.device.name}: {trace.num_tokens:,} tokens of "
                   f"{trace_path.name}", rows)
-    console.print(f"[dim]{hw.provenance_note()}[/]")
+    console.print(hw.provenance_note(), style="dim")

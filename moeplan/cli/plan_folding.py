@@ -44,11 +44,11 @@ def folding(
     result = solve(problem, top=top)
     _print_ranking(result, top)
     plan = result.to_plan(top)
-    console.print("\n[bold]Megatron-Core arguments[/] (" + ("training" if mode == "train" else
+    console.print("\nMegatron-Core arguments (" + ("training" if mode == "train" else
                   "the serving mapping as training arguments; map attention TP/DP and EP to your server") + "):")
     console.print(" ".join(megatron_args(plan) + (["--tp-comm-overlap"] if problem.tp_comm_overlap else [])),
                   highlight=False, soft_wrap=True)
-    console.print(f"[dim]{hw.provenance_note()}[/]")
+    console.print(hw.provenance_note(), style="dim")
     if output:
         plan.save(output)
         console.print(f"wrote {output}")
@@ -77,7 +77,7 @@ def _print_ranking(result: FoldingResult, top: int) -> None:
                 for i, r in enumerate(result.ranked[:top])]
     print_table(title, columns, rows, caption=caption)
     for label, why in list(result.invalid_examples.items())[:3]:
-        console.print(f"[dim]invalid, e.g. {label}: {why}[/]", highlight=False)
+        console.print(f"invalid, e.g. {label}: {why}", style="dim", highlight=False)
     best = result.best
     breakdown = best.breakdown
     total = sum(breakdown.values())

@@ -125,4 +125,4 @@ def _print(plan: Plan, report: dict[str, Any], incremental: bool) -> None:
     print_table(f"{plan.model.name}: expert placement", ["quantity", "value"], rows)
     rows.append(("judged on", f"{predicted['judged_tokens']:,} {predicted['judged_on']}"))
     for note in list(report.get("notes", [])) + list(predicted.get("notes", [])):
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"note: {note}", style="dim", highlight=False)

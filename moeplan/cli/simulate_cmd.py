@@ -75,7 +75,7 @@ def simulate_cmd(
     print_table(f"{spec.name} on {hw.num_devices}× {hw.device.name} ({phase}, {kernel} kernel"
                 f"{', overlap' if overlap else ''}{', ExFlow' if exflow else ''})", ["quantity", "value"], rows)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"note: {note}", style="yellow")
     if output:
         write_json(output, {"model": spec.name, "hardware": hw.name, "devices": hw.num_devices, "phase": phase,
                             "tokens_per_device": tpd, "context": context, "kernel": kernel, "overlap": overlap,
