@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moeplan.errors import InputError
+from moeplan.hardware import HardwareProfile
 
 if TYPE_CHECKING:
     from moeplan.export.common import Export
@@ -52,6 +53,20 @@ def guarded(func: F) -> F:
                 raise
             raise typer.Exit(1) from None
     return wrapper  # type: ignore[return-value]
+
+
+def resolve_hardware(ref: str) -> HardwareProfile:
+    """Resolve ``--hardware`` and say on stderr which profile it became and what in it is measured."""
+    profile = HardwareProfile.resolve(ref)
+    announce_hardware(profile, ref)
+    return profile
+
+
+def announce_hardware(profile: HardwareProfile, ref: str) -> None:
+    """One line on stderr: the hardware reference typed, the profile used, its provenance."""
+    name = HardwareProfile.resolve_name(ref)
+    used = f"{ref} → {name}" if name != ref else ref
+    err_console.print(f"hardware: {used} ({profile.name}; {profile.provenance_note()})", style="dim", highlight=False)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

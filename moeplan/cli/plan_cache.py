@@ -10,10 +10,9 @@ from moeplan.solvers.cache.sizing import evaluate
 from moeplan.solvers.cache.steptime import model_layer_times
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, guarded, human_bytes, print_table
+from moeplan.cli.common import console, guarded, human_bytes, print_table, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
 from moeplan.trace import RoutingTrace
@@ -52,7 +51,7 @@ def cache(
     if regroup_requests and not request_tokens:
         raise InputError("--regroup batches requests: give their length", field="request_tokens",
                          fix="add --request-tokens N")
-    problem = CacheProblem(CostModel(spec, HardwareProfile.resolve(hardware)), trace,
+    problem = CacheProblem(CostModel(spec, resolve_hardware(hardware)), trace,
                            StepShape(phase, batch, request_tokens), policy, context,
                            None if budget_gb is None else budget_gb * 2**30,
                            None if latency_ms is None else latency_ms / 1e3, fit_fraction, stage_slots, max_steps)

@@ -8,11 +8,10 @@ from typing import Any
 import typer
 
 from moeplan.cli.apps import app, plan_app
-from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export
+from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.export.registry import EXPORTERS, export_plan
-from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
@@ -69,7 +68,7 @@ def plan_end_to_end(
         raise InputError(f"unknown export format '{export}'", field="export",
                          fix=f"use {', '.join(EXPORTERS)} or none")
     spec = ModelSpec.resolve(model)
-    hw = HardwareProfile.resolve(hardware).with_cluster(devices=gpus, nodes=nodes)
+    hw = resolve_hardware(hardware).with_cluster(devices=gpus, nodes=nodes)
     cost = CostModel(spec, hw)
     out_dir.mkdir(parents=True, exist_ok=True)
     if trace_path is None:

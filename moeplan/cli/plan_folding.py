@@ -7,11 +7,10 @@ import typer
 from moeplan.solvers.folding import FoldingProblem, FoldingResult, Ranked, solve
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table
+from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, resolve_hardware
 from moeplan.parallel_step import TrainStep
 from moeplan.export.megatron import megatron_args
 from moeplan.cost import CostModel
-from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 
 DEFAULT_GLOBAL_BATCH = {"train": 1024, "serve": 256}
@@ -37,7 +36,7 @@ def folding(
 ) -> None:
     """Enumerate every valid attention (TP×CP×DP×PP) / MoE (ETP×EP×EDP×PP) mapping, predict each with
     the cost model, and print the ranking, why each runner-up loses, and the Megatron-Core arguments."""
-    hw = HardwareProfile.resolve(hardware).with_cluster(devices=gpus, nodes=nodes)
+    hw = resolve_hardware(hardware).with_cluster(devices=gpus, nodes=nodes)
     batch = gbs if gbs is not None else DEFAULT_GLOBAL_BATCH.get(mode, 0)
     problem = FoldingProblem(CostModel(ModelSpec.resolve(model), hw), mode, seq, batch, mbs,
                              tp_comm_overlap=tp_comm_overlap).validate()

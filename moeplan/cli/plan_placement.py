@@ -11,10 +11,9 @@ from moeplan.solvers.placement.pipeline import JUDGE_FRACTION, default_slots, pl
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table
+from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.moves import Move
 from moeplan.plan import Plan
@@ -56,7 +55,7 @@ def placement(
     balancedness, devices and nodes touched per token, top-1 hops between layers, predicted MoE
     time, and the solver's objective, bound, gap and time."""
     spec = ModelSpec.resolve(model)
-    hw = HardwareProfile.resolve(hardware)
+    hw = resolve_hardware(hardware)
     if gpus is not None or nodes is not None:
         hw = hw.with_cluster(devices=gpus, nodes=nodes)
     trace = RoutingTrace.load(trace_path)

@@ -7,10 +7,9 @@ from pathlib import Path
 import typer
 
 from moeplan.cli.apps import app
-from moeplan.cli.common import console, guarded, human_seconds, print_table
+from moeplan.cli.common import console, guarded, human_seconds, print_table, resolve_hardware
 from moeplan.cost import CostModel, CostOptions
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan, contiguous_placement
@@ -45,7 +44,7 @@ def simulate_cmd(
         raise InputError(f"--model {model} has {spec.num_experts} experts, the plan's model {plan.model.num_experts}",
                          field="model")
     devices = gpus or (plan.num_devices if plan else 8)
-    profile = plan.hardware_profile(hardware, str(plan_path)) if plan else HardwareProfile.resolve(hardware or "h100-sxm")
+    profile = plan.hardware_profile(hardware, str(plan_path)) if plan else resolve_hardware(hardware or "h100-sxm")
     hw = profile.with_cluster(devices=devices, nodes=nodes or (plan.nodes if plan and not gpus else None))
     base = plan.cost_options if plan else CostOptions()
     kernel = kernel or base.kernel
