@@ -154,40 +154,37 @@ def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
                         {"source": "synthetic", "generator": "moeplan.synth", **asdict(traffic)}).validate()
 
 
-def _first_positions(keys: np.ndarray, width: int, mask: np.ndarray | None = None) -> np.ndarray:
-    """For each row of ``keys`` [rows, M] (values in 0..width-1), the first column where each
-    value occurs (M where it does not, or where ``mask`` is False)."""
-    rows, m = keys.shape
-    first = np.full(rows * width, m, dtype=np.int32)
-    flat = (np.arange(rows, dtype=np.int64)[:, None] * width + keys)[:, ::-1]
-    pos = np.broadcast_to(np.arange(m - 1, -1, -1, dtype=np.int32), (rows, m))
-    if mask is not None:
-        keep = mask[:, ::-1]
-        flat, pos = flat[keep], pos[keep]
-    first[flat.ravel()] = pos.ravel()  # later writes win: the earliest column is written last
-    return first.reshape(rows, width)
-
-
 def _first_k_valid(cand: np.ndarray, k: int, group_size: int, n_group: int,
                    topk_group: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``cand`` [rows, M], the first ``k`` candidates that are not repeats and lie in
     the row's first ``topk_group`` distinct groups (in candidate order). Returns the chosen ids
-    [rows, k] and whether each row found ``k``."""
+    [rows, k] and whether each row found ``k``.
+
+    Works column against column on the transposed [M, rows] array (M is small: 2-8 × top_k), so
+    every comparison runs over contiguous memory and nothing of size rows × num_experts is built.
+    """
     rows, m = cand.shape
-    keys = cand.astype(np.int64)
-    cols = np.arange(m, dtype=np.int32)
-    num_experts = group_size * n_group
-    valid = np.take_along_axis(_first_positions(keys, num_experts), keys, axis=1) == cols
+    cols = np.ascontiguousarray(cand.T)
+    valid = np.ones((m, rows), dtype=bool)
+    for j in range(1, m):
+        for i in range(j):
+            valid[j] &= cols[i] != cols[j]
     if n_group > 1:
-        groups = keys // group_size
-        gfirst = _first_positions(groups, n_group, valid)
-        threshold = np.partition(gfirst, topk_group - 1, axis=1)[:, topk_group - 1:topk_group]
-        gpos = np.take_along_axis(gfirst, groups, axis=1)
-        valid &= (gpos <= threshold) & (gpos < m)
-    position = np.cumsum(valid, axis=1)
+        groups = cols // group_size
+        new_group = valid.copy()  # the first valid candidate of its group in this row
+        for j in range(1, m):
+            for i in range(j):
+                new_group[j] &= ~((groups[i] == groups[j]) & valid[i])
+        opens_allowed = new_group & (np.cumsum(new_group, axis=0) <= topk_group)
+        inside = opens_allowed.copy()
+        for j in range(1, m):
+            for i in range(j):
+                inside[j] |= (groups[i] == groups[j]) & opens_allowed[i]
+        valid &= inside
+    position = np.cumsum(valid, axis=0, dtype=np.int16)
     keep = valid & (position <= k)
-    complete = position[:, -1] >= k
+    complete = position[-1] >= k
     chosen = np.zeros((rows, k), dtype=cand.dtype)
-    r, c = np.nonzero(keep)
-    chosen[r, position[r, c] - 1] = cand[r, c]
+    c, r = np.nonzero(keep)
+    chosen[r, position[c, r] - 1] = cols[c, r]
     return chosen, complete
