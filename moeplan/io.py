@@ -188,7 +188,9 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
     except NPZ_ERRORS as exc:
-        raise InputError(f"not a readable NPZ archive ({exc})", source=str(path),
+        reason = ("it holds pickled Python objects, which moeplan never loads" if "allow_pickle" in str(exc)
+                  else str(exc))
+        raise InputError(f"not a readable NPZ archive ({reason})", source=str(path),
                          fix="give a trace written by 'moeplan trace synth' or 'trace collect'") from None
 
 
@@ -248,8 +250,8 @@ class Fields:
     def float(self, key: str, default: Any = ..., minimum: float | None = None,
               positive: bool = False) -> float:
         value = _yaml_number(self.raw(key, default))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise InputError(f"expected a number, got {value!r}", source=self.source, field=self.name(key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"expected a finite number, got {value!r}", source=self.source, field=self.name(key))
         value = float(value)
         if positive and not value > 0:
             raise InputError(f"must be > 0, got {value}", source=self.source, field=self.name(key))
@@ -284,8 +286,8 @@ class Fields:
         out: list[float] = []
         for i, v in enumerate(values):
             v = _yaml_number(v)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                raise InputError(f"item {i} is not a number: {v!r}", source=self.source, field=self.name(key))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"item {i} is not a finite number: {v!r}", source=self.source, field=self.name(key))
             if positive and not v > 0:
                 raise InputError(f"item {i} must be > 0, got {v}", source=self.source, field=self.name(key))
             out.append(float(v))

@@ -165,3 +165,17 @@ def test_srp_and_sch_by_hand() -> None:
     assert st.sch(segment=2) == pytest.approx(1.0)  # default 2 × top-k = 4 = every expert
     # layer 0 alone: threshold 1 picks 6 sets with all 8 choices: F1 = 2·8 / (6·2 + 8)
     assert st.srp(segment=2, layers=[0]) == pytest.approx(2 * 8 / (6 * 2 + 8))
+
+
+def test_synthesis_refuses_before_allocating_what_memory_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import moeplan.errors
+    from moeplan.errors import InputError
+    from moeplan.model import ModelSpec
+    from moeplan.synth import SyntheticTraffic, synthesis_bytes, synthesize
+    huge = dataclasses.replace(ModelSpec.preset("deepseek-v3"), num_experts=32_768, n_group=8)
+    assert synthesis_bytes(huge, SyntheticTraffic(tokens=100)) > 20 * 2**30
+    monkeypatch.setattr(moeplan.errors, "available_memory", lambda: 8 * 2**30)
+    with pytest.raises(InputError, match=r"needs about .* GiB of memory, 8.0 GiB are free"):
+        synthesize(huge, SyntheticTraffic(tokens=100))

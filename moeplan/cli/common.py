@@ -2,6 +2,7 @@
 failure), progress bars and table printing."""
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -53,6 +54,26 @@ def guarded(func: F) -> F:
                 raise
             raise typer.Exit(1) from None
     return wrapper  # type: ignore[return-value]
+
+
+def check_option(name: str, value: float | None, *, minimum: float | None = None, maximum: float | None = None,
+                 above: float | None = None) -> None:
+    """InputError naming ``--name`` unless ``value`` (None: not given) is finite and in range
+    (``minimum``/``maximum`` inclusive, ``above`` exclusive). Checked before any solve or write."""
+    if value is None:
+        return
+    field = name.lstrip("-").replace("-", "_")
+    bad = None
+    if not math.isfinite(value):
+        bad = "must be a finite number"
+    elif minimum is not None and value < minimum:
+        bad = f"must be ≥ {minimum:g}"
+    elif maximum is not None and value > maximum:
+        bad = f"must be ≤ {maximum:g}"
+    elif above is not None and not value > above:
+        bad = f"must be > {above:g}"
+    if bad:
+        raise InputError(f"{name} {bad}, got {value:g}", field=field)
 
 
 def resolve_hardware(ref: str) -> HardwareProfile:

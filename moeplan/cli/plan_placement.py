@@ -11,7 +11,7 @@ from moeplan.solvers.placement.pipeline import JUDGE_FRACTION, default_slots, pl
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table, resolve_hardware
+from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table, check_option, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.model import ModelSpec
@@ -54,6 +54,14 @@ def placement(
     """Solve expert placement for a trace, write a Plan and print its quality on held-out tokens:
     balancedness, devices and nodes touched per token, top-1 hops between layers, predicted MoE
     time, and the solver's objective, bound, gap and time."""
+    for name, value in (("--gpus", gpus), ("--nodes", nodes), ("--slots", slots),
+                        ("--tokens-per-device", tokens_per_device)):
+        check_option(name, value, minimum=1)
+    check_option("--time-limit", time_limit, above=0)
+    check_option("--gap", gap, minimum=0)
+    check_option("--move-budget", move_budget, minimum=0)
+    if balance_cap != 0:
+        check_option("--balance-cap", balance_cap, minimum=1)
     spec = ModelSpec.resolve(model)
     hw = resolve_hardware(hardware)
     if gpus is not None or nodes is not None:
@@ -66,7 +74,7 @@ def placement(
         raise InputError("--current and --move-budget go together", field="current",
                          fix="give both to re-place incrementally, or neither to solve from scratch")
     options = SolverOptions(time_limit=time_limit, gap=gap, milp=milp,
-                            balance_cap=balance_cap if balance_cap > 0 else None).validate()
+                            balance_cap=balance_cap or None).validate()
     cost = CostModel(spec, hw)
     per_device = default_slots(cost, slots, tokens_per_device)
     fit, judged = split_for_judging(trace, judge_fraction)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from moeplan.cli.apps import app
-from moeplan.cli.common import console, guarded, human_seconds, print_table, resolve_hardware
+from moeplan.cli.common import console, guarded, human_seconds, print_table, check_option, resolve_hardware
 from moeplan.cost import CostModel, CostOptions
 from moeplan.errors import InputError
 from moeplan.io import write_json
@@ -38,14 +38,16 @@ def simulate_cmd(
 ) -> None:
     """Replay a routing trace through a plan batch by batch: per-layer and end-to-end time, per-device
     load, tokens crossing devices and nodes, with a readable breakdown."""
+    for name, value in (("--gpus", gpus), ("--nodes", nodes), ("--tokens-per-device", tokens_per_device)):
+        check_option(name, value, minimum=1)
     plan = Plan.load(plan_path) if plan_path else None
     spec = ModelSpec.resolve(model) if model else (plan.model if plan else ModelSpec.preset("deepseek-v3"))
     if plan and model and spec.num_experts != plan.model.num_experts:
         raise InputError(f"--model {model} has {spec.num_experts} experts, the plan's model {plan.model.num_experts}",
                          field="model")
-    devices = gpus or (plan.num_devices if plan else 8)
+    devices = gpus if gpus is not None else (plan.num_devices if plan else 8)
     profile = plan.hardware_profile(hardware, str(plan_path)) if plan else resolve_hardware(hardware or "h100-sxm")
-    hw = profile.with_cluster(devices=devices, nodes=nodes or (plan.nodes if plan and not gpus else None))
+    hw = profile.with_cluster(devices=devices, nodes=nodes if nodes is not None else (plan.nodes if plan and gpus is None else None))
     base = plan.cost_options if plan else CostOptions()
     kernel = kernel or base.kernel
     trace = RoutingTrace.load(trace_path)
@@ -54,7 +56,7 @@ def simulate_cmd(
         placement = plan.placement
     else:
         placement = contiguous_placement(spec.num_moe_layers, spec.num_experts, hw.num_devices, hw.devices_per_node)
-    tpd = tokens_per_device or (4096 if phase == "prefill" else 128)
+    tpd = tokens_per_device if tokens_per_device is not None else (4096 if phase == "prefill" else 128)
     cost = CostModel(spec, hw, replace(base, kernel=kernel, overlap=overlap, exflow=exflow))
     result = simulate(cost, placement, trace, Workload(phase, tpd, context))
     s = result.summary()
