@@ -1,6 +1,8 @@
 """``moeplan plan folding``: choose the attention / MoE parallel mapping (MoE Parallel Folding)."""
 from __future__ import annotations
 
+import shlex
+
 from pathlib import Path
 
 import typer
@@ -45,7 +47,7 @@ def folding(
     plan = result.to_plan(top)
     console.print("\nMegatron-Core arguments (" + ("training" if mode == "train" else
                   "the serving mapping as training arguments; map attention TP/DP and EP to your server") + "):")
-    console.print(" ".join(megatron_args(plan) + (["--tp-comm-overlap"] if problem.tp_comm_overlap else [])),
+    console.print(shlex.join(megatron_args(plan) + (["--tp-comm-overlap"] if problem.tp_comm_overlap else [])),
                   highlight=False, soft_wrap=True)
     console.print(hw.provenance_note(), style="dim")
     if output:
