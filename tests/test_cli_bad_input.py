@@ -41,7 +41,7 @@ def _expect_2(args: list[object], names: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra, names", [
     (["--gpus", "0"], "--gpus"), (["--tokens-per-device", "0"], "--tokens-per-device"),
-    (["--nodes", "-1"], "--nodes"),
+    (["--nodes", "-1"], "--nodes"), (["--gpus", "1000000000000"], "--gpus"),
 ])
 def test_simulate_refuses_a_zero_it_would_have_replaced(trace: Path, tmp_path: Path, extra: list[str],
                                                         names: str) -> None:
@@ -100,7 +100,7 @@ def test_infinite_bandwidth_in_a_profile_is_refused(tmp_path: Path, value: str) 
 
 
 numbers = st.one_of(st.integers(-10**15, 10**15).map(str), st.floats(allow_nan=True, allow_infinity=True).map(str),
-                    st.sampled_from(["0", "-1", "1e9", "nan", "inf", "-inf", "x", "", "1.5", "[1]"]))
+                    st.sampled_from(["0", "-1", "1e9", "nan", "inf", "-inf", "x", "", "1.5", "[1]", "1000000000000"]))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -56,6 +56,9 @@ def guarded(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+MAX_GPUS = 1 << 17  # 131,072: above any cluster built; per-device arrays stay small
+
+
 def check_option(name: str, value: float | None, *, minimum: float | None = None, maximum: float | None = None,
                  above: float | None = None) -> None:
     """InputError naming ``--name`` unless ``value`` (None: not given) is finite and in range

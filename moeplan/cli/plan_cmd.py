@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from moeplan.cli.apps import app, plan_app
-from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export, check_option, resolve_hardware
+from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export, MAX_GPUS, check_option, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.export.registry import EXPORTERS, export_plan
@@ -64,7 +64,7 @@ def plan_end_to_end(
     (what users run today) side by side on held-out traffic. With a subcommand, runs that step alone."""
     if ctx.invoked_subcommand is not None:
         return
-    check_option("--gpus", gpus, minimum=1)
+    check_option("--gpus", gpus, minimum=1, maximum=MAX_GPUS)
     check_option("--nodes", nodes, minimum=1)
     check_option("--slots", slots, minimum=1)
     check_option("--tokens", tokens, minimum=2)

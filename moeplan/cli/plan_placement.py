@@ -11,7 +11,7 @@ from moeplan.solvers.placement.pipeline import JUDGE_FRACTION, default_slots, pl
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table, check_option, resolve_hardware
+from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table, MAX_GPUS, check_option, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.model import ModelSpec
@@ -57,6 +57,7 @@ def placement(
     for name, value in (("--gpus", gpus), ("--nodes", nodes), ("--slots", slots),
                         ("--tokens-per-device", tokens_per_device)):
         check_option(name, value, minimum=1)
+    check_option("--gpus", gpus, maximum=MAX_GPUS)
     check_option("--time-limit", time_limit, above=0)
     check_option("--gap", gap, minimum=0)
     check_option("--move-budget", move_budget, minimum=0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from moeplan.cli.apps import app
-from moeplan.cli.common import console, guarded, human_seconds, print_table, check_option, resolve_hardware
+from moeplan.cli.common import console, guarded, human_seconds, print_table, MAX_GPUS, check_option, resolve_hardware
 from moeplan.cost import CostModel, CostOptions
 from moeplan.errors import InputError
 from moeplan.io import write_json
@@ -40,6 +40,7 @@ def simulate_cmd(
     load, tokens crossing devices and nodes, with a readable breakdown."""
     for name, value in (("--gpus", gpus), ("--nodes", nodes), ("--tokens-per-device", tokens_per_device)):
         check_option(name, value, minimum=1)
+    check_option("--gpus", gpus, maximum=MAX_GPUS)
     plan = Plan.load(plan_path) if plan_path else None
     spec = ModelSpec.resolve(model) if model else (plan.model if plan else ModelSpec.preset("deepseek-v3"))
     if plan and model and spec.num_experts != plan.model.num_experts:
