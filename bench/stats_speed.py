@@ -1,13 +1,20 @@
 """Time TraceStats and the simulator on a 1M-token DeepSeek-V3-shaped trace (58 MoE layers, top-8).
 
 Usage: python bench/stats_speed.py [tokens]   → prints a table, writes bench/results/stats_speed.json
+
+The anchor is a plain ``np.bincount`` over every choice of the same trace, measured in the same run:
+the floor for any statistic that has to look at each choice once. Peak memory is the process's
+maximum resident set (``ru_maxrss``).
 """
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
@@ -29,7 +36,12 @@ def main() -> None:
     model = ModelSpec.preset("deepseek-v3")
     trace, t_synth = timed(lambda: synthesize(model, SyntheticTraffic(tokens=tokens, seed=1)))
     st = TraceStats.of(trace)
+    synth_peak = _peak_gib()
     rows = {"synthesise trace": t_synth}
+    flat = trace.expert_ids.reshape(-1)
+    _, rows["anchor: one np.bincount over all choices"] = timed(
+        lambda: sum(np.bincount(flat[i:i + (1 << 26)], minlength=model.num_experts)
+                    for i in range(0, flat.size, 1 << 26)))
     _, rows["load [58×256]"] = timed(lambda: st.load)
     _, rows["co-activation, all 58 layers"] = timed(lambda: [st.coactivation(layer) for layer in range(trace.num_layers)])
     _, rows["transitions, all 57 layer pairs"] = timed(lambda: st.all_transition_counts)
@@ -43,8 +55,16 @@ def main() -> None:
     print(f"| step ({tokens:,} tokens × 58 layers × top-8) | seconds |\n| --- | ---: |")
     for name, secs in rows.items():
         print(f"| {name} | {secs:.2f} |")
+    peak = _peak_gib()
+    print(f"peak resident memory: {synth_peak:.2f} GiB after synthesis, {peak:.2f} GiB after everything")
     out = Path(__file__).parent / "results" / "stats_speed.json"
-    out.write_text(json.dumps({"tokens": tokens, "seconds": rows}, indent=1))
+    out.write_text(json.dumps({"tokens": tokens, "seconds": rows, "peak_rss_gib_synthesis": synth_peak,
+                               "peak_rss_gib": peak}, indent=1))
+
+
+def _peak_gib() -> float:
+    """The process's peak resident memory so far, GiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ that escapes is an internal failure (exit code 1).
 """
 from __future__ import annotations
 
+import os
+
 
 class InputError(ValueError):
     """Bad user input: a file, a field or an option that cannot be used.
@@ -40,3 +42,27 @@ def require(condition: bool, message: str, *, source: str = "", field: str = "",
     """Raise :class:`InputError` unless ``condition`` holds."""
     if not condition:
         raise InputError(message, source=source, field=field, fix=fix)
+
+
+def available_memory() -> int:
+    """Bytes of memory a process can take now: Linux's ``MemAvailable`` (free plus reclaimable
+    cache), else the free physical pages, else effectively unlimited where neither is known."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_memory(needed: int, what: str, fix: str) -> None:
+    """Refuse, before allocating, a step whose estimated ``needed`` bytes exceed the free memory."""
+    free = available_memory()
+    if needed > free:
+        raise InputError(f"{what} needs about {needed / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB are free",
+                         field="memory", fix=fix)

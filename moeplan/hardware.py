@@ -369,15 +369,39 @@ class HardwareProfile:
 
     @classmethod
     def resolve(cls, ref: str) -> "HardwareProfile":
-        """A bundled profile name (``h100-sxm``, ``measured/h100-sxm``) or a YAML path."""
+        """A bundled profile name (``h100-sxm``, ``measured/h100-sxm``), an alias people type
+        (``h100``, ``H200``, ``910b``: see :data:`ALIASES` and :meth:`resolve_name`) or a YAML path."""
         bundled = cls.bundled()
-        if ref in bundled:
-            return cls.load(bundled[ref])
+        name = cls.resolve_name(ref)
+        if name in bundled:
+            return cls.load(bundled[name])
         p = Path(ref)
         if p.suffix in (".yaml", ".yml") or p.exists():
             return cls.load(p)
         raise InputError(f"unknown hardware profile '{ref}'", field="hardware",
-                         fix=f"use one of: {', '.join(bundled)}, or a path to a profile YAML")
+                         fix=f"use one of: {', '.join(bundled)}, an alias ({', '.join(ALIASES)}), "
+                             "or a path to a profile YAML")
+
+    @classmethod
+    def resolve_name(cls, ref: str) -> str:
+        """The bundled profile an alias stands for: the measured one where one is bundled, else the
+        datasheet one; any other reference is returned unchanged."""
+        canonical = ALIASES.get(ref.strip().lower())
+        if canonical is None:
+            return ref
+        measured = f"measured/{canonical}"
+        return measured if measured in cls.bundled() else canonical
+
+
+# Names people type for a bundled profile (lower case), → the datasheet profile's name.
+ALIASES: dict[str, str] = {
+    "h100": "h100-sxm", "h100-sxm5": "h100-sxm", "h100-80gb": "h100-sxm",
+    "h200": "h200-sxm", "h200-sxm5": "h200-sxm",
+    "a100": "a100-80gb-sxm", "a100-80gb": "a100-80gb-sxm", "a100-sxm": "a100-80gb-sxm",
+    "b200": "b200", "mi300x": "mi300x", "mi300": "mi300x",
+    "910b": "ascend-910b", "ascend910b": "ascend-910b", "ascend-910b": "ascend-910b",
+    "cloudmatrix": "cloudmatrix384", "cloudmatrix384": "cloudmatrix384",
+}
 
 
 @dataclass(frozen=True)

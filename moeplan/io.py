@@ -6,8 +6,11 @@ every parse failure into :class:`moeplan.errors.InputError` naming the file.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import io
 import json
+import math
 import os
 import tempfile
 import tokenize
@@ -24,22 +27,83 @@ import yaml
 from moeplan.errors import InputError
 
 
+TEMP_SUFFIX = ".tmp"
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; rename it onto ``path`` only on success."""
+    """Open a temporary file beside ``path``; rename it onto ``path`` only on success.
+
+    The file gets the mode a plain ``open()`` would give (0666 less the umask), not mkstemp's
+    0600. The temporary name carries the writer's process id (``.NAME.PID.XXXX.tmp``), so
+    temporaries left by a killed earlier run (SIGKILL, power loss) are recognised and removed
+    the next time anything is written there. Any failure to create the folder or the file is an
+    InputError naming ``path``.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(target))
+        remove_stale_temporaries(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    except OSError as exc:
+        raise _output_error(target, exc) from None
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise _output_error(target, exc) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _output_error(target: Path, exc: OSError) -> InputError:
+    reason = exc.strerror or type(exc).__name__
+    return InputError(f"cannot write here ({reason})", source=str(target),
+                      fix="give a writable file path (not a folder, not under an existing file)")
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete ``.NAME.PID.*.tmp`` beside ``target`` whose writer process no longer exists; returns them."""
+    removed: list[Path] = []
+    prefix = f".{target.name}."
+    for tmp in target.parent.glob(f"{glob.escape(prefix)}*{TEMP_SUFFIX}"):
+        pid_text = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            _unlink_quietly(str(tmp))
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -50,7 +114,7 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    write_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
+    write_text(path, json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n")
 
 
 def write_yaml(path: str | os.PathLike[str], data: Any) -> None:
@@ -64,13 +128,23 @@ def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> No
         np.savez_compressed(handle, **arrays)
 
 
-def _json_default(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays made plain and every NaN or ±inf made ``null``
+    (JSON has no NaN: other parsers reject ``NaN``/``Infinity``)."""
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if isinstance(value, np.integer):
         return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, (int, str)):
+        return value
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
@@ -114,7 +188,9 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
     except NPZ_ERRORS as exc:
-        raise InputError(f"not a readable NPZ archive ({exc})", source=str(path),
+        reason = ("it holds pickled Python objects, which moeplan never loads" if "allow_pickle" in str(exc)
+                  else str(exc))
+        raise InputError(f"not a readable NPZ archive ({reason})", source=str(path),
                          fix="give a trace written by 'moeplan trace synth' or 'trace collect'") from None
 
 
@@ -174,8 +250,8 @@ class Fields:
     def float(self, key: str, default: Any = ..., minimum: float | None = None,
               positive: bool = False) -> float:
         value = _yaml_number(self.raw(key, default))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise InputError(f"expected a number, got {value!r}", source=self.source, field=self.name(key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"expected a finite number, got {value!r}", source=self.source, field=self.name(key))
         value = float(value)
         if positive and not value > 0:
             raise InputError(f"must be > 0, got {value}", source=self.source, field=self.name(key))
@@ -210,8 +286,8 @@ class Fields:
         out: list[float] = []
         for i, v in enumerate(values):
             v = _yaml_number(v)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                raise InputError(f"item {i} is not a number: {v!r}", source=self.source, field=self.name(key))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"item {i} is not a finite number: {v!r}", source=self.source, field=self.name(key))
             if positive and not v > 0:
                 raise InputError(f"item {i} must be > 0, got {v}", source=self.source, field=self.name(key))
             out.append(float(v))

@@ -47,11 +47,12 @@ class TraceStats:
         """[layers, experts] int64: token-choices routed to each expert."""
         ids = self.trace.expert_ids
         e, nl = self.num_experts, self.trace.num_layers
-        offsets = (np.arange(nl, dtype=np.int32) * e)[None, :, None]
+        offsets = (np.arange(nl, dtype=np.intp) * e)[None, :, None]
         out = np.zeros(nl * e, dtype=np.int64)
         for start in range(0, ids.shape[0], CHUNK_TOKENS):
-            flat = (ids[start:start + CHUNK_TOKENS].astype(np.int32) + offsets).ravel()
-            out += np.bincount(flat, minlength=nl * e)
+            # one pass: int16 + intp offsets straight into the intp indices bincount wants
+            flat = np.add(ids[start:start + CHUNK_TOKENS], offsets, dtype=np.intp)
+            out += np.bincount(flat.ravel(), minlength=nl * e)
         return out.reshape(nl, e)
 
     @cached_property
@@ -70,10 +71,9 @@ class TraceStats:
         a, b = np.triu_indices(k, 1)
         out = np.zeros(e * e, dtype=np.int64)
         for start in range(0, ids.shape[0], CHUNK_TOKENS):
-            chunk = ids[start:start + CHUNK_TOKENS].astype(np.int32)
-            lo = np.minimum(chunk[:, a], chunk[:, b])
-            hi = np.maximum(chunk[:, a], chunk[:, b])
-            out += np.bincount((lo * e + hi).ravel(), minlength=e * e)
+            chunk = ids[start:start + CHUNK_TOKENS].astype(np.intp)
+            # every ordered pair (i at column a, j at column b): C[i, j] + C[j, i] is what is asked
+            out += np.bincount((chunk[:, a] * e + chunk[:, b]).ravel(), minlength=e * e)
         m = out.reshape(e, e)
         return m + m.T
 
@@ -85,9 +85,9 @@ class TraceStats:
         e = self.num_experts
         out = np.zeros(e * e, dtype=np.int64)
         for start in range(0, ids.shape[0], CHUNK_TOKENS):
-            src = ids[start:start + CHUNK_TOKENS, layer, :].astype(np.int32)
-            dst = ids[start:start + CHUNK_TOKENS, layer + 1, :].astype(np.int32)
-            out += np.bincount((src[:, :, None] * e + dst[:, None, :]).ravel(), minlength=e * e)
+            src = ids[start:start + CHUNK_TOKENS, layer, :].astype(np.intp) * e
+            dst = ids[start:start + CHUNK_TOKENS, layer + 1, :].astype(np.intp)
+            out += np.bincount((src[:, :, None] + dst[:, None, :]).ravel(), minlength=e * e)
         return out.reshape(e, e)
 
     def transitions(self, layer: int) -> np.ndarray:
@@ -108,11 +108,11 @@ class TraceStats:
     def affinity_strength(self) -> np.ndarray:
         """[layers-1]: share of top-1 → top-1 transitions that follow each expert's most common
         successor (1/experts for independent layers, 1 for fully determined paths)."""
-        ids = self.trace.expert_ids[:, :, 0].astype(np.int64)
+        top1 = np.ascontiguousarray(self.trace.expert_ids[:, :, 0].T).astype(np.intp)  # [layers, tokens]
         e = self.num_experts
         out = np.zeros(max(self.trace.num_layers - 1, 0))
         for layer in range(self.trace.num_layers - 1):
-            c = np.bincount(ids[:, layer] * e + ids[:, layer + 1], minlength=e * e).reshape(e, e)
+            c = np.bincount(top1[layer] * e + top1[layer + 1], minlength=e * e).reshape(e, e)
             out[layer] = c.max(axis=1).sum() / max(c.sum(), 1)
         return out
 

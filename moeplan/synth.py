@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from moeplan.errors import InputError
+from moeplan.errors import InputError, check_memory
 from moeplan.model import ModelSpec
 from moeplan.trace import RoutingTrace
 
@@ -30,6 +30,7 @@ CONTEXTS = 32
 OVERSAMPLE = 2
 RESOLUTION = 8192
 MAX_FILL_ROUNDS = 10_000
+MAX_ZIPF = 20.0  # rank^-20 stays above float64's smallest normal for 10^15 experts
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ class SyntheticTraffic:
     def validate(self) -> "SyntheticTraffic":
         if self.tokens < 1:
             raise InputError(f"must be ≥ 1, got {self.tokens}", field="tokens")
-        if self.zipf < 0:
-            raise InputError(f"must be ≥ 0, got {self.zipf}", field="zipf")
+        if not 0 <= self.zipf <= MAX_ZIPF:
+            raise InputError(f"must lie in [0, {MAX_ZIPF:g}], got {self.zipf}", field="zipf",
+                             fix="typical routers lie between 0.3 and 1.5")
         for name in ("affinity", "locality"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
@@ -60,6 +62,8 @@ class SyntheticTraffic:
         if self.affinity + self.locality > 1:
             raise InputError(f"affinity + locality must be ≤ 1, got {self.affinity + self.locality}",
                              field="affinity", fix="lower one of them")
+        if self.seed < 0:
+            raise InputError(f"must be ≥ 0, got {self.seed}", field="seed")
         if self.segment < 1:
             raise InputError(f"must be ≥ 1, got {self.segment}", field="segment")
         return self
@@ -108,6 +112,16 @@ def _inverse_cdf_tables(table: np.ndarray, resolution: int) -> np.ndarray:
     return np.repeat(experts.ravel(), counts.ravel()).reshape(rows, resolution)
 
 
+def synthesis_bytes(model: ModelSpec, traffic: SyntheticTraffic) -> int:
+    """Peak bytes :func:`synthesize` needs: the trace (int16 ids + float16 gates) plus one layer's
+    scratch (candidate arrays per token, and the [experts, experts] successor tables)."""
+    t, nl, k, e = traffic.tokens, model.num_moe_layers, model.top_k, model.num_experts
+    trace = t * nl * k * 4
+    per_token = t * OVERSAMPLE * k * (8 + 8 + 2 + 8) + t * k * 8 + t * 8 * 3
+    tables = (1 + CONTEXTS + e) * e * 8 * 3 + (1 + CONTEXTS + e) * RESOLUTION * 2
+    return trace + per_token + tables
+
+
 def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
     """Generate a RoutingTrace for ``model`` with the given knobs (deterministic for a seed).
 
@@ -116,6 +130,8 @@ def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
     grouped routing, inside its first ``topk_group`` groups. Vectorised over tokens.
     """
     traffic.validate()
+    check_memory(synthesis_bytes(model, traffic), f"synthesising {traffic.tokens:,} tokens for {model.name}",
+                 "synthesise fewer tokens (--tokens), or on a host with more memory")
     rng = np.random.default_rng(traffic.seed)
     t, nl, k, e = traffic.tokens, model.num_moe_layers, model.top_k, model.num_experts
     group_size = model.experts_per_group
@@ -147,47 +163,46 @@ def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
             chosen[todo[done]] = more[done]
             todo, cand = todo[~done], cand[~done]
         ids[:, layer, :] = chosen
-    gates = -np.sort(-rng.standard_normal((t, nl, k)).astype(np.float32), axis=2)
-    gates = np.exp(gates - gates[:, :, :1])
-    gates /= gates.sum(axis=2, keepdims=True)
-    return RoutingTrace(ids, e, model.name, gates.astype(np.float16),
+    gates = np.empty((t, nl, k), dtype=np.float16)
+    for layer in range(nl):  # layer by layer: float32 scratch of one layer, never of the whole trace
+        g = -np.sort(-rng.standard_normal((t, k), dtype=np.float32), axis=1)
+        g = np.exp(g - g[:, :1])
+        gates[:, layer, :] = g / g.sum(axis=1, keepdims=True)
+    return RoutingTrace(ids, e, model.name, gates,
                         {"source": "synthetic", "generator": "moeplan.synth", **asdict(traffic)}).validate()
-
-
-def _first_positions(keys: np.ndarray, width: int, mask: np.ndarray | None = None) -> np.ndarray:
-    """For each row of ``keys`` [rows, M] (values in 0..width-1), the first column where each
-    value occurs (M where it does not, or where ``mask`` is False)."""
-    rows, m = keys.shape
-    first = np.full(rows * width, m, dtype=np.int32)
-    flat = (np.arange(rows, dtype=np.int64)[:, None] * width + keys)[:, ::-1]
-    pos = np.broadcast_to(np.arange(m - 1, -1, -1, dtype=np.int32), (rows, m))
-    if mask is not None:
-        keep = mask[:, ::-1]
-        flat, pos = flat[keep], pos[keep]
-    first[flat.ravel()] = pos.ravel()  # later writes win: the earliest column is written last
-    return first.reshape(rows, width)
 
 
 def _first_k_valid(cand: np.ndarray, k: int, group_size: int, n_group: int,
                    topk_group: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``cand`` [rows, M], the first ``k`` candidates that are not repeats and lie in
     the row's first ``topk_group`` distinct groups (in candidate order). Returns the chosen ids
-    [rows, k] and whether each row found ``k``."""
+    [rows, k] and whether each row found ``k``.
+
+    Works column against column on the transposed [M, rows] array (M is small: 2-8 × top_k), so
+    every comparison runs over contiguous memory and nothing of size rows × num_experts is built.
+    """
     rows, m = cand.shape
-    keys = cand.astype(np.int64)
-    cols = np.arange(m, dtype=np.int32)
-    num_experts = group_size * n_group
-    valid = np.take_along_axis(_first_positions(keys, num_experts), keys, axis=1) == cols
+    cols = np.ascontiguousarray(cand.T)
+    valid = np.ones((m, rows), dtype=bool)
+    for j in range(1, m):
+        for i in range(j):
+            valid[j] &= cols[i] != cols[j]
     if n_group > 1:
-        groups = keys // group_size
-        gfirst = _first_positions(groups, n_group, valid)
-        threshold = np.partition(gfirst, topk_group - 1, axis=1)[:, topk_group - 1:topk_group]
-        gpos = np.take_along_axis(gfirst, groups, axis=1)
-        valid &= (gpos <= threshold) & (gpos < m)
-    position = np.cumsum(valid, axis=1)
+        groups = cols // group_size
+        new_group = valid.copy()  # the first valid candidate of its group in this row
+        for j in range(1, m):
+            for i in range(j):
+                new_group[j] &= ~((groups[i] == groups[j]) & valid[i])
+        opens_allowed = new_group & (np.cumsum(new_group, axis=0) <= topk_group)
+        inside = opens_allowed.copy()
+        for j in range(1, m):
+            for i in range(j):
+                inside[j] |= (groups[i] == groups[j]) & opens_allowed[i]
+        valid &= inside
+    position = np.cumsum(valid, axis=0, dtype=np.int16)
     keep = valid & (position <= k)
-    complete = position[:, -1] >= k
+    complete = position[-1] >= k
     chosen = np.zeros((rows, k), dtype=cand.dtype)
-    r, c = np.nonzero(keep)
-    chosen[r, position[r, c] - 1] = cand[r, c]
+    c, r = np.nonzero(keep)
+    chosen[r, position[c, r] - 1] = cols[c, r]
     return chosen, complete

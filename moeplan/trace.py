@@ -95,6 +95,9 @@ class RoutingTrace:
         """The first ``fraction`` of tokens (fit) and the rest (held out), in time order."""
         if not 0 < fraction < 1:
             raise InputError(f"split fraction must lie in (0, 1), got {fraction}", field="holdout")
+        if self.num_tokens < 2:
+            raise InputError(f"a trace of {self.num_tokens} token cannot be split into a fitted and a judged part",
+                             field="tokens", fix="use at least 2 tokens (thousands for meaningful figures)")
         cut = max(1, min(self.num_tokens - 1, int(round(self.num_tokens * fraction))))
         return self.slice(0, cut), self.slice(cut, self.num_tokens)
 

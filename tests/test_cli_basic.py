@@ -114,3 +114,20 @@ def test_models_bad_config_json(text: str, tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text(text)
     _bad(*run("models", str(path)), "config.json")
+
+
+def test_streamlit_started_by_hand_binds_localhost() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for folder in (root, root / "dashboard"):  # streamlit reads .streamlit/ of the folder it is started in
+        lines = [x.strip() for x in (folder / ".streamlit" / "config.toml").read_text().splitlines()]
+        assert lines.index("[server]") < lines.index('address = "localhost"')
+
+
+def test_printed_megatron_arguments_survive_a_shell() -> None:
+    import shlex
+    code, out = run("plan", "folding", "--model", "deepseek-v3", "--hardware", "h100-sxm", "--gpus", "256")
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("--num-layers"))
+    words = shlex.split(line)
+    freq = words[words.index("--moe-layer-freq") + 1]
+    assert freq.startswith("([0]*3+[1]*58)") or freq == "([0]*3+[1]*58)"

@@ -165,3 +165,24 @@ def test_resolve_unknown_profile_lists_the_bundled_ones() -> None:
     assert info.value.field == "hardware" and "h100-sxm" in info.value.fix
     with pytest.raises(InputError, match="file not found"):
         HardwareProfile.resolve("missing.yaml")
+
+
+@pytest.mark.parametrize("alias, name", [("h100", "measured/h100-sxm"), ("H200", "measured/h200-sxm"),
+                                         ("a100", "a100-80gb-sxm"), ("910b", "ascend-910b"), ("mi300x", "mi300x"),
+                                         ("b200", "b200"), ("h100-sxm", "h100-sxm")])
+def test_aliases_resolve_to_the_measured_profile_where_one_is_bundled(alias: str, name: str) -> None:
+    assert HardwareProfile.resolve_name(alias) == name
+    bundled = HardwareProfile.bundled()
+    assert HardwareProfile.resolve(alias).digest() == HardwareProfile.load(bundled[name]).digest()
+
+
+def test_commands_that_price_say_which_profile_an_alias_became(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moeplan.cli import app
+    result = CliRunner().invoke(app, ["plan", "folding", "--model", "mixtral-8x7b", "--hardware", "h100",
+                                      "--gpus", "64"])
+    assert result.exit_code == 0, result.output
+    assert "hardware: h100 → measured/h100-sxm" in result.output
+    bad = CliRunner().invoke(app, ["plan", "folding", "--model", "mixtral-8x7b", "--hardware", "h1000", "--gpus", "64"])
+    assert bad.exit_code == 2 and "h100, h100-sxm5" in bad.output

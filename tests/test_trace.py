@@ -212,3 +212,15 @@ def test_consistency_refuses_bad_input(kwargs: dict, field: str) -> None:
     assert err.value.field == field
 
 
+def test_synthesis_refuses_before_allocating_what_memory_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import moeplan.errors
+    from moeplan.errors import InputError
+    from moeplan.model import ModelSpec
+    from moeplan.synth import SyntheticTraffic, synthesis_bytes, synthesize
+    huge = dataclasses.replace(ModelSpec.preset("deepseek-v3"), num_experts=32_768, n_group=8)
+    assert synthesis_bytes(huge, SyntheticTraffic(tokens=100)) > 20 * 2**30
+    monkeypatch.setattr(moeplan.errors, "available_memory", lambda: 8 * 2**30)
+    with pytest.raises(InputError, match=r"needs about .* GiB of memory, 8.0 GiB are free"):
+        synthesize(huge, SyntheticTraffic(tokens=100))

@@ -11,10 +11,9 @@ from moeplan.solvers.elastic.study import prepare, run_all
 from moeplan.solvers.elastic.traffic import SHAPES
 
 from moeplan.cli.apps import app
-from moeplan.cli.common import console, guarded, print_table
+from moeplan.cli.common import console, guarded, print_table, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
 from moeplan.stats import TraceStats
@@ -61,7 +60,7 @@ def autoscale(
     """Price decode latency vs (devices, load) and the elastic steps once, then run every traffic shape ×
     strategy × policy: SLO attainment, device-hours and time spent scaling."""
     spec = ModelSpec.resolve(model)
-    hw = HardwareProfile.resolve(hardware)
+    hw = resolve_hardware(hardware)
     shapes = _choices(shape, SHAPES, "shape")
     policies = _choices(policy, POLICIES, "policy")
     if trace_path:
@@ -81,7 +80,7 @@ def autoscale(
                   f"{r['device_hours']:.1f}", f"{r['scaling_steps']:.1f}", f"{r['scaling_seconds']:.1f} s")
                  for _, r in grouped.iterrows()])
     for note in study.notes:
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"note: {note}", style="dim", highlight=False)
     if output:
         write_json(output, {"model": spec.name, "hardware": hw.name, "sizes": list(study.sizes), "slo_s": study.slo,
                             "peak_tokens_per_s": study.peak_rate, "notes": study.notes,

@@ -40,5 +40,5 @@ def collect(
                   f"of {trace.num_experts} experts; {prov['tokenizer']} tokens, {prov['dtype']} on {prov['device']}) "
                   f"in {time.perf_counter() - t0:.1f} s")
     if random_init:
-        console.print("[yellow]random weights: the routing shows the model's shape, not a trained router's "
-                      "preferences[/]")
+        console.print("random weights: the routing shows the model's shape, not a trained router's "
+                      "preferences", style="yellow")

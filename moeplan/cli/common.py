@@ -2,7 +2,10 @@
 failure), progress bars and table printing."""
 from __future__ import annotations
 
+import math
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
@@ -12,15 +15,19 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from moeplan.errors import InputError
+from moeplan.hardware import HardwareProfile
 
 if TYPE_CHECKING:
     from moeplan.export.common import Export
 
 _WIDTH = None if sys.stdout.isatty() else 160
-console = Console(stderr=False, soft_wrap=True, width=_WIDTH)
-err_console = Console(stderr=True, soft_wrap=True, width=_WIDTH)
+# markup=False: file names, messages and table cells are printed as typed ("run[1].npz",
+# "[tokens, layers, top_k]"); styles are passed as ``style=``.
+console = Console(stderr=False, soft_wrap=True, width=_WIDTH, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, width=_WIDTH, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
@@ -29,22 +36,72 @@ def guarded(func: F) -> F:
     """Run a command: InputError → one red line and exit 2; any other exception → exit 1."""
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _interrupt_on_sigterm()
         try:
             return func(*args, **kwargs)
         except InputError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False)
             raise typer.Exit(2) from None
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
+            err_console.print("interrupted", style="yellow")
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+            err_console.print(Text.assemble(("internal error:", "bold red"), f" {type(exc).__name__}: {exc}"),
+                              highlight=False)
             if "--debug" in sys.argv:
                 raise
             raise typer.Exit(1) from None
     return wrapper  # type: ignore[return-value]
+
+
+MAX_GPUS = 1 << 17  # 131,072: above any cluster built; per-device arrays stay small
+
+
+def check_option(name: str, value: float | None, *, minimum: float | None = None, maximum: float | None = None,
+                 above: float | None = None) -> None:
+    """InputError naming ``--name`` unless ``value`` (None: not given) is finite and in range
+    (``minimum``/``maximum`` inclusive, ``above`` exclusive). Checked before any solve or write."""
+    if value is None:
+        return
+    field = name.lstrip("-").replace("-", "_")
+    bad = None
+    if not math.isfinite(value):
+        bad = "must be a finite number"
+    elif minimum is not None and value < minimum:
+        bad = f"must be ≥ {minimum:g}"
+    elif maximum is not None and value > maximum:
+        bad = f"must be ≤ {maximum:g}"
+    elif above is not None and not value > above:
+        bad = f"must be > {above:g}"
+    if bad:
+        raise InputError(f"{name} {bad}, got {value:g}", field=field)
+
+
+def resolve_hardware(ref: str) -> HardwareProfile:
+    """Resolve ``--hardware`` and say on stderr which profile it became and what in it is measured."""
+    profile = HardwareProfile.resolve(ref)
+    announce_hardware(profile, ref)
+    return profile
+
+
+def announce_hardware(profile: HardwareProfile, ref: str) -> None:
+    """One line on stderr: the hardware reference typed, the profile used, its provenance."""
+    name = HardwareProfile.resolve_name(ref)
+    used = f"{ref} → {name}" if name != ref else ref
+    err_console.print(f"hardware: {used} ({profile.name}; {profile.provenance_note()})", style="dim", highlight=False)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, a container stopping) unwinds like Ctrl-C: temporary files are removed,
+    the command exits 130. Only the main thread may install signal handlers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 @contextmanager

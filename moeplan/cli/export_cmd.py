@@ -7,12 +7,11 @@ import numpy as np
 import typer
 
 from moeplan.cli.apps import app
-from moeplan.cli.common import console, err_console, guarded, print_table, report_export
+from moeplan.cli.common import console, err_console, guarded, print_table, report_export, resolve_hardware
 from moeplan.errors import InputError
 from moeplan.export.common import require_placement, same_rank_replica
 from moeplan.export.importers import import_eplb, import_sglang_dump, import_sglang_location
 from moeplan.export.registry import EXPORTERS, export_plan, exporter
-from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan
@@ -66,7 +65,7 @@ def import_(
         return
     if hardware is None:
         raise InputError(f"--format {fmt} needs the cluster", field="hardware", fix="give --hardware (and --gpus)")
-    profile = HardwareProfile.resolve(hardware)
+    profile = resolve_hardware(hardware)
     plan = (import_sglang_location(source, spec, profile, gpus) if fmt == "sglang"
             else import_eplb(source, spec, profile, gpus))
     plan.save(output)

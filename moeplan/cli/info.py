@@ -85,5 +85,5 @@ def hardware(
     print_table("Hardware profiles", ["profile", "device", "memory", "bf16 TFLOP/s", "HBM TB/s", "intra GB/s",
                                       "inter GB/s", "per node", "source"], rows,
                 caption="measured profiles say which curves they measured: `moeplan hardware NAME`")
-    console.print("[dim]A profile without measured link curves uses datasheet bandwidth for all-to-all; "
-                  "the simulator says so in its output.[/]")
+    console.print("A profile without measured link curves uses datasheet bandwidth for all-to-all; "
+                  "the simulator says so in its output.", style="dim")

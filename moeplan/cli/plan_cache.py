@@ -10,10 +10,9 @@ from moeplan.solvers.cache.sizing import evaluate
 from moeplan.solvers.cache.steptime import model_layer_times
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, guarded, human_bytes, print_table
+from moeplan.cli.common import console, guarded, human_bytes, print_table, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
 from moeplan.trace import RoutingTrace
@@ -52,7 +51,7 @@ def cache(
     if regroup_requests and not request_tokens:
         raise InputError("--regroup batches requests: give their length", field="request_tokens",
                          fix="add --request-tokens N")
-    problem = CacheProblem(CostModel(spec, HardwareProfile.resolve(hardware)), trace,
+    problem = CacheProblem(CostModel(spec, resolve_hardware(hardware)), trace,
                            StepShape(phase, batch, request_tokens), policy, context,
                            None if budget_gb is None else budget_gb * 2**30,
                            None if latency_ms is None else latency_ms / 1e3, fit_fraction, stage_slots, max_steps)
@@ -73,7 +72,7 @@ def cache(
 def _print(sizing: CacheSizing) -> None:
     p, b, s = sizing.problem, sizing.budget, sizing.summary()
     gib = 2**30
-    console.print(f"[bold]{p.model.name}[/] on {p.hardware.device.name}: {p.shape.phase}, batch {p.shape.batch}, "
+    console.print(f"{p.model.name} on {p.hardware.device.name}: {p.shape.phase}, batch {p.shape.batch}, "
                   f"context {p.context}; {sizing.steps:,} held-out steps judged; one expert "
                   f"{human_bytes(b.expert_bytes)}, {s['copy_seconds_per_expert'] * 1e3:.3f} ms over the host link")
     console.print(f"memory: {b.capacity / gib:.2f} GiB usable − non-expert {b.non_expert / gib:.2f} − KV "
@@ -101,7 +100,7 @@ def _print(sizing: CacheSizing) -> None:
                   f"{s['lp_bound_tokens_per_s']:.2f}; knee at {s['knee_slots']} slots "
                   f"({s['knee_bytes'] / gib:.2f} GiB, {s['knee_tokens_per_s']:.2f} tokens/s)")
     for note in sizing.notes:
-        console.print(f"[dim]{note}[/]")
+        console.print(note, style="dim")
 
 
 def _regroup(sizing: CacheSizing) -> dict[str, float]:

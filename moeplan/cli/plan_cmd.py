@@ -9,12 +9,11 @@ from typing import Any
 import typer
 
 from moeplan.cli.apps import app, plan_app
-from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export
+from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export, MAX_GPUS, check_option, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.dispatch import RUNTIME_DISPATCH, realise
 from moeplan.errors import InputError
 from moeplan.export.registry import EXPORTERS, export_plan
-from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.plan import DISPATCH_MODELS, Plan
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
@@ -70,6 +69,11 @@ def plan_end_to_end(
     (what users run today) side by side on held-out traffic. With a subcommand, runs that step alone."""
     if ctx.invoked_subcommand is not None:
         return
+    check_option("--gpus", gpus, minimum=1, maximum=MAX_GPUS)
+    check_option("--nodes", nodes, minimum=1)
+    check_option("--slots", slots, minimum=1)
+    check_option("--tokens", tokens, minimum=2)
+    check_option("--time-limit", time_limit, above=0)
     if export != "none" and export not in EXPORTERS:
         raise InputError(f"unknown export format '{export}'", field="export",
                          fix=f"use {', '.join(EXPORTERS)} or none")
@@ -78,7 +82,7 @@ def plan_end_to_end(
         raise InputError(f"unknown dispatch model '{dispatch}'", field="dispatch",
                          fix=f"use one of: {', '.join(DISPATCH_MODELS)}")
     spec = ModelSpec.resolve(model)
-    hw = HardwareProfile.resolve(hardware).with_cluster(devices=gpus, nodes=nodes)
+    hw = resolve_hardware(hardware).with_cluster(devices=gpus, nodes=nodes)
     cost = CostModel(spec, hw)
     out_dir.mkdir(parents=True, exist_ok=True)
     if trace_path is None:
@@ -117,7 +121,7 @@ def plan_end_to_end(
                   f"({held.num_tokens:,} held-out tokens, {tpd} tokens/GPU per step, {dispatch} dispatch)", rows)
     console.print(f"solver {solver}: objective {chosen.objective * 1e3:.2f} ms/step, proved bound "
                   f"{chosen.bound * 1e3:.2f}, gap {100 * chosen.gap:.1f}%, {chosen.seconds:.1f} s", highlight=False)
-    console.print(f"[dim]{hw.provenance_note()}[/]")
+    console.print(hw.provenance_note(), style="dim")
     console.print(f"wrote {plan_path}")
     if export != "none":
         with console.status(f"5/5 exporting to {export}"):
@@ -155,4 +159,4 @@ def compare(
                                                                 trace, tokens_per_device)})
     print_quality(f"{first.model.name} on {hw.num_devices}× {hw.device.name}: {trace.num_tokens:,} tokens of "
                   f"{trace_path.name}", rows)
-    console.print(f"[dim]{hw.provenance_note()}[/]")
+    console.print(hw.provenance_note(), style="dim")

@@ -1,17 +1,18 @@
 """``moeplan plan folding``: choose the attention / MoE parallel mapping (MoE Parallel Folding)."""
 from __future__ import annotations
 
+import shlex
+
 from pathlib import Path
 
 import typer
 from moeplan.solvers.folding import FoldingProblem, FoldingResult, Ranked, solve
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table
+from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, resolve_hardware
 from moeplan.parallel_step import TrainStep
 from moeplan.export.megatron import megatron_args
 from moeplan.cost import CostModel
-from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 
 DEFAULT_GLOBAL_BATCH = {"train": 1024, "serve": 256}
@@ -37,18 +38,18 @@ def folding(
 ) -> None:
     """Enumerate every valid attention (TP×CP×DP×PP) / MoE (ETP×EP×EDP×PP) mapping, predict each with
     the cost model, and print the ranking, why each runner-up loses, and the Megatron-Core arguments."""
-    hw = HardwareProfile.resolve(hardware).with_cluster(devices=gpus, nodes=nodes)
+    hw = resolve_hardware(hardware).with_cluster(devices=gpus, nodes=nodes)
     batch = gbs if gbs is not None else DEFAULT_GLOBAL_BATCH.get(mode, 0)
     problem = FoldingProblem(CostModel(ModelSpec.resolve(model), hw), mode, seq, batch, mbs,
                              tp_comm_overlap=tp_comm_overlap).validate()
     result = solve(problem, top=top)
     _print_ranking(result, top)
     plan = result.to_plan(top)
-    console.print("\n[bold]Megatron-Core arguments[/] (" + ("training" if mode == "train" else
+    console.print("\nMegatron-Core arguments (" + ("training" if mode == "train" else
                   "the serving mapping as training arguments; map attention TP/DP and EP to your server") + "):")
-    console.print(" ".join(megatron_args(plan) + (["--tp-comm-overlap"] if problem.tp_comm_overlap else [])),
+    console.print(shlex.join(megatron_args(plan) + (["--tp-comm-overlap"] if problem.tp_comm_overlap else [])),
                   highlight=False, soft_wrap=True)
-    console.print(f"[dim]{hw.provenance_note()}[/]")
+    console.print(hw.provenance_note(), style="dim")
     if output:
         plan.save(output)
         console.print(f"wrote {output}")
@@ -77,7 +78,7 @@ def _print_ranking(result: FoldingResult, top: int) -> None:
                 for i, r in enumerate(result.ranked[:top])]
     print_table(title, columns, rows, caption=caption)
     for label, why in list(result.invalid_examples.items())[:3]:
-        console.print(f"[dim]invalid, e.g. {label}: {why}[/]", highlight=False)
+        console.print(f"invalid, e.g. {label}: {why}", style="dim", highlight=False)
     best = result.best
     breakdown = best.breakdown
     total = sum(breakdown.values())

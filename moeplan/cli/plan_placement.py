@@ -15,10 +15,9 @@ from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, l
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table
+from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table, MAX_GPUS, check_option, resolve_hardware
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
 from moeplan.loads import Workloads, read_loads
 from moeplan.model import ModelSpec
 from moeplan.moves import Move
@@ -70,8 +69,17 @@ def placement(
     """Solve expert placement for a trace, write a Plan and print its quality on held-out tokens:
     balancedness, devices and nodes touched per token, top-1 hops between layers, predicted MoE
     time, and the solver's objective, bound, gap and time."""
+    for name, value in (("--gpus", gpus), ("--nodes", nodes), ("--slots", slots),
+                        ("--tokens-per-device", tokens_per_device)):
+        check_option(name, value, minimum=1)
+    check_option("--gpus", gpus, maximum=MAX_GPUS)
+    check_option("--time-limit", time_limit, above=0)
+    check_option("--gap", gap, minimum=0)
+    check_option("--move-budget", move_budget, minimum=0)
+    if balance_cap != 0:
+        check_option("--balance-cap", balance_cap, minimum=1)
     spec = ModelSpec.resolve(model)
-    hw = HardwareProfile.resolve(hardware)
+    hw = resolve_hardware(hardware)
     if gpus is not None or nodes is not None:
         hw = hw.with_cluster(devices=gpus, nodes=nodes)
     if trace_path is None and not load:
@@ -85,7 +93,7 @@ def placement(
         raise InputError("--current and --move-budget go together", field="current",
                          fix="give both to re-place incrementally, or neither to solve from scratch")
     options = SolverOptions(time_limit=time_limit, gap=gap, milp=milp, robust=robust,
-                            balance_cap=balance_cap if balance_cap > 0 else None).validate()
+                            balance_cap=balance_cap or None).validate()
     cost = CostModel(spec, hw)
     per_device = default_slots(cost, slots, tokens_per_device)
     workloads = read_loads(load, spec) if load else None
@@ -198,4 +206,4 @@ def _print(plan: Plan, report: dict[str, Any], incremental: bool) -> None:
     print_table(f"{plan.model.name}: expert placement", ["quantity", "value"], rows)
     rows.append(("judged on", f"{predicted['judged_tokens']:,} {predicted['judged_on']}"))
     for note in list(report.get("notes", [])) + list(predicted.get("notes", [])):
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"note: {note}", style="dim", highlight=False)

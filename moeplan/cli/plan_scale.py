@@ -118,4 +118,4 @@ def _print_step(step: ScalingStep, spec: ModelSpec, hw: HardwareProfile) -> None
             ("planner", f"{s['solver_seconds']:.2f} s")]
     print_table("Scaling step", ["quantity", "value"], rows)
     for note in s["notes"]:
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"note: {note}", style="dim", highlight=False)

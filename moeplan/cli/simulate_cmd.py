@@ -7,10 +7,9 @@ from pathlib import Path
 import typer
 
 from moeplan.cli.apps import app
-from moeplan.cli.common import console, guarded, human_seconds, print_table
+from moeplan.cli.common import console, guarded, human_seconds, print_table, MAX_GPUS, check_option, resolve_hardware
 from moeplan.cost import CostModel, CostOptions
 from moeplan.errors import InputError
-from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan, contiguous_placement
@@ -39,14 +38,17 @@ def simulate_cmd(
 ) -> None:
     """Replay a routing trace through a plan batch by batch: per-layer and end-to-end time, per-device
     load, tokens crossing devices and nodes, with a readable breakdown."""
+    for name, value in (("--gpus", gpus), ("--nodes", nodes), ("--tokens-per-device", tokens_per_device)):
+        check_option(name, value, minimum=1)
+    check_option("--gpus", gpus, maximum=MAX_GPUS)
     plan = Plan.load(plan_path) if plan_path else None
     spec = ModelSpec.resolve(model) if model else (plan.model if plan else ModelSpec.preset("deepseek-v3"))
     if plan and model and spec.num_experts != plan.model.num_experts:
         raise InputError(f"--model {model} has {spec.num_experts} experts, the plan's model {plan.model.num_experts}",
                          field="model")
-    devices = gpus or (plan.num_devices if plan else 8)
-    profile = plan.hardware_profile(hardware, str(plan_path)) if plan else HardwareProfile.resolve(hardware or "h100-sxm")
-    hw = profile.with_cluster(devices=devices, nodes=nodes or (plan.nodes if plan and not gpus else None))
+    devices = gpus if gpus is not None else (plan.num_devices if plan else 8)
+    profile = plan.hardware_profile(hardware, str(plan_path)) if plan else resolve_hardware(hardware or "h100-sxm")
+    hw = profile.with_cluster(devices=devices, nodes=nodes if nodes is not None else (plan.nodes if plan and gpus is None else None))
     base = plan.cost_options if plan else CostOptions()
     kernel = kernel or base.kernel
     trace = RoutingTrace.load(trace_path)
@@ -55,7 +57,7 @@ def simulate_cmd(
         placement = plan.placement
     else:
         placement = contiguous_placement(spec.num_moe_layers, spec.num_experts, hw.num_devices, hw.devices_per_node)
-    tpd = tokens_per_device or (4096 if phase == "prefill" else 128)
+    tpd = tokens_per_device if tokens_per_device is not None else (4096 if phase == "prefill" else 128)
     cost = CostModel(spec, hw, replace(base, kernel=kernel, overlap=overlap, exflow=exflow))
     result = simulate(cost, placement, trace, Workload(phase, tpd, context))
     s = result.summary()
@@ -75,7 +77,7 @@ def simulate_cmd(
     print_table(f"{spec.name} on {hw.num_devices}× {hw.device.name} ({phase}, {kernel} kernel"
                 f"{', overlap' if overlap else ''}{', ExFlow' if exflow else ''})", ["quantity", "value"], rows)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"note: {note}", style="yellow")
     if output:
         write_json(output, {"model": spec.name, "hardware": hw.name, "devices": hw.num_devices, "phase": phase,
                             "tokens_per_device": tpd, "context": context, "kernel": kernel, "overlap": overlap,

@@ -1,4 +1,4 @@
-"""``moeplan trace synth|collect|stats``."""
+"""``moeplan trace synth|import|stats``."""
 from __future__ import annotations
 
 import time
@@ -15,6 +15,7 @@ from moeplan.model import ModelSpec
 from moeplan.stats import TraceStats
 from moeplan.synth import SyntheticTraffic, synthesize
 from moeplan.trace import RoutingTrace
+from moeplan.trace_import import IMPORT_FORMATS, import_trace
 
 
 @trace_app.command("synth")
@@ -40,6 +41,27 @@ def synth(
     trace.save(output)
     console.print(f"wrote {output} ({trace.num_tokens:,} tokens, {trace.num_layers} layers, top-{trace.top_k}, "
                   f"{spec.num_experts} experts) in {time.perf_counter() - t0:.1f} s")
+
+
+@trace_app.command("import")
+@guarded
+def import_cmd(
+    files: list[Path] = typer.Argument(..., metavar="FILE...", help="Recorded routing: one or more files of one format."),
+    output: Path = typer.Option(..., "-o", "--output", help="Trace file to write (.npz)."),
+    model: str = typer.Option(..., help="Model preset or config.json path the traffic was recorded on."),
+    fmt: str = typer.Option("auto", "--format",
+                            help="auto (by suffix) | npz (expert_ids [tokens, layers, top_k]) | sglang-pass (SGLang "
+                                 "per_token recorder .pt dumps, one per rank) | csv | parquet (token, layer, "
+                                 "expert_0..expert_{k-1}[, weight_0..])."),
+) -> None:
+    """Import routing recorded elsewhere (plain arrays, SGLang recorder dumps, CSV/Parquet) as a moeplan trace."""
+    if fmt not in IMPORT_FORMATS:
+        raise InputError(f"unknown format {fmt!r}", field="format", fix=f"use one of {', '.join(IMPORT_FORMATS)}")
+    spec = ModelSpec.resolve(model)
+    trace = import_trace(files, fmt, spec)
+    trace.save(output)
+    console.print(f"wrote {output} ({trace.num_tokens:,} tokens, {trace.num_layers} MoE layers, top-{trace.top_k}, "
+                  f"{trace.num_experts} experts, from {len(files)} {trace.provenance['format']} file(s))")
 
 
 @trace_app.command("stats")

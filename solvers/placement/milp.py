@@ -184,9 +184,8 @@ def _highs_with_start() -> type:
 
         def callSolver(self, lp: Any) -> None:
             if self.start:
-                values = [0.0] * len(lp.variables())
-                for var in lp.variables():
-                    values[var.index] = self.start.get(var.name, 0.0)
+                # HiGHS's columns follow lp.variables() (PuLP 3 also numbers them var.index; PuLP 4 does not)
+                values = [self.start.get(var.name, 0.0) for var in lp.variables()]
                 sol = highspy.HighsSolution()
                 sol.col_value = values
                 sol.value_valid = True
@@ -194,6 +193,13 @@ def _highs_with_start() -> type:
             lp.solverModel.run()
 
     return HighsWithStart
+
+
+def _expression(pulp: Any, terms: list[tuple[Any, float]]) -> Any:
+    """Σ coefficient × variable: ``LpAffineExpression.from_list`` in PuLP 4, the constructor in PuLP 3."""
+    if hasattr(pulp.LpAffineExpression, "from_list"):
+        return pulp.LpAffineExpression.from_list(terms)
+    return pulp.LpAffineExpression(terms)
 
 
 def solve_pulp(model: LinearModel, time_limit: float, gap: float, hint: np.ndarray | None = None,
@@ -206,22 +212,25 @@ def solve_pulp(model: LinearModel, time_limit: float, gap: float, hint: np.ndarr
     lower, upper, integer, cost, row_lo, row_hi, *_ = model.arrays()
     start, cols, vals = model.csr()
     names = [f"v{i:07d}" for i in range(model.num_vars)]
-    xs = [pulp.LpVariable(names[i], lowBound=lower[i], upBound=upper[i],
-                          cat=pulp.LpInteger if integer[i] else pulp.LpContinuous) for i in range(model.num_vars)]
+    # Written for PuLP 3 (Python ≤ 3.11) and PuLP 4 (what pip resolves on ≥ 3.12, a Rust core whose
+    # LpVariable/LpConstraint/LpAffineExpression constructors are internal): variables come from
+    # LpProblem.add_variable and constraints from addConstraint in both.
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
+    xs = [prob.add_variable(names[i], lowBound=lower[i], upBound=upper[i],
+                            cat=pulp.LpInteger if integer[i] else pulp.LpContinuous) for i in range(model.num_vars)]
     nz = np.flatnonzero(cost)
-    prob += pulp.LpAffineExpression([(xs[i], float(cost[i])) for i in nz])
+    prob.setObjective(_expression(pulp, [(xs[i], float(cost[i])) for i in nz]))
     for r in range(model.num_rows):
         a, b = start[r], start[r + 1]
-        expr = pulp.LpAffineExpression([(xs[c], float(v)) for c, v in zip(cols[a:b], vals[a:b])])
+        expr = _expression(pulp, [(xs[c], float(v)) for c, v in zip(cols[a:b], vals[a:b])])
         lo, hi = row_lo[r], row_hi[r]
         if np.isfinite(lo) and np.isfinite(hi) and lo == hi:
-            prob += pulp.LpConstraint(expr, pulp.LpConstraintEQ, rhs=float(lo), name=f"r{r}e")
+            prob.addConstraint(expr == float(lo), name=f"r{r}e")
             continue
         if np.isfinite(lo):
-            prob += pulp.LpConstraint(expr, pulp.LpConstraintGE, rhs=float(lo), name=f"r{r}l")
+            prob.addConstraint(expr >= float(lo), name=f"r{r}l")
         if np.isfinite(hi):
-            prob += pulp.LpConstraint(expr, pulp.LpConstraintLE, rhs=float(hi), name=f"r{r}u")
+            prob.addConstraint(expr <= float(hi), name=f"r{r}u")
     start_values = None if hint is None else {names[i]: float(v) for i, v in enumerate(hint)}
     solver = _highs_with_start()(start_values, msg=False, timeLimit=max(float(time_limit), 0.01), gapRel=float(gap),
                              threads=max(int(workers), 1))
