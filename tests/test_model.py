@@ -181,3 +181,15 @@ def test_bad_grouped_routing_and_layer_layout_name_the_field(change: dict[str, A
     with pytest.raises(InputError) as info:
         ModelSpec.from_hf_dict({**hf_config("deepseek-v3"), **change}, "d")
     assert info.value.field == field
+
+
+def test_missing_group_keys_read_as_transformers_reads_them() -> None:
+    """tiny-mla.json (deepseek_v3) names no n_group/topk_group: transformers fills 8 and 4."""
+    from pathlib import Path as _Path
+
+    from moeplan.model import ModelSpec as _Spec
+    spec = _Spec.resolve(str(_Path(__file__).resolve().parents[1] / "tiny-mla.json"))
+    assert (spec.n_group, spec.topk_group) == (8, 4)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model("deepseek_v3")
+    assert (config.n_group, config.topk_group) == (spec.n_group, spec.topk_group)
