@@ -364,6 +364,13 @@ class ModelSpec:
         return cls.preset(ref)
 
 
+# What transformers' config classes fill in for a key a config.json leaves out, where it differs
+# from "ungrouped": DeepseekV3Config(n_group=8, topk_group=4) (transformers @ v4.57,
+# models/deepseek_v3/configuration_deepseek_v3.py::DeepseekV3Config.__init__). DeepseekV2Config
+# defaults both to None, i.e. ungrouped.
+TRANSFORMERS_DEFAULTS: dict[str, dict[str, int]] = {"deepseek_v3": {"n_group": 8, "topk_group": 4}}
+
+
 def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, Any]) -> ModelSpec:
     f = Fields(cfg, source)
     model_type = f.str("model_type", "")
@@ -413,8 +420,9 @@ def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, 
                                   bias=bool(cfg.get("attention_bias", False)) or model_type == "qwen2_moe",
                                   o_bias=model_type == "gpt_oss" and bool(cfg.get("attention_bias", False)),
                                   qk_norm_params=qk_norm, sinks=model_type == "gpt_oss")
-    n_group = f.int("n_group", 1, minimum=1) if f.has("n_group") else 1
-    topk_group = f.int("topk_group", 1, minimum=1) if f.has("topk_group") else 1
+    defaults = TRANSFORMERS_DEFAULTS.get(model_type, {})
+    n_group = f.int("n_group", minimum=1) if f.has("n_group") else defaults.get("n_group", 1)
+    topk_group = f.int("topk_group", minimum=1) if f.has("topk_group") else defaults.get("topk_group", 1)
     if n_group == 1:
         topk_group = 1
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")

@@ -215,3 +215,12 @@ def test_attention_counts_qk_norms_output_bias_and_sinks() -> None:
     assert olmoe.attention.qk_norm_params == olmoe.hidden_size + olmoe.attention.num_kv_heads * olmoe.attention.head_dim
     again = ModelSpec.from_dict(gpt.to_dict())
     assert again.attention == a and again.total_params() == gpt.total_params()
+
+
+def test_missing_group_keys_read_as_transformers_reads_them() -> None:
+    """tiny-mla.json (deepseek_v3) names no n_group/topk_group: transformers fills 8 and 4."""
+    spec = ModelSpec.resolve(str(Path(__file__).resolve().parents[1] / "tiny-mla.json"))
+    assert (spec.n_group, spec.topk_group) == (8, 4)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model("deepseek_v3")
+    assert (config.n_group, config.topk_group) == (spec.n_group, spec.topk_group)
