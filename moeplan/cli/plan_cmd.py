@@ -82,6 +82,8 @@ def plan_end_to_end(
         raise InputError(f"unknown dispatch model '{dispatch}'", field="dispatch",
                          fix=f"use one of: {', '.join(DISPATCH_MODELS)}")
     spec = ModelSpec.resolve(model)
+    if export != "none":
+        EXPORTERS[export].check_model(spec, f"--export {export}", "")
     hw = resolve_hardware(hardware).with_cluster(devices=gpus, nodes=nodes)
     cost = CostModel(spec, hw)
     out_dir.mkdir(parents=True, exist_ok=True)

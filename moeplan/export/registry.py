@@ -15,24 +15,33 @@ from pathlib import Path
 
 from moeplan.errors import InputError
 from moeplan.export.common import Export
+from moeplan.model import ModelSpec
 from moeplan.plan import Plan
 
 
 @dataclass(frozen=True)
 class Exporter:
     """One format: ``write(plan, out, model_path, rebalance_every)``; ``output_help`` says what
-    ``out`` may be; ``serving`` is True when the format takes ``model_path`` and ``rebalance_every``."""
+    ``out`` may be; ``serving`` is True when the format takes ``model_path`` and ``rebalance_every``;
+    ``check_model(model, source, field)`` raises InputError for a model the runtime cannot take at all,
+    so a caller can refuse before solving."""
 
     name: str
     write: Callable[[Plan, Path, str | None, int | None], Export]
     default_name: str
     output_help: str
     serving: bool
+    check_model: Callable[[ModelSpec, str, str], None] = lambda model, source, field: None  # takes every model
 
 
 def _sglang(plan: Plan, out: Path, model_path: str | None, rebalance_every: int | None) -> Export:
     from moeplan.export.sglang import export_sglang
     return export_sglang(plan, out, model_path, rebalance_every)
+
+
+def _sglang_model(model: ModelSpec, source: str, field: str) -> None:
+    from moeplan.export.sglang import check_model_supported
+    check_model_supported(model, source, field)
 
 
 def _vllm(plan: Plan, out: Path, model_path: str | None, rebalance_every: int | None) -> Export:
@@ -51,7 +60,7 @@ def _megatron(plan: Plan, out: Path, model_path: str | None, rebalance_every: in
 
 
 EXPORTERS: dict[str, Exporter] = {e.name: e for e in (
-    Exporter("sglang", _sglang, "expert_location.json", "sglang: .json/.pt file or folder", True),
+    Exporter("sglang", _sglang, "expert_location.json", "sglang: .json/.pt file or folder", True, _sglang_model),
     Exporter("eplb", _eplb, "eplb", "eplb: folder or .json/.pt stem", False),
     Exporter("vllm", _vllm, "vllm", "vllm: folder", True),
     Exporter("megatron", _megatron, "megatron_args.sh", "megatron: .sh file or folder", False),

@@ -72,14 +72,15 @@ and ``ExpertLocationDispatchInfo.init_new`` asserts, so SGLang cannot place thei
 ``sglang/srt/models/{mixtral,dbrx,olmoe}.py``)."""
 
 
-def check_model_supported(model: ModelSpec) -> None:
-    """Raise InputError if SGLang cannot load an expert placement for ``model``'s family."""
+def check_model_supported(model: ModelSpec, source: str = "plan", field: str = "model.family") -> None:
+    """Raise InputError (naming ``source`` and ``field``) if SGLang cannot load an expert placement for
+    ``model``'s family."""
     cls = NO_EXPERT_LOCATION.get(model.family)
     if cls is not None:
         raise InputError(f"SGLang cannot place the experts of {model.name}: its {cls} has no "
                          f"get_model_config_for_expert_location, so compute_initial_expert_location_metadata has "
                          f"no expert-location config and ExpertLocationDispatchInfo.init_new asserts at startup",
-                         source="plan", field="model.family",
+                         source=source, field=field,
                          fix="serve this model without --init-expert-location (SGLang's default placement), or "
                              "export to vLLM")
 
