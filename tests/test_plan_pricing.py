@@ -74,17 +74,6 @@ def test_run_compare_scale_and_dashboard_price_with_the_plans_measured_profile(p
     out = cli("compare", str(plan_path), "--trace", str(trace_path), "--tokens-per-device", str(TOKENS_PER_DEVICE))
     assert cluster.provenance_note() in out and human_seconds(quality["moe_seconds_ep"]) in out
 
-    def run_prediction(*hardware: str) -> dict:
-        report = root / "run.json"
-        cli("run", "--plan", str(plan_path), "--trace", str(trace_path), "--device", "cpu", "--kernel", "loop",
-            "--repeats", "1", "--warmup", "0", "--tokens-per-device", str(TOKENS_PER_DEVICE), *hardware,
-            "-o", str(report))
-        return json.loads(report.read_text())
-
-    ran = run_prediction()
-    assert ran["profile_note"] == cluster.provenance_note()
-    assert run_prediction("--hardware", "measured/h200-sxm")["totals"]["predicted_s"] == ran["totals"]["predicted_s"]
-    assert run_prediction("--hardware", "h200-sxm")["totals"]["predicted_s"] != ran["totals"]["predicted_s"]
 
     scaled = root / "scaled.json"
     cli("plan", "scale", "--plan", str(plan_path), "--trace", str(trace_path), "--to", "4", "-o", str(scaled))
@@ -99,6 +88,24 @@ def test_run_compare_scale_and_dashboard_price_with_the_plans_measured_profile(p
     assert plan_cost(plan).hw.to_dict() == cluster.to_dict()
     priced = price_plan(plan, trace, TOKENS_PER_DEVICE)
     assert priced["moe_seconds_ep"] == quality["moe_seconds_ep"] and priced["balancedness"] == quality["balancedness"]
+
+
+def test_run_predicts_with_the_plans_measured_profile(planned) -> None:
+    pytest.importorskip("torch")
+    plan_path, trace_path, root = planned
+    cluster = HardwareProfile.resolve("measured/h200-sxm").with_cluster(devices=2)
+
+    def run_prediction(*hardware: str) -> dict:
+        report = root / "run.json"
+        cli("run", "--plan", str(plan_path), "--trace", str(trace_path), "--device", "cpu", "--kernel", "loop",
+            "--repeats", "1", "--warmup", "0", "--tokens-per-device", str(TOKENS_PER_DEVICE), *hardware,
+            "-o", str(report))
+        return json.loads(report.read_text())
+
+    ran = run_prediction()
+    assert ran["profile_note"] == cluster.provenance_note()
+    assert run_prediction("--hardware", "measured/h200-sxm")["totals"]["predicted_s"] == ran["totals"]["predicted_s"]
+    assert run_prediction("--hardware", "h200-sxm")["totals"]["predicted_s"] != ran["totals"]["predicted_s"]
 
 
 def test_a_renamed_profile_stops_every_consumer_with_the_fix(planned, tmp_path: Path) -> None:

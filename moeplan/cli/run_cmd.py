@@ -54,16 +54,10 @@ def run(
     output: Path = typer.Option(None, "-o", "--output", help="Write the measurements and predictions as JSON."),
 ) -> None:
     """Measure per-layer (or, with --replay, per-device) expert times and compare with the cost model."""
-    import torch  # the runtime is optional: planning never imports torch
-
-    from moeplan.runtime.local_stack import time_local_stack
-    from moeplan.runtime.replay import replay_devices, replay_slot_tokens, trace_window
-    from moeplan.runtime.stack import default_dtype, parse_layers
-
     if tokens_per_device < 1 or repeats < 1 or warmup < 0:
         raise InputError("--tokens-per-device and --repeats must be ≥ 1, --warmup ≥ 0", field="options")
     if offload:
-        _offload(cache_plan, trace_path, hardware, steps, warmup, kernel, device, seed, output, torch)
+        _offload(cache_plan, trace_path, hardware, steps, warmup, kernel, device, seed, output)
         return
     if plan_path is None or trace_path is None:
         raise InputError("--plan and --trace are required", field="plan", fix="give both, or use --offload")
@@ -76,7 +70,12 @@ def run(
     trace.check_model(m.num_experts, m.num_moe_layers, m.top_k, str(trace_path))
     hw = plan.cluster_hardware(hardware, str(plan_path))
     cost = CostModel(m, hw, replace(plan.cost_options, kernel=kernel))
-    dev = _device(device, torch)
+    torch = _import_torch()
+    from moeplan.runtime.local_stack import time_local_stack
+    from moeplan.runtime.replay import replay_devices, replay_slot_tokens, trace_window
+    from moeplan.runtime.stack import default_dtype, parse_layers
+
+    dev = _device(device)
     dtype = default_dtype(dev)
     chosen = parse_layers(layers, m.num_moe_layers)
     report: dict[str, Any] = {
@@ -108,10 +107,8 @@ def run(
 
 
 def _offload(cache_plan: Path | None, trace_path: Path | None, hardware: str | None, steps: int, warmup: int,
-             kernel: str, device: str | None, seed: int, output: Path | None, torch: Any) -> None:
+             kernel: str, device: str | None, seed: int, output: Path | None) -> None:
     """``--offload``: measure the cache plan on this device and print it beside the prediction."""
-    from moeplan.runtime.offload import measure_offload
-    from moeplan.runtime.stack import default_dtype
     from moeplan.synth import SyntheticTraffic, synthesize
 
     if cache_plan is None:
@@ -127,7 +124,12 @@ def _offload(cache_plan: Path | None, trace_path: Path | None, hardware: str | N
     trace = (RoutingTrace.load(trace_path) if trace_path else
              synthesize(m, SyntheticTraffic(tokens=max(20_000, int(2 * steps * config.batch / (1 - config.fit_fraction))),
                                             seed=seed)))
-    dev = _device(device, torch)
+    config.check_budget(m, str(cache_plan))  # checked again by measure_offload; here before torch is needed
+    _import_torch()
+    from moeplan.runtime.offload import measure_offload
+    from moeplan.runtime.stack import default_dtype
+
+    dev = _device(device)
     report = measure_offload(plan, config, trace, plan.hardware_profile(hardware, str(cache_plan)), steps, warmup,
                              kernel, dev, default_dtype(dev), seed, str(cache_plan))
     report.update(command="moeplan run --offload", cache_plan=str(cache_plan),
@@ -147,7 +149,19 @@ def _offload(cache_plan: Path | None, trace_path: Path | None, hardware: str | N
         console.print(f"wrote {output}")
 
 
-def _device(name: str | None, torch: Any) -> Any:
+def _import_torch() -> Any:
+    """The torch module, or InputError with the install fix: the runtime needs torch, planning never does."""
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise InputError("moeplan run measures with torch, which is not installed here", field="torch",
+                         fix="pip install torch (the CPU build is enough for --device cpu)") from None
+    return torch
+
+
+def _device(name: str | None) -> Any:
+    """The torch device ``name`` (cuda, cuda:N or cpu; default cuda when present), checked to exist here."""
+    torch = _import_torch()
     if name is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
