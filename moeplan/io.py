@@ -31,11 +31,12 @@ TEMP_SUFFIX = ".tmp"
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", executable: bool = False) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; rename it onto ``path`` only on success.
 
     The file gets the mode a plain ``open()`` would give (0666 less the umask), not mkstemp's
-    0600. The temporary name carries the writer's process id (``.NAME.PID.XXXX.tmp``), so
+    0600; with ``executable`` (shell scripts) 0777 less the umask, as ``chmod +x`` after a plain
+    ``open()`` would. The temporary name carries the writer's process id (``.NAME.PID.XXXX.tmp``), so
     temporaries left by a killed earlier run (SIGKILL, power loss) are recognised and removed
     the next time anything is written there. Any failure to create the folder or the file is an
     InputError naming ``path``.
@@ -50,7 +51,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
     except OSError as exc:
         raise _output_error(target, exc) from None
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, (0o777 if executable else 0o666) & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -106,9 +107,9 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_open(path, "w") as handle:
+def write_text(path: str | os.PathLike[str], text: str, executable: bool = False) -> None:
+    """Write ``text`` to ``path`` atomically; ``executable`` for a script (mode 0777 less the umask)."""
+    with atomic_open(path, "w", executable=executable) as handle:
         handle.write(text)
 
 

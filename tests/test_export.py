@@ -19,7 +19,9 @@ the runtime's own rules; where the loader is a small pure function its checks ar
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import stat
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -441,6 +443,24 @@ def test_megatron_without_tp_or_cp_sets_no_connection_limit(tmp_path: Path) -> N
                 devices_per_node=8, nodes=1, parallel=ParallelLayout.from_dict(parallel, "plan"))
     result = export_megatron(plan, tmp_path / "args.sh")
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in result.command + result.files[0].read_text()
+
+
+def test_exported_shell_scripts_are_executable(tmp_path: Path) -> None:
+    """vLLM's launch script and Megatron's .sh get 0777 less the umask (a plain chmod +x)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    parallel = {"attention": {"tp": 1, "cp": 1, "dp": 8, "pp": 1}, "moe": {"etp": 1, "ep": 8, "edp": 1}}
+    plan = Plan(model=ModelSpec.preset("qwen3-30b-a3b"), hardware=HardwareProfile.resolve("h100-sxm").ref(),
+                devices_per_node=8, nodes=1, parallel=ParallelLayout.from_dict(parallel, "plan"))
+    scripts = [export_megatron(plan, tmp_path / "args.sh").files[0]]
+    model = toy_model(0, 2, 8, n_group=2)
+    linear = make_plan(model, np.broadcast_to(np.arange(8).reshape(4, 2), (2, 4, 2)).copy())
+    scripts += [f for f in export_vllm(linear, tmp_path / "v").files if f.suffix == ".sh"]
+    assert len(scripts) == 2
+    for script in scripts:
+        assert stat.S_IMODE(script.stat().st_mode) == 0o777 & ~mask, script
+    others = [f for f in export_vllm(linear, tmp_path / "v").files if f.suffix != ".sh"]
+    assert others and all(stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask for f in others)
 
 
 @pytest.mark.parametrize("parallel, field", [

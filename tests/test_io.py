@@ -36,6 +36,18 @@ def test_files_get_the_mode_plain_open_gives(tmp_path: Path, mask: int) -> None:
     assert _mode(tmp_path / "ours.npz") == 0o666 & ~mask
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_executable_files_get_0777_less_the_umask(tmp_path: Path, mask: int) -> None:
+    old = os.umask(mask)
+    try:
+        write_text(tmp_path / "run.sh", "#!/bin/sh\n", executable=True)
+        with atomic_open(tmp_path / "bin.sh", "wb", executable=True) as handle:
+            handle.write(b"#!/bin/sh\n")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "run.sh") == _mode(tmp_path / "bin.sh") == 0o777 & ~mask
+
+
 def test_json_never_contains_nan_or_infinity(tmp_path: Path) -> None:
     out = tmp_path / "x.json"
     write_json(out, {"a": float("nan"), "b": [np.float32("inf"), -float("inf"), 1.5], "c": np.int64(3),

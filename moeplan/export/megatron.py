@@ -184,7 +184,7 @@ def export_megatron(plan: Plan, out: Path) -> Export:
     env = launch_environment(plan.parallel)
     body = [f"export {name}={value}" for name, value in env.items()]
     body += ["MOEPLAN_MEGATRON_ARGS=(", *("    " + line for line in arg_lines(args)), ")"]
-    write_text(target, "\n".join(header + body) + "\n")
+    write_text(target, "\n".join(header + body) + "\n", executable=True)
     launcher = [*(f"{name}={value}" for name, value in env.items()), "torchrun", "--nproc-per-node", str(plan.devices_per_node), "--nnodes", str(plan.nodes)]
     if plan.nodes > 1:
         launcher += ["--node-rank", "$NODE_RANK", "--master-addr", "$MASTER_ADDR", "--master-port", "6000"]

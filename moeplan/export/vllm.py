@@ -140,7 +140,7 @@ def export_vllm(plan: Plan, out: Path, model_path: str | None = None, rebalance_
     placement_path = out / "placement_eplb.json"
     write_text(placement_path, json.dumps(tensors.to_json(note=_placement_note(kind)), separators=(",", ":")) + "\n")
     script = out / "launch_vllm.sh"
-    write_text(script, "#!/usr/bin/env bash\n" + "".join(f"# {n}\n" for n in notes) + command + "\n")
+    write_text(script, "#!/usr/bin/env bash\n" + "".join(f"# {n}\n" for n in notes) + command + "\n", executable=True)
     return Export(files=[script, placement_path], command=command, notes=notes)
 
 
