@@ -237,7 +237,8 @@ class Fields:
         value = self.raw(key, {} if default is ... else default)
         return Fields(value, self.source, f"{self.name(key)}.")
 
-    def int(self, key: str, default: Any = ..., minimum: int | None = None, maximum: int | None = None) -> int:
+    def int(self, key: str, default: Any = ..., minimum: int | None = None, maximum: int | None = None,
+            fix: str = "") -> int:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise InputError(f"expected an integer, got {value!r}", source=self.source, field=self.name(key))
@@ -245,7 +246,7 @@ class Fields:
         if minimum is not None and value < minimum:
             raise InputError(f"must be ≥ {minimum}, got {value}", source=self.source, field=self.name(key))
         if maximum is not None and value > maximum:
-            raise InputError(f"must be ≤ {maximum}, got {value}", source=self.source, field=self.name(key))
+            raise InputError(f"must be ≤ {maximum}, got {value}", source=self.source, field=self.name(key), fix=fix)
         return value
 
     def float(self, key: str, default: Any = ..., minimum: float | None = None,

@@ -20,7 +20,16 @@ from typing import Any
 from moeplan.errors import InputError
 from moeplan.io import Fields, guarded_load, read_json
 
-MAX_LAYERS = 10_000  # far above any real model; bounds the per-layer loops a malformed config could make endless
+# Sane maxima for a model's shape, far above any real model (DeepSeek-V3: 61 layers, hidden 7168, 256
+# experts, vocab 129,280; the widest published FFNs are tens of thousands). A config.json beyond them
+# is a typo or a corrupt file, and would make per-layer loops endless or allocations (trace synthesis,
+# placement tables) impossibly large, so it is refused naming the field.
+MAX_LAYERS = 10_000
+MAX_EXPERTS = 65_536
+MAX_HIDDEN = 1_048_576
+MAX_FFN = 4_194_304
+MAX_VOCAB = 10_000_000
+LIMIT_FIX = "check the config.json (a typo or a corrupt file?): moeplan takes models up to {} {}"
 DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "float8_e4m3fn": 1.0, "fp8": 1.0, "bf16": 2.0}
 
 
@@ -142,6 +151,11 @@ class ModelSpec:
         for fld in ("num_layers", "hidden_size", "vocab_size", "num_experts", "top_k", "expert_ffn"):
             if getattr(self, fld) < 1:
                 raise bad(fld, f"must be ≥ 1, got {getattr(self, fld)}")
+        for fld, most in (("num_layers", MAX_LAYERS), ("hidden_size", MAX_HIDDEN), ("vocab_size", MAX_VOCAB),
+                          ("num_experts", MAX_EXPERTS), ("expert_ffn", MAX_FFN), ("dense_ffn", MAX_FFN),
+                          ("shared_ffn", MAX_FFN * max(1, self.num_shared_experts))):
+            if getattr(self, fld) > most:
+                raise bad(fld, f"must be ≤ {most}, got {getattr(self, fld)}", LIMIT_FIX.format(most, fld))
         if self.top_k > self.num_experts:
             raise bad("top_k", f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
         if not self.moe_layers:
@@ -293,8 +307,9 @@ class ModelSpec:
             f = Fields(data, source)
             att = f.sub("attention")
             spec = cls(
-                name=f.str("name"), num_layers=f.int("num_layers", minimum=1, maximum=MAX_LAYERS),
-                hidden_size=f.int("hidden_size", minimum=1), vocab_size=f.int("vocab_size", minimum=1),
+                name=f.str("name"), num_layers=f.int("num_layers", minimum=1, maximum=MAX_LAYERS, fix=LIMIT_FIX.format(MAX_LAYERS, "layers")),
+                hidden_size=f.int("hidden_size", minimum=1, maximum=MAX_HIDDEN),
+                vocab_size=f.int("vocab_size", minimum=1, maximum=MAX_VOCAB),
                 attention=AttentionSpec(
                     kind=att.str("kind", choices=("gqa", "mla")), num_heads=att.int("num_heads", minimum=1),
                     num_kv_heads=att.int("num_kv_heads", minimum=1), head_dim=att.int("head_dim", minimum=0),
@@ -305,8 +320,9 @@ class ModelSpec:
                     o_bias=att.bool("o_bias", False), qk_norm_params=att.int("qk_norm_params", 0, minimum=0),
                     sinks=att.bool("sinks", False)),
                 moe_layers=tuple(int(x) for x in f.list("moe_layers")),
-                num_experts=f.int("num_experts", minimum=1), top_k=f.int("top_k", minimum=1),
-                expert_ffn=f.int("expert_ffn", minimum=1), dense_ffn=f.int("dense_ffn", 0, minimum=0),
+                num_experts=f.int("num_experts", minimum=1, maximum=MAX_EXPERTS), top_k=f.int("top_k", minimum=1),
+                expert_ffn=f.int("expert_ffn", minimum=1, maximum=MAX_FFN),
+                dense_ffn=f.int("dense_ffn", 0, minimum=0, maximum=MAX_FFN),
                 shared_ffn=f.int("shared_ffn", 0, minimum=0), num_shared_experts=f.int("num_shared_experts", 0, minimum=0),
                 n_group=f.int("n_group", 1, minimum=1), topk_group=f.int("topk_group", 1, minimum=1),
                 expert_bias=f.bool("expert_bias", False), tie_embeddings=f.bool("tie_embeddings", False),
@@ -376,29 +392,29 @@ def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, 
     model_type = f.str("model_type", "")
     if model_type == "dbrx" or f.has("ffn_config"):
         return _parse_dbrx(f, name, source, published)
-    hidden = f.int("hidden_size", minimum=1)
-    layers = f.int("num_hidden_layers", minimum=1, maximum=MAX_LAYERS)
+    hidden = f.int("hidden_size", minimum=1, maximum=MAX_HIDDEN, fix=LIMIT_FIX.format(MAX_HIDDEN, "hidden size"))
+    layers = f.int("num_hidden_layers", minimum=1, maximum=MAX_LAYERS, fix=LIMIT_FIX.format(MAX_LAYERS, "layers"))
     heads = f.int("num_attention_heads", minimum=1)
     kv_heads = f.int("num_key_value_heads", heads, minimum=1)
     head_dim = f.int("head_dim", hidden // heads, minimum=1)
     n_experts = None
     for key in ("num_local_experts", "n_routed_experts", "num_experts"):
         if f.has(key):
-            n_experts = f.int(key, minimum=1)
+            n_experts = f.int(key, minimum=1, maximum=MAX_EXPERTS, fix=LIMIT_FIX.format(MAX_EXPERTS, "experts"))
             break
     if n_experts is None:
         raise InputError("no expert count: not a MoE config", source=source, field="num_local_experts",
                          fix="give a config with num_local_experts, n_routed_experts or num_experts")
     top_k = f.int("num_experts_per_tok", minimum=1)
-    dense_ffn = f.int("intermediate_size", 0, minimum=0)
-    expert_ffn = f.int("moe_intermediate_size", dense_ffn, minimum=1)
+    dense_ffn = f.int("intermediate_size", 0, minimum=0, maximum=MAX_FFN, fix=LIMIT_FIX.format(MAX_FFN, "FFN width"))
+    expert_ffn = f.int("moe_intermediate_size", dense_ffn, minimum=1, maximum=MAX_FFN, fix=LIMIT_FIX.format(MAX_FFN, "FFN width"))
     shared_ffn = 0
     n_shared = 0
     if f.has("n_shared_experts"):
-        n_shared = f.int("n_shared_experts", minimum=0)
+        n_shared = f.int("n_shared_experts", minimum=0, maximum=MAX_EXPERTS, fix=LIMIT_FIX.format(MAX_EXPERTS, "experts"))
         shared_ffn = n_shared * expert_ffn
     elif f.has("shared_expert_intermediate_size"):
-        shared_ffn = f.int("shared_expert_intermediate_size", minimum=0)
+        shared_ffn = f.int("shared_expert_intermediate_size", minimum=0, maximum=MAX_FFN, fix=LIMIT_FIX.format(MAX_FFN, "FFN width"))
         n_shared = 1 if shared_ffn else 0
     first_dense = f.int("first_k_dense_replace", 0, minimum=0)
     freq = f.int("moe_layer_freq", 1, minimum=1)
@@ -430,7 +446,8 @@ def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, 
     if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
         dtype = "fp8"  # DeepSeek-V3 ships its weights in fp8
     return ModelSpec(
-        name=name, num_layers=layers, hidden_size=hidden, vocab_size=f.int("vocab_size", minimum=1),
+        name=name, num_layers=layers, hidden_size=hidden,
+        vocab_size=f.int("vocab_size", minimum=1, maximum=MAX_VOCAB, fix=LIMIT_FIX.format(MAX_VOCAB, "vocabulary")),
         attention=attention, moe_layers=moe_layers, num_experts=n_experts, top_k=top_k,
         expert_ffn=expert_ffn, dense_ffn=dense_ffn if len(moe_layers) < layers else 0,
         shared_ffn=shared_ffn, num_shared_experts=n_shared, n_group=n_group, topk_group=topk_group,
@@ -442,15 +459,16 @@ def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, 
 def _parse_dbrx(f: Fields, name: str, source: str, published: dict[str, Any]) -> ModelSpec:
     ffn = f.sub("ffn_config")
     attn = f.sub("attn_config")
-    hidden = f.int("d_model", minimum=1)
+    hidden = f.int("d_model", minimum=1, maximum=MAX_HIDDEN, fix=LIMIT_FIX.format(MAX_HIDDEN, "hidden size"))
     heads = f.int("n_heads", minimum=1)
-    layers = f.int("n_layers", minimum=1, maximum=MAX_LAYERS)
+    layers = f.int("n_layers", minimum=1, maximum=MAX_LAYERS, fix=LIMIT_FIX.format(MAX_LAYERS, "layers"))
     return ModelSpec(
-        name=name, num_layers=layers, hidden_size=hidden, vocab_size=f.int("vocab_size", minimum=1),
+        name=name, num_layers=layers, hidden_size=hidden,
+        vocab_size=f.int("vocab_size", minimum=1, maximum=MAX_VOCAB, fix=LIMIT_FIX.format(MAX_VOCAB, "vocabulary")),
         attention=AttentionSpec(kind="gqa", num_heads=heads, num_kv_heads=attn.int("kv_n_heads", heads, minimum=1),
                                 head_dim=hidden // heads),
-        moe_layers=tuple(range(layers)), num_experts=ffn.int("moe_num_experts", minimum=1),
-        top_k=ffn.int("moe_top_k", minimum=1), expert_ffn=ffn.int("ffn_hidden_size", minimum=1),
+        moe_layers=tuple(range(layers)), num_experts=ffn.int("moe_num_experts", minimum=1, maximum=MAX_EXPERTS, fix=LIMIT_FIX.format(MAX_EXPERTS, "experts")),
+        top_k=ffn.int("moe_top_k", minimum=1), expert_ffn=ffn.int("ffn_hidden_size", minimum=1, maximum=MAX_FFN, fix=LIMIT_FIX.format(MAX_FFN, "FFN width")),
         tie_embeddings=bool(f.data.get("tie_word_embeddings", False)), family="dbrx", source=source,
         published=published,
     ).validate(source)

@@ -177,6 +177,50 @@ def test_bad_configs_name_the_field(change: dict[str, Any], field: str, tmp_path
     assert info.value.field == field and str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("slug, change, field", [
+    ("mixtral-8x7b", {"num_local_experts": 10**9}, "num_local_experts"),
+    ("deepseek-v3", {"n_routed_experts": 65_537}, "n_routed_experts"),
+    ("qwen3-30b-a3b", {"num_experts": 10**9}, "num_experts"),
+    ("mixtral-8x7b", {"hidden_size": 10**15}, "hidden_size"),
+    ("mixtral-8x7b", {"hidden_size": 1e15}, "hidden_size"),
+    ("mixtral-8x7b", {"num_hidden_layers": 10_001}, "num_hidden_layers"),
+    ("mixtral-8x7b", {"vocab_size": 10**8}, "vocab_size"),
+    ("mixtral-8x7b", {"intermediate_size": 10**12}, "intermediate_size"),
+    ("deepseek-v3", {"moe_intermediate_size": 10**12}, "moe_intermediate_size"),
+    ("deepseek-v3", {"n_shared_experts": 10**9}, "n_shared_experts"),
+])
+def test_absurd_config_sizes_are_refused_naming_the_field(slug: str, change: dict[str, Any], field: str,
+                                                         tmp_path: Path) -> None:
+    path = write_config(tmp_path, {**hf_config(slug), **change})
+    with pytest.raises(InputError) as info:
+        ModelSpec.from_hf_config(path)
+    assert info.value.field == field and str(path) in str(info.value)
+    assert "must be ≤" in str(info.value) and "moeplan takes models up to" in info.value.fix
+
+
+def test_limits_sit_at_the_documented_maxima_and_apply_to_model_json() -> None:
+    from moeplan.model import MAX_EXPERTS, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB
+    assert (MAX_EXPERTS, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB) == (65_536, 1_048_576, 10_000, 10_000_000)
+    at_limit = {**hf_config("qwen3-30b-a3b"), "num_experts": MAX_EXPERTS}
+    assert ModelSpec.from_hf_dict(at_limit, "q").num_experts == MAX_EXPERTS
+    data = ModelSpec.preset("mixtral-8x7b").to_dict()
+    with pytest.raises(InputError) as info:
+        ModelSpec.from_dict({**data, "num_experts": MAX_EXPERTS + 1}, "plan.json")
+    assert info.value.field == "num_experts"
+    with pytest.raises(InputError) as info:
+        replace(ModelSpec.preset("mixtral-8x7b"), hidden_size=MAX_HIDDEN + 1).validate("x")
+    assert info.value.field == "hidden_size"
+
+
+def test_cli_refuses_a_config_with_a_billion_experts(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+    from moeplan.cli import app
+    path = write_config(tmp_path, {**hf_config("mixtral-8x7b"), "num_local_experts": 10**9})
+    result = CliRunner().invoke(app, ["models", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "num_local_experts" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("change, field", [
     ({"n_group": 3}, "n_group"),
     ({"topk_group": 9}, "topk_group"),
