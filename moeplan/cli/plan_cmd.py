@@ -17,8 +17,8 @@ from moeplan.export.registry import EXPORTERS, export_plan
 from moeplan.model import ModelSpec
 from moeplan.plan import DISPATCH_MODELS, Plan
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
-from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, placement_plan, placement_quality,
-                                                split_for_judging)
+from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, objective_explained, placement_plan,
+                                                placement_quality, split_for_judging)
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE
 from moeplan.stats import TraceStats
 from moeplan.synth import SyntheticTraffic, synthesize
@@ -123,6 +123,7 @@ def plan_end_to_end(
                   f"({held.num_tokens:,} held-out tokens, {tpd} tokens/GPU per step, {dispatch} dispatch)", rows)
     console.print(f"solver {solver}: objective {chosen.objective * 1e3:.2f} ms/step, proved bound "
                   f"{chosen.bound * 1e3:.2f}, gap {100 * chosen.gap:.1f}%, {chosen.seconds:.1f} s", highlight=False)
+    console.print(objective_explained(problem, plan.predicted), style="dim", highlight=False, markup=False)
     console.print(hw.provenance_note(), style="dim")
     console.print(f"wrote {plan_path}")
     if export != "none":

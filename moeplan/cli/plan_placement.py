@@ -10,8 +10,8 @@ import typer
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
 from moeplan.solvers.placement.incremental import replace_incremental
 from moeplan.solvers.placement.options import ROBUST_MODES
-from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, load_plan, placement_plan,
-                                                split_for_judging)
+from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, load_plan, objective_explained,
+                                                placement_plan, split_for_judging)
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
@@ -133,6 +133,7 @@ def placement(
                               stats if judge_fraction == 0 else None)
     plan.save(output)
     _print(plan, report, current is not None)
+    console.print(objective_explained(problem, plan.predicted), style="dim", highlight=False, markup=False)
     console.print(f"wrote {output}")
 
 
@@ -174,6 +175,7 @@ def _plan_from_loads(cost: CostModel, workloads: Workloads, per_device: int, tok
     print_table(f"{plan.model.name}: expert placement from recorded loads", ["quantity", "value"], rows)
     for note in result.notes:
         console.print(f"[dim]note: {note}[/]", highlight=False)
+    console.print(objective_explained(problem), style="dim", highlight=False, markup=False)
     console.print(f"wrote {output}")
 
 
@@ -203,7 +205,7 @@ def _print(plan: Plan, report: dict[str, Any], incremental: bool) -> None:
              ("all-to-all bytes per step: EP → context-coherent",
               f"{human_bytes(predicted['alltoall_bytes_per_step_ep'])} → "
               f"{human_bytes(predicted['alltoall_bytes_per_step_coherent'])}")]
-    print_table(f"{plan.model.name}: expert placement", ["quantity", "value"], rows)
     rows.append(("judged on", f"{predicted['judged_tokens']:,} {predicted['judged_on']}"))
+    print_table(f"{plan.model.name}: expert placement", ["quantity", "value"], rows)
     for note in list(report.get("notes", [])) + list(predicted.get("notes", [])):
         console.print(f"note: {note}", style="dim", highlight=False)

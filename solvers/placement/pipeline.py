@@ -46,6 +46,25 @@ from .problem import PlacementProblem, default_slots_per_device, slots_per_devic
 JUDGE_FRACTION = 0.3
 
 
+def objective_explained(problem: PlacementProblem, predicted: dict[str, Any] | None = None) -> str:
+    """One line saying what the solver's objective and proved bound are and, given the plan's
+    ``predicted`` record, what its predicted MoE time is, so the two figures printed side by side
+    are not read as one quantity (they differ in tokens, step size and model)."""
+    step_tokens = problem.weights.step_scale * problem.tokens / max(problem.num_devices, 1)
+    traffic = ("+ the tokens moved between consecutive MoE layers (context-coherent, "
+               f"{problem.flow_model} flow model) priced over the intra-/inter-node links, per GPU"
+               if float(problem.flows.sum()) > 0 else "(no inter-layer traffic: recorded loads only)")
+    text = (f"objective = the solver's linear model on the {problem.tokens:,} fitted tokens scaled to one step of "
+            f"{step_tokens:,.0f} tokens/GPU: Σ over MoE layers of expert compute × the busiest GPU's load {traffic}; "
+            f"the proved bound is a lower bound on that objective for any placement")
+    if predicted is not None and "moe_seconds_ep" in predicted:
+        text += (f". predicted MoE time = the trace-driven simulator (dispatch all-to-all, expert kernels, combine "
+                 f"of every MoE layer, fixed latencies included) replaying the judged tokens ({predicted['judged_tokens']:,}: "
+                 f"{predicted['judged_on']}) at {predicted['tokens_per_device']:,} tokens/GPU per step. They differ "
+                 f"in tokens, step size and model: compare plans on one figure, not the two with each other")
+    return text
+
+
 def split_for_judging(trace: RoutingTrace, judge_fraction: float = JUDGE_FRACTION) -> tuple[RoutingTrace,
                                                                                              RoutingTrace]:
     """(fitted, judged) parts of ``trace``: the first ``1 − judge_fraction`` of its tokens and the
