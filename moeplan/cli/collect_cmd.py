@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from moeplan.cli.apps import trace_app
-from moeplan.cli.common import console, guarded, progress
+from moeplan.cli.common import console, guarded, progress, status
 from moeplan.collect import CollectOptions, Collection
 
 
@@ -30,7 +30,7 @@ def collect(
     """Collect a routing trace: the router's top-k experts and gate weights per token per MoE layer."""
     t0 = time.perf_counter()
     options = CollectOptions(max_tokens=max_tokens, seq_len=seq_len, batch=batch, device=device)
-    with console.status(f"loading {model}"):
+    with status(f"loading {model}"):
         job = Collection.prepare(model, text, options, random_init=random_init, tiny=tiny)
     with progress("routing tokens", total=int(job.tokens.size)) as advance:
         trace = job.run(advance)

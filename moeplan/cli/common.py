@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
@@ -102,6 +103,20 @@ def _interrupt_on_sigterm() -> None:
     the command exits 130. Only the main thread may install signal handlers."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    """A step that takes a while: Rich's spinner on a terminal; elsewhere (a log, a pipe, CI), where
+    the spinner shows nothing, the lines ``[step] MESSAGE`` and ``[step] MESSAGE done in X s`` on stderr."""
+    if console.is_terminal:
+        with console.status(Text(message)):
+            yield
+        return
+    err_console.print(f"[step] {message}", highlight=False)
+    start = time.perf_counter()
+    yield
+    err_console.print(f"[step] {message} done in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
 @contextmanager

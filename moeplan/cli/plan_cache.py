@@ -10,7 +10,7 @@ from moeplan.solvers.cache.sizing import evaluate
 from moeplan.solvers.cache.steptime import model_layer_times
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, guarded, human_bytes, print_table, resolve_hardware
+from moeplan.cli.common import console, guarded, human_bytes, print_table, resolve_hardware, status
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.io import write_json
@@ -55,7 +55,7 @@ def cache(
                            StepShape(phase, batch, request_tokens), policy, context,
                            None if budget_gb is None else budget_gb * 2**30,
                            None if latency_ms is None else latency_ms / 1e3, fit_fraction, stage_slots, max_steps)
-    with console.status(f"planning {spec.num_moe_layers} layers × {spec.num_experts} experts ({policy})"):
+    with status(f"planning {spec.num_moe_layers} layers × {spec.num_experts} experts ({policy})"):
         sizing = solve(problem)
     _print(sizing)
     report = {"summary": sizing.summary(), "sizes": sizing.sizes.tolist()}

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from moeplan.cli.apps import app, plan_app
-from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export, MAX_GPUS, check_option, resolve_hardware
+from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export, MAX_GPUS, check_option, resolve_hardware, status
 from moeplan.cost import CostModel
 from moeplan.dispatch import RUNTIME_DISPATCH, realise
 from moeplan.errors import InputError
@@ -89,29 +89,29 @@ def plan_end_to_end(
     out_dir.mkdir(parents=True, exist_ok=True)
     if trace_path is None:
         trace_path = out_dir / f"{spec.name.lower()}-synthetic.npz"
-        with console.status(f"1/5 synthesising {tokens:,} tokens of routing for {spec.name}"):
+        with status(f"1/5 synthesising {tokens:,} tokens of routing for {spec.name}"):
             synthesize(spec, SyntheticTraffic(tokens=tokens)).save(trace_path)
     trace = RoutingTrace.load(trace_path)
     trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))
     fit, held = split_for_judging(trace, JUDGE_FRACTION)
-    with console.status("2/5 trace statistics"):
+    with status("2/5 trace statistics"):
         stats = TraceStats.of(fit)
         summary = stats.summary()
     console.print(f"trace {trace_path}: {trace.num_tokens:,} tokens; load max/mean {summary['max_over_mean_load_mean']:.2f}, "
                   f"top-1 affinity {summary['top1_affinity_mean']:.3f}, SRP {summary['srp_16']:.3f}; fitted on "
                   f"{fit.num_tokens:,}, judged on {held.num_tokens:,} held-out tokens", highlight=False)
     per_device = default_slots(cost, slots, DEFAULT_TOKENS_PER_DEVICE)
-    with console.status("3/5 building the placement problem"):
+    with status("3/5 building the placement problem"):
         problem = replace(PlacementProblem.build(cost, stats, per_device, DEFAULT_TOKENS_PER_DEVICE),
                           dispatch=dispatch)
     options = SolverOptions(time_limit=time_limit).validate()
     results = {}
     for name in dict.fromkeys(["eplb", solver]):
-        with console.status(f"3/5 solving placement with {name}"):
+        with status(f"3/5 solving placement with {name}"):
             results[name] = solve(problem, name, options)
     chosen = results[solver]
     tpd = max(1, min(DEFAULT_TOKENS_PER_DEVICE, held.num_tokens // hw.num_devices))
-    with console.status("4/5 validating: structure, memory, held-out quality"):
+    with status("4/5 validating: structure, memory, held-out quality"):
         cost.memory(per_device, hw.num_devices, batch_tokens_per_device=DEFAULT_TOKENS_PER_DEVICE).check(
             f"{spec.name} with {per_device} expert slots per GPU")
         plan = placement_plan(problem, cost, chosen.placement, chosen.report(), held, tpd)
@@ -127,7 +127,7 @@ def plan_end_to_end(
     console.print(hw.provenance_note(), style="dim")
     console.print(f"wrote {plan_path}")
     if export != "none":
-        with console.status(f"5/5 exporting to {export}"):
+        with status(f"5/5 exporting to {export}"):
             result = export_plan(plan, export, out_dir / export)
         report_export(result)
 
@@ -157,7 +157,7 @@ def compare(
     trace.check_model(first.model.num_experts, first.model.num_moe_layers, first.model.top_k, str(trace_path))
     rows = []
     for path, p in zip(plans, loaded):
-        with console.status(f"evaluating {path.name}"):
+        with status(f"evaluating {path.name}"):
             rows.append({"name": path.stem, **placement_quality(CostModel(p.model, hw, p.cost_options), p.placement,
                                                                 trace, tokens_per_device)})
     print_quality(f"{first.model.name} on {hw.num_devices}× {hw.device.name}: {trace.num_tokens:,} tokens of "

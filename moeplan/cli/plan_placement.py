@@ -15,7 +15,7 @@ from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, l
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table, MAX_GPUS, check_option, resolve_hardware
+from moeplan.cli.common import console, fmt, guarded, human_bytes, human_seconds, print_table, MAX_GPUS, check_option, resolve_hardware, status
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.loads import Workloads, read_loads
@@ -108,7 +108,7 @@ def placement(
     trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))
     fit, judged = split_for_judging(trace, judge_fraction)
     stats = TraceStats.of(fit)
-    with console.status(f"reading the trace's traffic ({fit.num_tokens:,} tokens)"):
+    with status(f"reading the trace's traffic ({fit.num_tokens:,} tokens)"):
         problem = replace(PlacementProblem.build(cost, stats, per_device, tokens_per_device, flows), dispatch=dispatch)
     if workloads is not None:
         problem = replace(problem, load=workloads.pooled() * (problem.load.sum() / workloads.pooled().sum()),
@@ -120,14 +120,14 @@ def placement(
             raise InputError("the plan has no placement", source=str(current), field="placement")
         if base.model.num_experts != spec.num_experts or base.model.num_moe_layers != spec.num_moe_layers:
             raise InputError(f"the plan is for {base.model.name}, not {spec.name}", source=str(current), field="model")
-        with console.status("re-placing within the move budget"):
+        with status("re-placing within the move budget"):
             inc = replace_incremental(problem, base.placement, move_budget * 2**30, options)
         placed, report, moves = inc.placement, inc.report(), inc.moves
     else:
-        with console.status(f"solving with {solver}"):
+        with status(f"solving with {solver}"):
             result = solve(problem, solver, options)
         placed, report = result.placement, result.report()
-    with console.status("measuring and simulating the placement"):
+    with status("measuring and simulating the placement"):
         plan = placement_plan(problem, cost, placed, report, judged, tokens_per_device, moves,
                               "held-out tokens" if judge_fraction > 0 else "the fitted tokens (nothing held out)",
                               stats if judge_fraction == 0 else None)
@@ -144,7 +144,7 @@ def _plan_from_loads(cost: CostModel, workloads: Workloads, per_device: int, tok
         problem = PlacementProblem.from_loads(cost, w.loads, per_device, tokens_per_device, dispatch)
         return problem, solve(problem, solver, options)
 
-    with console.status(f"solving with {solver} on {workloads.count} workload(s)"):
+    with status(f"solving with {solver} on {workloads.count} workload(s)"):
         problem, result = solved(workloads)
     held: dict[str, float] | None = None
     if leave_one_out:
@@ -154,7 +154,7 @@ def _plan_from_loads(cost: CostModel, workloads: Workloads, per_device: int, tok
         from moeplan.solvers.placement.metrics import balancedness
         held = {}
         for i, name in enumerate(workloads.names):
-            with console.status(f"leave-one-out: planning without {name}"):
+            with status(f"leave-one-out: planning without {name}"):
                 _, r = solved(workloads.without(i))
             placed = realise(r.placement, dispatch, cost.model) if dispatch != "weighted" else r.placement
             held[name] = balancedness(placed, workloads.loads[i])

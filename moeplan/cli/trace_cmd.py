@@ -8,7 +8,7 @@ import numpy as np
 import typer
 
 from moeplan.cli.apps import trace_app
-from moeplan.cli.common import console, guarded, print_table
+from moeplan.cli.common import console, guarded, print_table, status
 from moeplan.errors import InputError
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
@@ -36,7 +36,7 @@ def synth(
     knobs = SyntheticTraffic(tokens=tokens, zipf=zipf, affinity=affinity, locality=locality, segment=segment, seed=seed,
                              shuffle=shuffle)
     t0 = time.perf_counter()
-    with console.status(f"synthesising {tokens:,} tokens × {spec.num_moe_layers} MoE layers × top-{spec.top_k}"):
+    with status(f"synthesising {tokens:,} tokens × {spec.num_moe_layers} MoE layers × top-{spec.top_k}"):
         trace = synthesize(spec, knobs)
     trace.save(output)
     console.print(f"wrote {output} ({trace.num_tokens:,} tokens, {trace.num_layers} layers, top-{trace.top_k}, "
