@@ -33,8 +33,10 @@ def placement(
     hardware: str = typer.Option("h100-sxm", help="Hardware profile name or YAML."),
     trace_path: Path = typer.Option(None, "--trace", help="Routing trace (.npz) to fit (its traffic terms too)."),
     load: list[Path] = typer.Option(None, "--load", help="Recorded expert loads, one workload per file (repeat): "
-                                                         "SGLang recorder stat dumps (.json/.pt) or moeplan load "
-                                                         "files. Several make the placement robust across them."),
+                                                         "SGLang recorder dumps (stat .json/.pt; per_pass or "
+                                                         "per_token .pt, or a directory of one .pt per rank) or "
+                                                         "moeplan load files. Several make the placement robust "
+                                                         "across them."),
     dispatch: str = typer.Option("even", help=f"How the serving runtime splits an expert's tokens among its "
                                               f"replicas: {' | '.join(DISPATCH_MODELS)} (even: EPLB, vLLM; "
                                               f"sglang-static: SGLang; weighted: moeplan's runtime only)."),
