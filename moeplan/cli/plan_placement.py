@@ -10,7 +10,7 @@ import typer
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
 from moeplan.solvers.placement.incremental import replace_incremental
 from moeplan.solvers.placement.options import ROBUST_MODES
-from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, load_plan, placement_plan,
+from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, placement_plan, plan_from_loads,
                                                 split_for_judging)
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
@@ -141,25 +141,11 @@ def placement(
 def _plan_from_loads(cost: CostModel, workloads: Workloads, per_device: int, tokens_per_device: int, dispatch: str,
                      solver: str, options: SolverOptions, leave_one_out: bool, output: Path) -> None:
     """Plan from recorded loads alone; print each workload's (and each held-out workload's) balance."""
-    def solved(w: Workloads) -> Any:
-        problem = PlacementProblem.from_loads(cost, w.loads, per_device, tokens_per_device, dispatch)
-        return problem, solve(problem, solver, options)
-
-    with console.status(f"solving with {solver} on {workloads.count} workload(s)"):
-        problem, result = solved(workloads)
-    held: dict[str, float] | None = None
-    if leave_one_out:
-        if workloads.count < 2:
-            raise InputError("leave-one-out needs at least two --load files", field="leave-one-out")
-        from moeplan.dispatch import realise
-        from moeplan.solvers.placement.metrics import balancedness
-        held = {}
-        for i, name in enumerate(workloads.names):
-            with console.status(f"leave-one-out: planning without {name}"):
-                _, r = solved(workloads.without(i))
-            placed = realise(r.placement, dispatch, cost.model) if dispatch != "weighted" else r.placement
-            held[name] = balancedness(placed, workloads.loads[i])
-    plan = load_plan(problem, cost, result.placement, result.report(), workloads, held)
+    status = console.status("")
+    with status:
+        plan, result = plan_from_loads(cost, workloads, per_device, tokens_per_device, dispatch, solver, options,
+                                       leave_one_out, progress=status.update)
+    held = plan.predicted.get("leave_one_out_balancedness")
     plan.save(output)
     p, predicted = plan.placement, plan.predicted
     rows: list[tuple[str, Any]] = [("solver", result.solver), ("dispatch", p.dispatch),

@@ -24,7 +24,7 @@ of the plan.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,10 +38,13 @@ from moeplan.plan import DISPATCH_MODELS, Placement, Plan
 from moeplan.stats import TraceStats
 from moeplan.trace import RoutingTrace
 
+from . import solve
 from .exflow import traffic_report
 from .metrics import balancedness, evaluate
 from .predict import predict_moe_step
+from .options import SolverOptions
 from .problem import PlacementProblem, default_slots_per_device, slots_per_device_of
+from .result import SolveResult
 
 JUDGE_FRACTION = 0.3
 
@@ -100,6 +103,33 @@ def placement_plan(problem: PlacementProblem, cost: CostModel, placement: Placem
     return Plan(model=cost.model, hardware=hw.ref(), devices_per_node=hw.devices_per_node, nodes=hw.nodes,
                 placement=placement, moves=tuple(moves), cost_options=cost.opt, solver=solver,
                 predicted=predicted).validate()
+
+
+def plan_from_loads(cost: CostModel, workloads: Workloads, slots_per_device: int, tokens_per_device: int,
+                    dispatch: str, solver: str, options: SolverOptions, leave_one_out: bool = False,
+                    progress: Callable[[str], None] | None = None) -> tuple[Plan, SolveResult]:
+    """Solve from recorded ``workloads`` alone and build the Plan of :func:`load_plan` (``moeplan
+    plan placement --load`` and the dashboard): with ``leave_one_out``, also plan on all workloads
+    but each one and judge on it, under ``dispatch``. ``progress`` is told what is being solved."""
+    def solved(w: Workloads) -> tuple[PlacementProblem, SolveResult]:
+        problem = PlacementProblem.from_loads(cost, w.loads, slots_per_device, tokens_per_device, dispatch)
+        return problem, solve(problem, solver, options)
+
+    if progress:
+        progress(f"solving with {solver} on {workloads.count} workload(s)")
+    problem, result = solved(workloads)
+    held: dict[str, float] | None = None
+    if leave_one_out:
+        if workloads.count < 2:
+            raise InputError("leave-one-out needs at least two load files", field="leave-one-out")
+        held = {}
+        for i, name in enumerate(workloads.names):
+            if progress:
+                progress(f"leave-one-out: planning without {name}")
+            _, r = solved(workloads.without(i))
+            placed = realise(r.placement, dispatch, cost.model) if dispatch != "weighted" else r.placement
+            held[name] = balancedness(placed, workloads.loads[i])
+    return load_plan(problem, cost, result.placement, result.report(), workloads, held), result
 
 
 def load_plan(problem: PlacementProblem, cost: CostModel, placement: Placement, report: dict[str, Any],
