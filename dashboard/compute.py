@@ -25,22 +25,23 @@ from moeplan.solvers.elastic.autoscale import autoscale_frame, summary_frame
 from moeplan.solvers.elastic.study import AutoscaleStudy, prepare, run_all
 from moeplan.solvers.folding import FoldingProblem, FoldingResult
 from moeplan.solvers.folding import solve as solve_folding
-from moeplan.solvers.placement import PlacementProblem, SolveResult, solve
+from moeplan.solvers.placement import PlacementProblem, SolveResult, SolverOptions, rebalance_experts, solve
 from moeplan.solvers.placement.exflow import traffic_report
-from moeplan.solvers.placement.metrics import PlacementMetrics, device_loads, evaluate
-from moeplan.solvers.placement.pipeline import placement_plan, placement_quality
+from moeplan.solvers.placement.metrics import PlacementMetrics, balancedness, device_loads, evaluate
+from moeplan.solvers.placement.pipeline import placement_plan, placement_quality, plan_from_loads
 from moeplan.solvers.placement.problem import check_memory, default_slots_per_device
 
 from moeplan.cost import CostModel, MemoryReport
 from moeplan.dashboard import jobs
 from moeplan.dashboard.jobs import Job
-from moeplan.dashboard.keys import (BACKGROUND, CacheChoice, ElasticChoice, FoldingChoice, ModelChoice, ProblemKey,
-                                    Setup, SolveKey, TrafficChoice)
+from moeplan.dashboard.keys import (BACKGROUND, CacheChoice, ElasticChoice, FoldingChoice, LoadFile, LoadsKey,
+                                    ModelChoice, ProblemKey, Setup, SolveKey, TrafficChoice)
 from moeplan.dashboard.uploads import upload_path
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
+from moeplan.loads import Workloads, read_loads
 from moeplan.model import ModelSpec
-from moeplan.plan import Plan
+from moeplan.plan import Placement, Plan
 from moeplan.simulate import SimResult, Workload, simulate
 from moeplan.stats import TraceStats
 from moeplan.synth import synthesize
@@ -214,6 +215,35 @@ def plan(key: SolveKey) -> Plan:
     return placement_plan(served, cost_model(s), result.placement, result.report(), trace(s.model, s.traffic),
                           p.tokens_per_device, judged_on="the fitted tokens (the dashboard holds nothing out)",
                           stats=trace_stats(s.model, s.traffic))
+
+
+# ---- placement from recorded loads ----------------------------------------------------------
+@st.cache_resource(show_spinner="Reading the recorded loads…", max_entries=8)
+def workloads(model: ModelChoice, files: tuple[LoadFile, ...]) -> Workloads:
+    """The files as workloads of the model, read as ``--load`` reads them (:func:`read_loads`)."""
+    return read_loads([upload_path(f.upload) if f.upload else Path(f.path) for f in files], model_spec(model))
+
+
+@st.cache_resource(show_spinner="Planning from the recorded loads…", max_entries=8)
+def loads_plan(key: LoadsKey) -> tuple[Plan, SolveResult]:
+    """The Plan ``moeplan plan placement --load`` writes for these inputs (:func:`plan_from_loads`,
+    the equal-split solver under ``key.dispatch``)."""
+    options = SolverOptions(robust=key.robust).validate()
+    _, plan, result = plan_from_loads(cost_model(key.setup), workloads(key.setup.model, key.files), key.slots,
+                                      key.tokens_per_device, key.dispatch, "even", options, key.leave_one_out)
+    return plan, result
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def loads_eplb(key: LoadsKey) -> dict[str, float]:
+    """EPLB global (one group, one node) fitted on the pooled workloads, each workload's
+    balancedness under ``even`` (what EPLB's tensors mean): the runtime's own balancer, beside."""
+    cm, w = cost_model(key.setup), workloads(key.setup.model, key.files)
+    d = cm.hw.num_devices
+    phy2log, _, _ = rebalance_experts(w.pooled(), d * key.slots, 1, 1, d)
+    placed = Placement.from_slots(phy2log.reshape(w.loads.shape[1], d, key.slots), cm.model.num_experts,
+                                  cm.hw.devices_per_node, dispatch="even")
+    return {name: balancedness(placed, load) for name, load in zip(w.names, w.loads)}
 
 
 def plan_cost(plan: Plan) -> CostModel:

@@ -88,6 +88,31 @@ def solve_key(problem_key: ProblemKey, solver: str, balance_cap: float | None, i
 
 
 @dataclass(frozen=True)
+class LoadFile:
+    """One recorded-load file (:func:`moeplan.loads.read_load`): an upload (``upload``: its digest,
+    ``name``: the file's name) or a path on the dashboard's machine (``path``)."""
+
+    path: str = ""
+    upload: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class LoadsKey:
+    """A placement planned from recorded loads alone (``moeplan plan placement --load``): the
+    set-up's model and cluster, the workloads, slots and tokens per GPU, the runtime's dispatch
+    model, the robust objective and whether to judge leave-one-out."""
+
+    setup: Setup
+    files: tuple[LoadFile, ...]
+    slots: int
+    tokens_per_device: int = 4096
+    dispatch: str = "sglang-static"
+    robust: str = "mean"
+    leave_one_out: bool = False
+
+
+@dataclass(frozen=True)
 class FoldingChoice:
     """A parallel-folding question: the set-up's model and cluster with a workload."""
 

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "solvers": ["contiguous", "eplb", "lpt"], "tokens_per_device": 256, "execution": "Standard EP",
     "ilp_time_limit": 10, "balance_cap": 1.01, "flows": "top1", "metric_tokens": 1024,
     "map_layer": 0, "kv_tokens": 65536,
+    "loads_paths": "", "loads_dispatch": "sglang-static", "loads_robust": "mean", "loads_loo": False,
     # trace
     "sort_popularity": True, "affinity_layer": 0, "affinity_view": "probability", "segment_len": 16,
     # parallel folding
@@ -39,7 +40,7 @@ PAGE_KEYS = ("solvers", "slots", "tokens_per_device", "execution", "ilp_time_lim
              "fold_batch", "fold_mbs", "fold_overlap", "fold_pick", "sort_popularity", "affinity_layer",
              "affinity_view", "segment_len", "cache_experts", "cache_policy", "cache_phase", "cache_batch",
              "cache_context", "cache_budget", "cache_layer", "elastic_sizes", "elastic_shape", "elastic_policy",
-             "elastic_seed")
+             "elastic_seed", "loads_paths", "loads_dispatch", "loads_robust", "loads_loo")
 TOKEN_CHOICES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 

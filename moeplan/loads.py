@@ -5,7 +5,11 @@ Each file is either an SGLang expert-distribution recorder dump in ``stat`` mode
 :func:`moeplan.export.importers.import_sglang_dump`: dense-layer rows must be empty and are
 dropped) or a moeplan load file (``moeplan import --format sglang-dump`` writes it:
 ``{"format": "moeplan-load", "layer_ids": [...], "load": [moe_layers, experts]}``, its layer ids
-checked against the model's MoE layers). Several files are several workloads.
+checked against the model's MoE layers), or SGLang's ``per_pass``/``per_token`` ``.pt`` dumps
+(``{"records": [...]}`` with ``global_physical_count`` or ``topk_ids_of_layer``; read by
+:func:`moeplan.trace_import.import_records_load`, the ``moeplan trace import`` reader). Several
+files are several workloads; a directory is one workload made of every ``.pt`` in it (SGLang
+writes one per rank).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 from moeplan.errors import InputError
 from moeplan.export.importers import RecordedLoad, import_sglang_dump, read_mapping
 from moeplan.model import ModelSpec
+from moeplan.trace_import import import_records_load, records_load
 
 LOAD_FORMAT = "moeplan-load"
 
@@ -51,8 +56,14 @@ class Workloads:
 
 
 def read_load(path: str, model: ModelSpec) -> RecordedLoad:
-    """One load file (module docstring) as the model's ``[moe_layers, experts]`` load."""
+    """One load file or rank-dump directory (module docstring) as the model's ``[moe_layers, experts]`` load."""
+    if Path(path).is_dir():
+        load, passes = import_records_load(_rank_dumps(Path(path)), model)
+        return RecordedLoad(load=load, layer_ids=model.moe_layers, steps=passes, source=path)
     data, source = read_mapping(path)
+    if "records" in data:
+        load, passes = records_load([(Path(path), data)], model)
+        return RecordedLoad(load=load, layer_ids=model.moe_layers, steps=passes, source=source)
     if data.get("format") != LOAD_FORMAT:
         return import_sglang_dump(path, model)
     if data.get("num_experts", model.num_experts) != model.num_experts:
@@ -72,6 +83,14 @@ def read_load(path: str, model: ModelSpec) -> RecordedLoad:
     if not np.all(np.isfinite(load)) or load.min() < 0:
         raise InputError("counts must be finite numbers ≥ 0", source=source, field="load")
     return RecordedLoad(load=load, layer_ids=layer_ids, steps=int(data.get("steps", 1)), source=source)
+
+
+def _rank_dumps(directory: Path) -> list[Path]:
+    """Every ``.pt`` dump in ``directory`` (one per rank), InputError when there is none."""
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in (".pt", ".pth"))
+    if not files:
+        raise InputError("directory without .pt dumps", source=str(directory), fix="give a load file or a dump directory")
+    return files
 
 
 def read_loads(paths: Sequence[str | Path], model: ModelSpec) -> Workloads:

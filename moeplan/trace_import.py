@@ -190,17 +190,32 @@ def _load_torch(path: Path) -> Any:
 
 def _sglang_choices(paths: Sequence[Path]) -> RecordedChoices:
     """Merge per-rank SGLang per-token dumps into one token stream (see the module docstring)."""
+    return _records_choices([(path, _records_payload(path, _load_torch(path))) for path in paths])
+
+
+def _records_payload(path: Path, payload: Any) -> dict:
+    """``payload`` when it is a recorder dump with a ``records`` list, else InputError."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("records"), list):
+        raise InputError("no 'records' list", source=str(path), field="records",
+                         fix="give a dump of SGLang's expert-distribution recorder")
+    return payload
+
+
+def _physical_map(payload: dict, src: str) -> np.ndarray | None:
+    """The dump's ``last_physical_to_logical_map`` [model layers, physical] as int64, or None."""
+    mapping = payload.get("last_physical_to_logical_map")
+    return None if mapping is None else _integer_array(mapping.numpy() if hasattr(mapping, "numpy") else mapping,
+                                                       src, "last_physical_to_logical_map", 2)
+
+
+def _records_choices(dumps: Sequence[tuple[Path, dict]]) -> RecordedChoices:
+    """:func:`_sglang_choices` on dumps already loaded: (path, payload) per rank file."""
     passes: dict[tuple[int, int], np.ndarray] = {}
     layers = None
-    for file_index, path in enumerate(paths):
+    paths = [path for path, _ in dumps]
+    for file_index, (path, payload) in enumerate(dumps):
         src = str(path)
-        payload = _load_torch(path)
-        if not isinstance(payload, dict) or not isinstance(payload.get("records"), list):
-            raise InputError("no 'records' list", source=src, field="records",
-                             fix="give a dump of SGLang's expert-distribution recorder")
-        mapping = payload.get("last_physical_to_logical_map")
-        p2l = None if mapping is None else _integer_array(mapping.numpy() if hasattr(mapping, "numpy") else mapping,
-                                                          src, "last_physical_to_logical_map", 2)
+        p2l = _physical_map(payload, src)
         name_rank = _RANK_SUFFIX.search(path.name)
         for i, record in enumerate(payload["records"]):
             field = f"records[{i}]"
@@ -244,6 +259,98 @@ def _sglang_choices(paths: Sequence[Path]) -> RecordedChoices:
         last_pass[1].append(ids)
         ordered.append(ids)
     return RecordedChoices(np.concatenate(ordered, axis=0), None, None, ", ".join(map(str, paths)))
+
+
+def import_records_load(paths: Sequence[Path], model: ModelSpec) -> tuple[np.ndarray, int]:
+    """The MoE-layer load of one workload's SGLang ``per_token``/``per_pass`` dumps (one ``.pt`` per
+    rank): int64 [moe_layers, experts] token-choices and the forward passes recorded.
+
+    ``per_token`` records (``topk_ids_of_layer``) go through the trace reader above (same merge,
+    same tensor-parallel de-duplication) and are counted per layer. ``per_pass`` records hold only
+    ``global_physical_count`` [model layers, physical] (sglang ``expert_distribution.py``::
+    ``_LayerBasedGpuSinglePassGatherer.collect``); they are mapped to logical experts through the
+    dump's ``last_physical_to_logical_map`` as sglang's
+    ``_convert_global_physical_count_to_logical_count`` does (scatter-add, ids < 0 dropped) and
+    summed over records, as its ``stat`` accumulator sums ranks. Dense layers must hold no counts.
+    """
+    return records_load([(Path(p), _load_torch(Path(p))) for p in paths], model)
+
+
+def records_load(dumps: Sequence[tuple[Path, Any]], model: ModelSpec) -> tuple[np.ndarray, int]:
+    """:func:`import_records_load` on dumps already loaded: (path, payload) per rank file."""
+    dumps = [(path, _records_payload(path, payload)) for path, payload in dumps]
+    paths = [path for path, _ in dumps]
+    records = [r for _, payload in dumps for r in payload["records"]]
+    if not records:
+        raise InputError("no records", source=", ".join(map(str, paths)), field="records")
+    if all(isinstance(r, dict) and "topk_ids_of_layer" in r for r in records):
+        ids, _ = _to_moe_layers(_records_choices(dumps), model)
+        e = model.num_experts
+        if ids.max() >= e:
+            raise InputError(f"expert id {int(ids.max())} ≥ {e} experts", source=str(paths[0]),
+                             field="topk_ids_of_layer", fix="check --model")
+        rows = ids.transpose(1, 0, 2).reshape(ids.shape[1], -1)
+        load = np.stack([np.bincount(row[row >= 0], minlength=e) for row in rows])
+        return load.astype(np.int64), len({int(r.get("forward_pass_id", i)) for i, r in enumerate(records)})
+    total: np.ndarray | None = None
+    for path, payload in dumps:
+        src = str(path)
+        p2l = _physical_map(payload, src)
+        for i, record in enumerate(payload["records"]):
+            field = f"records[{i}].global_physical_count"
+            if not isinstance(record, dict) or "global_physical_count" not in record:
+                raise InputError("neither topk_ids_of_layer nor global_physical_count", source=src,
+                                 field=f"records[{i}]", fix="give a per_pass or per_token recorder dump")
+            value = record["global_physical_count"]
+            count = _integer_array(value.numpy() if hasattr(value, "numpy") else value, src, field, 2)
+            logical = _logical_count(count, p2l, model.num_experts, src, field)
+            total = logical if total is None else _add_counts(total, logical, src, field)
+    assert total is not None
+    return _moe_rows(total, model, str(paths[0])), len({int(r.get("forward_pass_id", i))
+                                                         for i, r in enumerate(records)})
+
+
+def _logical_count(count: np.ndarray, p2l: np.ndarray | None, num_experts: int, src: str, field: str) -> np.ndarray:
+    """[layers, physical] counts → [layers, experts] through ``p2l`` (identity without a map)."""
+    if count.min() < 0:
+        raise InputError("counts must be ≥ 0", source=src, field=field)
+    if p2l is None:
+        if count.shape[1] != num_experts:
+            raise InputError(f"{count.shape[1]} physical experts and no last_physical_to_logical_map", source=src,
+                             field=field, fix="give the dump as SGLang wrote it (with its map)")
+        return count
+    if p2l.shape != count.shape:
+        raise InputError(f"shape {count.shape}, the map's {p2l.shape}", source=src, field=field)
+    if p2l.max() >= num_experts:
+        raise InputError(f"maps to expert {int(p2l.max())} ≥ {num_experts} experts", source=src,
+                         field="last_physical_to_logical_map", fix="check --model")
+    out = np.zeros((count.shape[0], num_experts), dtype=np.int64)
+    valid = p2l >= 0
+    rows = np.broadcast_to(np.arange(count.shape[0])[:, None], count.shape)
+    np.add.at(out, (rows[valid], p2l[valid]), count[valid])
+    return out
+
+
+def _add_counts(total: np.ndarray, more: np.ndarray, src: str, field: str) -> np.ndarray:
+    if more.shape != total.shape:
+        raise InputError(f"shape {more.shape}, earlier records {total.shape}", source=src, field=field)
+    return total + more
+
+
+def _moe_rows(count: np.ndarray, model: ModelSpec, src: str) -> np.ndarray:
+    """[model layers or MoE layers, experts] → the MoE rows; dense rows must be empty."""
+    if count.shape[0] == model.num_moe_layers:
+        return count
+    if count.shape[0] != model.num_layers:
+        raise InputError(f"{count.shape[0]} layers, the model {model.name} has {model.num_layers} layers of which "
+                         f"{model.num_moe_layers} are MoE", source=src, field="global_physical_count",
+                         fix="check --model")
+    dense = list(model.dense_layers)
+    if dense and count[dense].any():
+        layer = dense[int(np.argmax(count[dense].sum(axis=1) > 0))]
+        raise InputError(f"dense layer {layer} has expert counts", source=src, field="global_physical_count",
+                         fix="check --model")
+    return count[list(model.moe_layers)]
 
 
 def _table_choices(columns: dict[str, np.ndarray], source: str) -> RecordedChoices:

@@ -6,6 +6,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 from moeplan.dispatch import realise
 from moeplan.solvers.cache import CacheProblem, StepShape
@@ -274,3 +275,41 @@ def test_serve_page_shows_the_pareto_front_of_the_serving_search(tmp_path: Path)
     table = at.dataframe[0].value
     assert list(table["TPOT (ms)"]) == pytest.approx([x.point.tpot * 1e3 for x in front])
     assert "sglang.launch_server" in at.code[0].value
+
+
+def test_placement_from_recorded_loads_equals_the_cli_pipeline(tmp_path: Path) -> None:
+    """Two recorded workloads, one uploaded and one by path: the panel's balance figures are
+    ``moeplan plan placement --load``'s under the chosen dispatch model, EPLB global beside them."""
+    from moeplan.loads import read_loads
+    from moeplan.solvers.placement import rebalance_experts
+    from moeplan.solvers.placement.metrics import balancedness
+    from moeplan.solvers.placement.pipeline import plan_from_loads
+    from moeplan.plan import Placement
+
+    spec, hw, _, _ = library()
+    rng = np.random.default_rng(4)
+    paths = []
+    for i in range(2):
+        counts = rng.zipf(1.6, (spec.num_layers, spec.num_experts)).clip(max=500) * (10 + i)
+        paths.append(tmp_path / f"w{i}.json")
+        paths[-1].write_text(json.dumps({"logical_count": counts.tolist()}))
+    at = go(open_app(tmp_path, loads_paths=str(paths[1]), loads_loo=True, loads_dispatch="even"), "placement")
+    at.get("file_uploader")[0].set_value(("w0.json", paths[0].read_bytes(), "application/json")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = next(df.value for df in at.dataframe if "EPLB global (even)" in df.value.columns)
+    slots = int(at.session_state["slots"])
+    cost = CostModel(spec, hw)
+    w = read_loads(paths, spec)
+    _, plan, _ = plan_from_loads(cost, w, slots, 256, "even", "even", SolverOptions(), leave_one_out=True)
+    phy2log, _, _ = rebalance_experts(w.pooled(), hw.num_devices * slots, 1, 1, hw.num_devices)
+    eplb = Placement.from_slots(phy2log.reshape(spec.num_moe_layers, hw.num_devices, slots), spec.num_experts,
+                                hw.devices_per_node, dispatch="even")
+    for name, load in zip(("w0.json", "w1.json"), w.loads):
+        row = table.loc[name]
+        assert row["moeplan (even)"] == pytest.approx(plan.predicted["workload_balancedness"][name], rel=1e-9)
+        assert row["moeplan held out"] == pytest.approx(plan.predicted["leave_one_out_balancedness"][name], rel=1e-9)
+        assert row["EPLB global (even)"] == pytest.approx(balancedness(eplb, load), rel=1e-9)
+    assert metric(at, "Leave-one-out mean") == f"{plan.predicted['leave_one_out_mean']:.4f}"
+    at.session_state["loads_paths"] = str(tmp_path / "missing.json")
+    at.run()
+    assert at.error and "missing.json" in at.error[0].value

@@ -181,3 +181,57 @@ def test_bad_files_exit_2_naming_file_and_field(tmp_path: Path, spec: ModelSpec,
     assert code == 2, text
     assert str(path) in text and f"'{field}'" in text if field else str(path) in text
     assert "Traceback" not in text and not (tmp_path / "t.npz").exists()
+
+
+def _pass_dump(path: Path, rank: int, counts: list[np.ndarray], p2l: np.ndarray) -> None:
+    """An SGLang ``per_pass`` dump: one ``global_physical_count`` [layers, physical] per pass."""
+    torch = pytest.importorskip("torch")
+    records = [{"forward_pass_id": pid, "rank": rank, "gatherer_key": "primary",
+                "global_physical_count": torch.from_numpy(c)} for pid, c in enumerate(counts)]
+    torch.save({"records": records, "last_physical_to_logical_map": torch.from_numpy(p2l)}, path)
+
+
+def test_per_pass_dumps_of_two_ranks_are_one_load_through_the_physical_map(tmp_path: Path) -> None:
+    """DeepSeek-V3 with 32 redundant slots: counts on a redundant slot go to its logical expert,
+    ranks and passes sum, dense rows drop; a directory of rank files is one workload."""
+    from moeplan.loads import read_loads
+
+    spec = ModelSpec.preset("deepseek-v3")
+    rng = np.random.default_rng(7)
+    e, layers = spec.num_experts, spec.num_layers
+    p2l = np.concatenate([np.tile(np.arange(e), (layers, 1)), rng.integers(0, e, (layers, 32))], axis=1)
+    expected = np.zeros((layers, e), dtype=np.int64)
+    (tmp_path / "ranks").mkdir()
+    for rank in range(2):
+        counts = []
+        for _ in range(3):
+            c = rng.integers(0, 50, (layers, p2l.shape[1])).astype(np.int64)
+            c[list(spec.dense_layers)] = 0
+            counts.append(c)
+            np.add.at(expected, (np.repeat(np.arange(layers), p2l.shape[1]), p2l.ravel()), c.ravel())
+        _pass_dump(tmp_path / "ranks" / f"expert_distribution_recorder_1.0_{rank}.pt", rank, counts, p2l)
+    w = read_loads([tmp_path / "ranks", tmp_path / "ranks" / "expert_distribution_recorder_1.0_0.pt"], spec)
+    assert w.count == 2
+    assert np.array_equal(w.loads[0], expected[list(spec.moe_layers)])
+    assert 0 < w.loads[1].sum() < w.loads[0].sum()
+    bad = tmp_path / "dense.pt"
+    c = np.ones((layers, p2l.shape[1]), dtype=np.int64)
+    _pass_dump(bad, 0, [c], p2l)
+    with pytest.raises(InputError, match="dense layer 0"):
+        read_loads([bad], spec)
+
+
+def test_per_token_dump_is_a_load_counted_from_the_trace_reader(tmp_path: Path, spec: ModelSpec) -> None:
+    from moeplan.loads import read_loads
+
+    rng = np.random.default_rng(8)
+    p2l = np.tile(np.arange(spec.num_experts), (spec.num_layers, 1))
+    ids = _choices(rng, 40, spec.num_layers, spec.num_experts, spec.top_k)
+    _sglang_dump(tmp_path / "tok_0.pt", 0, [(0, ids.transpose(1, 0, 2).astype(np.int32))], p2l)
+    w = read_loads([tmp_path / "tok_0.pt"], spec)
+    expected = np.stack([np.bincount(ids[:, layer].ravel(), minlength=spec.num_experts)
+                         for layer in spec.moe_layers])
+    assert np.array_equal(w.loads[0], expected)
+    code, text = run("plan", "placement", "--model", MODEL, "--load", str(tmp_path / "tok_0.pt"), "--gpus", "8",
+                     "--solver", "eplb", "-o", str(tmp_path / "plan.json"))
+    assert code == 0, text

@@ -1,6 +1,7 @@
 """Placement what-if: solvers side by side on the same trace — load per GPU and layer, the expert →
 GPU map of a layer, balancedness, GPUs/nodes touched, hops, predicted MoE time and its breakdown,
-the solver's bound and gap. Every figure is the library's (:mod:`moeplan.dashboard.compute`)."""
+the solver's bound and gap; and a placement planned from recorded loads (:mod:`moeplan.dashboard.recorded`).
+Every figure is the library's (:mod:`moeplan.dashboard.compute`)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,7 @@ import pandas as pd
 import streamlit as st
 from moeplan.solvers.placement.metrics import MAX_TOKENS
 
-from moeplan.dashboard import charts, compute, views
+from moeplan.dashboard import charts, compute, recorded, views
 from moeplan.dashboard.keys import BACKGROUND, SOLVER_HELP, SOLVER_LABELS, SOLVER_NAMES
 from moeplan.dashboard.views import fact
 
@@ -60,6 +61,8 @@ with st.expander("Solver and prediction settings"):
                     format_func=lambda t: f"up to {t:,} (CLI)" if t == MAX_TOKENS else f"{t:,}",
                     help="GPUs/nodes touched and top-1 hops are averaged over this many evenly spaced tokens of the "
                          "trace (balancedness always over all of them). Fewer: faster what-ifs.")
+
+recorded.render(setup, slots, int(st.session_state.tokens_per_device))
 
 problem_key, keys = views.solve_keys(setup)
 solvers = list(keys)

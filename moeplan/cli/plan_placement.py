@@ -10,8 +10,8 @@ import typer
 from moeplan.solvers.placement import SOLVERS, PlacementProblem, SolverOptions, solve
 from moeplan.solvers.placement.incremental import replace_incremental
 from moeplan.solvers.placement.options import ROBUST_MODES
-from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, load_plan, objective_explained,
-                                                placement_plan, split_for_judging)
+from moeplan.solvers.placement.pipeline import (JUDGE_FRACTION, default_slots, objective_explained, placement_plan,
+                                                plan_from_loads, split_for_judging)
 from moeplan.solvers.placement.problem import DEFAULT_TOKENS_PER_DEVICE, FLOW_MODELS
 
 from moeplan.cli.apps import plan_app
@@ -33,8 +33,10 @@ def placement(
     hardware: str = typer.Option("h100-sxm", help="Hardware profile name or YAML."),
     trace_path: Path = typer.Option(None, "--trace", help="Routing trace (.npz) to fit (its traffic terms too)."),
     load: list[Path] = typer.Option(None, "--load", help="Recorded expert loads, one workload per file (repeat): "
-                                                         "SGLang recorder stat dumps (.json/.pt) or moeplan load "
-                                                         "files. Several make the placement robust across them."),
+                                                         "SGLang recorder dumps (stat .json/.pt; per_pass or "
+                                                         "per_token .pt, or a directory of one .pt per rank) or "
+                                                         "moeplan load files. Several make the placement robust "
+                                                         "across them."),
     dispatch: str = typer.Option("even", help=f"How the serving runtime splits an expert's tokens among its "
                                               f"replicas: {' | '.join(DISPATCH_MODELS)} (even: EPLB, vLLM; "
                                               f"sglang-static: SGLang; weighted: moeplan's runtime only)."),
@@ -140,25 +142,11 @@ def placement(
 def _plan_from_loads(cost: CostModel, workloads: Workloads, per_device: int, tokens_per_device: int, dispatch: str,
                      solver: str, options: SolverOptions, leave_one_out: bool, output: Path) -> None:
     """Plan from recorded loads alone; print each workload's (and each held-out workload's) balance."""
-    def solved(w: Workloads) -> Any:
-        problem = PlacementProblem.from_loads(cost, w.loads, per_device, tokens_per_device, dispatch)
-        return problem, solve(problem, solver, options)
-
-    with status(f"solving with {solver} on {workloads.count} workload(s)"):
-        problem, result = solved(workloads)
-    held: dict[str, float] | None = None
-    if leave_one_out:
-        if workloads.count < 2:
-            raise InputError("leave-one-out needs at least two --load files", field="leave-one-out")
-        from moeplan.dispatch import realise
-        from moeplan.solvers.placement.metrics import balancedness
-        held = {}
-        for i, name in enumerate(workloads.names):
-            with status(f"leave-one-out: planning without {name}"):
-                _, r = solved(workloads.without(i))
-            placed = realise(r.placement, dispatch, cost.model) if dispatch != "weighted" else r.placement
-            held[name] = balancedness(placed, workloads.loads[i])
-    plan = load_plan(problem, cost, result.placement, result.report(), workloads, held)
+    steps = f"solving with {solver} on {workloads.count} workload(s)" + (", then leaving each out" if leave_one_out else "")
+    with status(steps):
+        problem, plan, result = plan_from_loads(cost, workloads, per_device, tokens_per_device, dispatch, solver, options,
+                                       leave_one_out)
+    held = plan.predicted.get("leave_one_out_balancedness")
     plan.save(output)
     p, predicted = plan.placement, plan.predicted
     rows: list[tuple[str, Any]] = [("solver", result.solver), ("dispatch", p.dispatch),

@@ -38,10 +38,13 @@ from moeplan.plan import DISPATCH_MODELS, Placement, Plan
 from moeplan.stats import TraceStats
 from moeplan.trace import RoutingTrace
 
+from . import solve
 from .exflow import traffic_report
 from .metrics import balancedness, evaluate
 from .predict import predict_moe_step
+from .options import SolverOptions
 from .problem import PlacementProblem, default_slots_per_device, slots_per_device_of
+from .result import SolveResult
 
 JUDGE_FRACTION = 0.3
 
@@ -119,6 +122,29 @@ def placement_plan(problem: PlacementProblem, cost: CostModel, placement: Placem
     return Plan(model=cost.model, hardware=hw.ref(), devices_per_node=hw.devices_per_node, nodes=hw.nodes,
                 placement=placement, moves=tuple(moves), cost_options=cost.opt, solver=solver,
                 predicted=predicted).validate()
+
+
+def plan_from_loads(cost: CostModel, workloads: Workloads, slots_per_device: int, tokens_per_device: int,
+                    dispatch: str, solver: str, options: SolverOptions,
+                    leave_one_out: bool = False) -> tuple[PlacementProblem, Plan, SolveResult]:
+    """Solve from recorded ``workloads`` alone: (the problem, the Plan of :func:`load_plan`, the
+    solve) for ``moeplan plan placement --load`` and the dashboard; with ``leave_one_out``, also
+    plan on all workloads but each one and judge on it, under ``dispatch``."""
+    def solved(w: Workloads) -> tuple[PlacementProblem, SolveResult]:
+        problem = PlacementProblem.from_loads(cost, w.loads, slots_per_device, tokens_per_device, dispatch)
+        return problem, solve(problem, solver, options)
+
+    problem, result = solved(workloads)
+    held: dict[str, float] | None = None
+    if leave_one_out:
+        if workloads.count < 2:
+            raise InputError("leave-one-out needs at least two load files", field="leave-one-out")
+        held = {}
+        for i, name in enumerate(workloads.names):
+            _, r = solved(workloads.without(i))
+            placed = realise(r.placement, dispatch, cost.model) if dispatch != "weighted" else r.placement
+            held[name] = balancedness(placed, workloads.loads[i])
+    return problem, load_plan(problem, cost, result.placement, result.report(), workloads, held), result
 
 
 def load_plan(problem: PlacementProblem, cost: CostModel, placement: Placement, report: dict[str, Any],
