@@ -11,9 +11,19 @@ profile, starting from moeplan's bundled datasheet profile of the same GPU:
 - ``comm/<framework>/<version>/custom_allreduce_perf.parquet``: the backend's own all-reduce
   (SGLang/vLLM custom all-reduce, TRT-LLM's AllReduce), CUDA-graph variant (eager rows
   dropped); with ``framework`` given it replaces NCCL's all_reduce curves,
-  since that is what the backend's decode step runs.
+  since that is what the backend's decode step runs;
+- ``moe/<framework>/<version>/moe_perf.parquet`` (with ``framework`` given): the backend's fused-MoE
+  kernel latency by num_tokens (the tokens entering the layer across the EP group — the EP=8
+  column runs about 1/8 of the EP=1 work at 16k tokens), hidden, inter, top-k, experts, moe_tp,
+  moe_ep and weight dtype, into ``fused_moe`` curves. Only the ``power_law_1.01`` routing
+  distribution is read: AIConfigurator's own default (``sdk/config.py`` workload_distribution
+  "power_law" with ``_power_law_alpha = 1.01`` in ``sdk/models/deepseek.py``), the imbalance of
+  real routing. Where a table holds several kernels for one shape, the fastest at each token
+  count is kept (the backends pick their MoE kernel by shape).
 
-The newest version folder of each is used. Every curve is tagged measured, with the package
+The newest version folder of each collective table is used; for the MoE tables every version
+folder is read and, per shape, the newest that measured it wins (TRT-LLM's newest folders hold
+only a few shapes). Every curve is tagged measured, with the package
 version, the table's path and its ``collection_meta.yaml`` runtime in the run record ``aiconfigurator``.
 pandas (with a parquet engine) is imported only here, when importing.
 """
@@ -33,6 +43,9 @@ SYSTEM_PROFILE = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm", "b200_sxm": "b
 FRAMEWORKS = ("sglang", "trtllm", "vllm")
 OPS = {"all_reduce": "all_reduce", "all_gather": "all_gather", "reduce_scatter": "reduce_scatter",
        "alltoall": "all_to_all"}
+MOE_DTYPES = {"bfloat16": "bf16", "fp8": "fp8", "fp8_block": "fp8_block", "w4a16_mxfp4": "mxfp4",
+              "int4_wo": "int4_wo", "nvfp4": "nvfp4", "w4a8_mxfp4_mxfp8": "mxfp4_a8"}   # table moe_dtype -> key
+MOE_DISTRIBUTION = "power_law_1.01"
 DTYPE_BYTES = {"half": 2, "bfloat16": 2, "float16": 2, "int8": 1, "float": 4, "float32": 4}
 RUN = "aiconfigurator"
 
@@ -94,9 +107,45 @@ def _curves(table: Path, rel: str, version: str, op_col: str, dtype_col: str, ke
     return out
 
 
+def _version_order(p: Path) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", p.name))
+
+
+def _moe_curves(folder: Path, system: str, framework: str, version: str,
+                tables: dict[str, Any]) -> list[Curve]:
+    """``fused_moe`` curves (x tokens, y seconds) of every shape the framework's MoE tables hold,
+    the newest version folder winning per shape; the tables read are added to ``tables``."""
+    import pandas as pd
+
+    cols = ["kernel_source", "moe_dtype", "num_tokens", "hidden_size", "inter_size", "topk", "num_experts",
+            "moe_tp_size", "moe_ep_size", "distribution", "latency"]
+    shape = ["moe_dtype", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size", "moe_ep_size"]
+    found: dict[tuple, Curve] = {}
+    versions = sorted((p for p in folder.glob("*") if (p / "moe_perf.parquet").is_file()), key=_version_order) \
+        if folder.is_dir() else []
+    for vdir in versions:
+        rel = f"systems/data/{system}/moe/{framework}/{vdir.name}/moe_perf.parquet"
+        df = pd.read_parquet(vdir / "moe_perf.parquet", columns=cols)
+        df = df[(df["distribution"] == MOE_DISTRIBUTION) & df["moe_dtype"].isin(list(MOE_DTYPES))]
+        if df.empty:
+            continue
+        tables[rel] = _meta(vdir)
+        best = df.groupby(shape + ["num_tokens"], as_index=False)["latency"].min()
+        for key, g in best.groupby(shape):
+            g = g.sort_values("num_tokens")
+            dtype, hidden, inter, topk, experts, mtp, mep = key
+            found[key] = Curve("fused_moe", {"hidden": int(hidden), "inter": int(inter), "top_k": int(topk),
+                                             "experts": int(experts), "moe_tp": int(mtp), "moe_ep": int(mep),
+                                             "dtype": MOE_DTYPES[dtype]},
+                               tuple(float(v) for v in g["num_tokens"]), tuple(float(v) / 1e3 for v in g["latency"]),
+                               Provenance("measured", f"aiconfigurator-core {version} {rel} ({MOE_DISTRIBUTION})", RUN))
+    return list(found.values())
+
+
 def import_profile(system: str, framework: str | None = None, path: str | None = None) -> HardwareProfile:
     """A profile of ``system`` (an aiconfigurator system name, e.g. ``h200_sxm``): moeplan's
-    bundled datasheet profile of that GPU plus the package's measured collective curves."""
+    bundled datasheet profile of that GPU plus the package's measured collective curves and,
+    with ``framework``, that backend's measured fused-MoE kernel curves."""
     if system not in SYSTEM_PROFILE:
         raise InputError(f"no moeplan profile for aiconfigurator system {system!r}", field="--aiconfigurator",
                          fix=f"use one of {', '.join(SYSTEM_PROFILE)}")
@@ -120,8 +169,10 @@ def import_profile(system: str, framework: str | None = None, path: str | None =
             ranks = {c.key["ranks"] for c in graph}
             curves = [c for c in curves if not (c.key["op"] == "all_reduce" and c.key["ranks"] in ranks)] + graph
             tables[crel] = _meta(custom)
+        curves += _moe_curves(pkg / "systems" / "data" / system / "moe" / framework, system, framework, version, tables)
     base = HardwareProfile.resolve(SYSTEM_PROFILE[system])
     run = {"tool": f"aiconfigurator-core {version}", "system": system, "framework": framework or "nccl",
            "tables": tables, "license": "Apache-2.0 (NVIDIA aiconfigurator-core)"}
-    return replace(base, description=f"{base.description}; collectives measured by NVIDIA aiconfigurator-core {version}",
+    return replace(base, description=f"{base.description}; collectives{' and fused-MoE kernels' if framework else ''} measured by "
+                               f"NVIDIA aiconfigurator-core {version}",
                    curves=tuple(base.curves) + tuple(curves), runs={**base.runs, RUN: run}).validate()

@@ -11,6 +11,8 @@ Units: bytes, seconds, FLOP/s, bytes/s. Link bandwidth is per device per directi
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import math
@@ -67,9 +69,11 @@ class Quantity:
 class Curve:
     """y(x) measured at a few points; evaluated by log-log interpolation.
 
-    kind: expert_ffn | moe_routing | attention_prefill | attention_decode | collective | host_copy.
+    kind: expert_ffn | moe_routing | fused_moe | attention_prefill | attention_decode | collective | host_copy.
     key: what the curve is for, e.g. {hidden, ffn, dtype, kernel, experts} for expert_ffn,
         {hidden, experts, top_k} for moe_routing (x = tokens a device routes),
+        {hidden, inter, top_k, experts, moe_tp, moe_ep, dtype} for fused_moe (x = tokens entering one
+        MoE layer across its EP group; y = the fused kernel of one layer on one GPU),
         {op, scope, ranks} for collective, {direction, memory} for host_copy.
     x: tokens, sequence length or bytes; y: seconds (median); y_min/y_max: spread of repeats.
     Below the first point the first value holds (the small-batch floor); beyond the last point
@@ -239,6 +243,18 @@ class HardwareProfile:
             if c.matches(kind, **key):
                 return c
         return None
+
+    def curve_for(self, kind: str, **key: Any) -> Curve | None:
+        """The curve of ``kind`` whose key is exactly ``key`` (a dictionary lookup: imported
+        profiles hold thousands of ``fused_moe`` curves), or None."""
+        return self._curve_index.get((kind, tuple(sorted(key.items()))))
+
+    @functools.cached_property
+    def _curve_index(self) -> dict[tuple[str, tuple], Curve]:
+        index: dict[tuple[str, tuple], Curve] = {}
+        for c in self.curves:
+            index.setdefault((c.kind, tuple(sorted(c.key.items()))), c)
+        return index
 
     def find_correction(self, target: str, **key: Any) -> Correction | None:
         """The first correction of ``target`` whose key has all the given entries, or None."""
@@ -476,7 +492,7 @@ def _curve(data: Any, source: str, index: int) -> Curve:
     key = f.raw("key", {})
     if not isinstance(key, dict):
         raise f.fail("key", "expected a mapping")
-    kind = f.str("kind", choices=("expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "collective", "host_copy"))
+    kind = f.str("kind", choices=("expert_ffn", "moe_routing", "fused_moe", "attention_prefill", "attention_decode", "collective", "host_copy"))
     return Curve(kind, key, tuple(x), tuple(y), _prov(f), y_min, y_max)
 
 

@@ -115,6 +115,11 @@ class ModelSpec:
             picks topk_group groups first, then its top_k experts inside them. 1, 1 when ungrouped.
         expert_bias: experts have biases (GPT-OSS).
         tie_embeddings: the output head shares the input embedding.
+        sliding_window, sliding_layers: layers whose attention sees only the last
+            ``sliding_window`` tokens (Hugging Face ``layer_types`` "sliding_attention": GPT-OSS).
+        linear_layers: layers of linear attention (``layer_types`` "linear_attention": Qwen3.5's
+            Gated DeltaNet), which keep a fixed-size recurrent state, no per-token KV cache; their
+            projections are costed with the ``attention`` shape (an approximation).
         weight_bytes: bytes per weight element as deployed (2 for bf16).
         family: the Hugging Face ``model_type`` it came from.
         source: where the numbers were read.
@@ -137,6 +142,9 @@ class ModelSpec:
     topk_group: int = 1
     expert_bias: bool = False
     tie_embeddings: bool = False
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
+    linear_layers: tuple[int, ...] = ()
     weight_bytes: float = 2.0
     family: str = ""
     source: str = ""
@@ -179,6 +187,13 @@ class ModelSpec:
             raise bad("attention.head_dim", "must be ≥ 1")
         if self.weight_bytes <= 0:
             raise bad("weight_bytes", "must be > 0")
+        for fld in ("sliding_layers", "linear_layers"):
+            if any(not 0 <= i < self.num_layers for i in getattr(self, fld)):
+                raise bad(fld, f"indices must lie in 0..{self.num_layers - 1}")
+        if set(self.sliding_layers) & set(self.linear_layers):
+            raise bad("linear_layers", "a layer cannot be both sliding-window and linear attention")
+        if self.sliding_layers and self.sliding_window < 1:
+            raise bad("sliding_window", "sliding-window layers need a window ≥ 1", "set sliding_window")
         return self
 
     # ---- derived shape ----------------------------------------------------------------------
@@ -262,10 +277,23 @@ class ModelSpec:
         """Weights that take part in a matmul for one token (active, minus the embedding lookup)."""
         return self.active_params(include_input_embedding=False) - self.norm_params()
 
+    def attention_layer_contexts(self, context: float) -> tuple[tuple[int, float], ...]:
+        """(layers, tokens each attends to) per kind of attention layer with ``context`` tokens of
+        history: full-attention layers all of them, sliding-window layers at most
+        ``sliding_window``, linear-attention layers none (no KV cache to read)."""
+        full = self.num_layers - len(self.sliding_layers) - len(self.linear_layers)
+        groups = ((full, float(context)), (len(self.sliding_layers), float(min(context, self.sliding_window))),
+                  (len(self.linear_layers), 0.0))
+        return tuple(g for g in groups if g[0])
+
+    def attended_tokens(self, context: float) -> float:
+        """Σ over layers of the tokens one token attends to at ``context`` tokens of history."""
+        return sum(n * ctx for n, ctx in self.attention_layer_contexts(context))
+
     def attention_flops_per_token(self, context: int) -> float:
         """Score and value FLOPs of attention for one token attending to ``context`` tokens, all layers."""
         a = self.attention
-        return 2.0 * self.num_layers * a.num_heads * (a.qk_head_dim + a.v_dim) * context
+        return 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * self.attended_tokens(context)
 
     def flops_per_token(self, context: int = 0) -> float:
         """Forward FLOPs for one token: 2 per matmul weight, plus attention over ``context`` tokens."""
@@ -276,9 +304,10 @@ class ModelSpec:
         return 2.0 * 3 * self.hidden_size * self.expert_ffn
 
     def kv_cache_bytes_per_token(self, kv_bytes: float | None = None) -> float:
-        """KV-cache bytes per token over all layers (``kv_bytes`` per element, default weight_bytes)."""
+        """KV-cache bytes per token over the layers that keep one (all but linear-attention
+        layers; ``kv_bytes`` per element, default weight_bytes)."""
         per = self.weight_bytes if kv_bytes is None else kv_bytes
-        return self.num_layers * self.attention.kv_cache_elems_per_token() * per
+        return (self.num_layers - len(self.linear_layers)) * self.attention.kv_cache_elems_per_token() * per
 
     def summary(self) -> dict[str, Any]:
         """One row for tables: the shape and the derived totals."""
@@ -297,7 +326,8 @@ class ModelSpec:
     # ---- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["moe_layers"] = list(self.moe_layers)
+        for key in ("moe_layers", "sliding_layers", "linear_layers"):
+            d[key] = list(getattr(self, key))
         return d
 
     @classmethod
@@ -326,6 +356,9 @@ class ModelSpec:
                 shared_ffn=f.int("shared_ffn", 0, minimum=0), num_shared_experts=f.int("num_shared_experts", 0, minimum=0),
                 n_group=f.int("n_group", 1, minimum=1), topk_group=f.int("topk_group", 1, minimum=1),
                 expert_bias=f.bool("expert_bias", False), tie_embeddings=f.bool("tie_embeddings", False),
+                sliding_window=f.int("sliding_window", 0, minimum=0),
+                sliding_layers=tuple(int(x) for x in f.list("sliding_layers", [])),
+                linear_layers=tuple(int(x) for x in f.list("linear_layers", [])),
                 weight_bytes=f.float("weight_bytes", 2.0, positive=True), family=f.str("family", ""),
                 source=f.str("source", ""), published=f.raw("published", {}),
             )
@@ -441,6 +474,10 @@ def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, 
     topk_group = f.int("topk_group", minimum=1) if f.has("topk_group") else defaults.get("topk_group", 1)
     if n_group == 1:
         topk_group = 1
+    kinds = [str(k) for k in f.list("layer_types", [])]
+    sliding = tuple(i for i, k in enumerate(kinds) if k == "sliding_attention")
+    linear = tuple(i for i, k in enumerate(kinds) if k == "linear_attention")
+    window = f.int("sliding_window", 0, minimum=0) if sliding and cfg.get("sliding_window") is not None else 0
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     quant = cfg.get("quantization_config")
     if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
@@ -452,6 +489,7 @@ def _parse_hf(cfg: dict[str, Any], name: str, source: str, published: dict[str, 
         expert_ffn=expert_ffn, dense_ffn=dense_ffn if len(moe_layers) < layers else 0,
         shared_ffn=shared_ffn, num_shared_experts=n_shared, n_group=n_group, topk_group=topk_group,
         expert_bias=model_type == "gpt_oss", tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=window, sliding_layers=sliding, linear_layers=linear,
         weight_bytes=DTYPE_BYTES.get(dtype, 2.0), family=model_type, source=source, published=published,
     ).validate(source)
 

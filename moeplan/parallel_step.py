@@ -1,5 +1,6 @@
 """The whole step under a parallel mapping: a training step (1F1B pipeline, TP/SP, CP, EP and DP
-collectives, memory, MFU) or serving figures (prefill, decode, KV capacity) when attention
+collectives, memory, MFU) or serving figures (TTFT and TPOT from :mod:`moeplan.serving`, KV
+capacity) when attention
 layers run on TP × CP × DP × PP and MoE layers on ETP × EP × EDP × PP over the same GPUs (MoE
 Parallel Folding, NVIDIA/Megatron-LM megatron/core/transformer/moe/README.md). Everything here
 composes the cost model's primitives (:class:`moeplan.cost.CostModel`: attention_time, the
@@ -20,7 +21,7 @@ Units: seconds, bytes, FLOPs, tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -29,6 +30,8 @@ import numpy as np
 from moeplan.cost import CostModel, MemoryReport
 from moeplan.model import ModelSpec
 from moeplan.parallel import GroupSpan, ParallelMapping, group_spans
+from moeplan.precision import Precision
+from moeplan.serving import ServeLayout, ServePoint, ServePredictor
 
 GRAD_BYTES = 4.0                  # fp32 main gradients (Megatron's default; --grad-reduce-in-bf16 is opt-in)
 OPTIMIZER_STATE_BYTES = 12.0      # fp32 master weights + Adam m and v
@@ -135,10 +138,10 @@ def expert_shard(cm: CostModel, mapping: ParallelMapping, tokens: float) -> tupl
     return choices, kernel
 
 
-def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float, phase: str,
+def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float,
                  spans: dict[str, GroupSpan], head_tokens: float, sequence_parallel: bool,
                  tp_comm_overlap: bool = False) -> PassCost:
-    """One forward pass through the slowest (last) pipeline stage on one GPU: ``tokens`` per
+    """One training forward pass through the slowest (last) pipeline stage on one GPU: ``tokens`` per
     attention TP group (a CP chunk of the micro-batch in training), each attending to ``context``
     tokens. With sequence parallelism TP exchanges all-gather + reduce-scatter per block, without
     it one all-reduce (with ``tp_comm_overlap`` only the part longer than the layer's attention
@@ -149,7 +152,7 @@ def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context
     sp_tokens = tokens / t.tp
     stage = 1.0 / t.pp
 
-    attention = attention_shard_time(cm, t, tokens, context, phase)
+    attention = attention_shard_time(cm, t, tokens, context, "prefill")
     choices, experts = expert_shard(cm, t, tokens)
     router = float(cm.dense_time(2.0 * m.hidden_size * m.num_experts * sp_tokens, m.router_params() * m.weight_bytes))
     shared = float(cm.shared_expert_time(tokens)) / t.tp
@@ -191,7 +194,7 @@ def train_forward_pass(cm: CostModel, mapping: ParallelMapping, setup: TrainSetu
     depend on vpp, recompute or the optimizer, so a search can price it once per layout)."""
     spans = group_spans(mapping, cm.hw.devices_per_node)
     tokens = setup.micro_batch * setup.seq_len / mapping.cp
-    return forward_pass(cm, mapping, tokens, setup.seq_len, "prefill", spans, tokens, mapping.tp > 1,
+    return forward_pass(cm, mapping, tokens, setup.seq_len, spans, tokens, mapping.tp > 1,
                         setup.tp_comm_overlap)
 
 
@@ -324,19 +327,23 @@ def train_step(cm: CostModel, mapping: ParallelMapping, setup: TrainSetup,
 
 @dataclass(frozen=True)
 class ServeSetup:
-    """Serving: requests of ``context`` tokens; ``concurrency`` sequences decode together over
-    the whole deployment; a prefill step takes ``prefill_batch`` prompts per attention replica."""
+    """Serving: requests of ``isl`` prompt tokens and ``osl`` output tokens, ``concurrency`` of
+    them in flight over the whole deployment, weights and KV cache in ``precision``, run by
+    ``backend`` (the inputs of :meth:`moeplan.serving.ServePredictor.predict`)."""
 
-    context: int
+    isl: int
     concurrency: int
-    prefill_batch: int = 1
+    osl: int = 1024
+    precision: Precision = field(default_factory=Precision)
+    backend: str = "sglang"
 
 
 @dataclass
 class ServeStep:
-    """Predicted serving figures: time to first token of a prefill batch (s), prefill throughput
-    (tokens/s, pipelined), time per output token (s) and decode throughput (tokens/s) at the
-    requested concurrency, and the KV-cache capacity (tokens, whole deployment)."""
+    """Predicted serving figures: time to first token (s), prefill throughput (tokens/s), time
+    per output token (s) and decode throughput (tokens/s) at the requested concurrency — all
+    from :class:`moeplan.serving.ServePredictor` — and the KV-cache capacity (tokens, whole
+    deployment) and memory of the cost model's memory report."""
 
     ttft: float
     prefill_tokens_per_s: float
@@ -348,6 +355,7 @@ class ServeStep:
     decode: dict[str, float]
     memory: MemoryReport
     spans: dict[str, GroupSpan]
+    point: ServePoint
 
     @property
     def fits(self) -> bool:
@@ -358,29 +366,33 @@ class ServeStep:
                 "decode_tokens_per_s": self.decode_tokens_per_s, "kv_capacity_tokens": self.kv_capacity_tokens,
                 "kv_needed_tokens": self.kv_needed_tokens, "prefill_breakdown_s": dict(self.prefill),
                 "decode_breakdown_s": dict(self.decode), "memory": self.memory.to_dict(),
-                "groups": {k: {"size": s.size, "nodes": s.nodes, "scope": s.scope} for k, s in self.spans.items()}}
+                "groups": {k: {"size": s.size, "nodes": s.nodes, "scope": s.scope} for k, s in self.spans.items()},
+                "serving_model": "moeplan.serving.ServePredictor"}
+
+
+def serve_layout(mapping: ParallelMapping) -> ServeLayout:
+    """The serving layout of a folding mapping: attention TP × DP, MoE ETP × EP (CP, PP and EDP
+    are 1 in serving mappings: the folding rules serve_cp / serve_pp / serve_edp)."""
+    return ServeLayout(mapping.tp, mapping.dp, mapping.etp, mapping.ep)
 
 
 def serve_step(cm: CostModel, mapping: ParallelMapping, setup: ServeSetup) -> ServeStep:
-    """Serving under ``mapping`` (attention TP × DP × PP, MoE ETP × EP × EDP; DP attention
-    replicas run in lock-step, synchronised by the EP all-to-all). Prefill: each replica runs
-    ``prefill_batch`` prompts; TTFT = pp × stage time, throughput pipelined over stages. Decode:
-    ``concurrency`` sequences spread over DP replicas and split into pp micro-batches in flight;
-    TPOT = pp × stage time, throughput = concurrency / TPOT. Weights, a prefill activation
-    workspace and the KV cache share 90% of HBM."""
+    """Serving under ``mapping``: TTFT and TPOT from the one serving model,
+    :class:`moeplan.serving.ServePredictor` (the one ``moeplan plan serve`` prices with), at
+    ``setup``'s concurrency, ISL/OSL, precision and backend; the memory report and KV capacity
+    of the cost model (weights, a prefill workspace and the KV cache share 90% of HBM)."""
     m, t = cm.model, mapping
     spans = group_spans(t, cm.hw.devices_per_node)
-    prompts = setup.prefill_batch * setup.context
-    prefill = forward_pass(cm, t, prompts, setup.context, "prefill", spans, setup.prefill_batch, False)
-    seqs = -(-setup.concurrency // t.dp) / t.pp
-    decode = forward_pass(cm, t, seqs, setup.context, "decode", spans, seqs, False)
-    weights = cm.memory(m.num_experts // t.ep, 1, batch_tokens_per_device=prompts / t.tp, training=False,
+    point = ServePredictor(cm, serve_layout(t), setup.precision, setup.backend).predict(
+        setup.concurrency, setup.isl, setup.osl)
+    context = setup.isl + setup.osl
+    weights = cm.memory(m.num_experts // t.ep, 1, batch_tokens_per_device=setup.isl / t.tp, training=False,
                         non_expert_shards=t.tp * t.pp, expert_shards=t.etp * t.pp)
-    kv_per_token = m.kv_cache_bytes_per_token() / (t.pp * kv_split(m, t.tp))
+    kv_per_token = m.kv_cache_bytes_per_token(setup.precision.kv_bytes) / (t.pp * kv_split(m, t.tp))
     per_replica = cm.kv_capacity_tokens(weights, kv_per_token)
-    needed = -(-setup.concurrency // t.dp) * setup.context
+    needed = -(-setup.concurrency // t.dp) * context
     memory = replace(weights, kv_cache=needed * kv_per_token)
-    return ServeStep(ttft=t.pp * prefill.total, prefill_tokens_per_s=t.dp * prompts / prefill.total,
-                     tpot=t.pp * decode.total, decode_tokens_per_s=setup.concurrency / (t.pp * decode.total),
-                     kv_capacity_tokens=per_replica * t.dp, kv_needed_tokens=needed * t.dp,
-                     prefill=prefill.parts(), decode=decode.parts(), memory=memory, spans=spans)
+    return ServeStep(ttft=point.ttft, prefill_tokens_per_s=t.dp * setup.isl / point.prefill.total, tpot=point.tpot,
+                     decode_tokens_per_s=setup.concurrency / point.tpot, kv_capacity_tokens=per_replica * t.dp,
+                     kv_needed_tokens=needed * t.dp, prefill=point.prefill.parts(), decode=point.decode.parts(),
+                     memory=memory, spans=spans, point=point)

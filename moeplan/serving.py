@@ -37,6 +37,7 @@ import numpy as np
 
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
+from moeplan.hardware import Curve
 from moeplan.precision import Precision, matmul_rate
 
 BACKENDS = ("sglang", "trtllm", "vllm")
@@ -87,9 +88,9 @@ class ServeTerms:
     other in-flight requests' prefills a new request waits behind, per unit of occupancy.
     """
 
-    hbm_efficiency: float = 0.9061
-    flops_efficiency: float = 0.176
-    layer_gap_s: float = 6.702e-05
+    hbm_efficiency: float = 0.8421
+    flops_efficiency: float = 0.1502
+    layer_gap_s: float = 4.559e-05
     collective_latency_s: float = 1.0e-07
     step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 2.694e-03), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
     request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.2620), ("trtllm", 3.158e-03), ("vllm", 1.0e-04))
@@ -193,19 +194,46 @@ class ServePredictor:
     backend: str
     terms: ServeTerms = field(default_factory=ServeTerms)
     choose_prob: np.ndarray | None = None
+    moe_curve: Curve | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.layout.validate()
         self.precision.validate()
         self.terms.step_overhead(self.backend)
         m = self.cost.model
+        traced = self.choose_prob is not None
         if self.choose_prob is None:
             self.choose_prob = np.full(m.num_experts, m.top_k / m.num_experts)
         if len(self.choose_prob) != m.num_experts:
             raise InputError(f"routing distribution has {len(self.choose_prob)} experts, the model {m.num_experts}",
                              field="choose_prob")
+        self.moe_curve = None if traced else self._fused_moe_curve()
 
     # ---- pieces -------------------------------------------------------------------------------
+    def _fused_moe_curve(self) -> Curve | None:
+        """The profile's measured fused-MoE kernel curve of this model's expert shape, dtype and
+        MoE split (``moeplan hardware-import --aiconfigurator --framework``). Where the table
+        lacks this moe_tp × moe_ep split, the same world as pure EP (moe_tp 1, moe_ep = world)
+        stands in: each GPU holds the same share of expert weights and work either way."""
+        m, lay = self.cost.model, self.layout
+        shape = dict(hidden=m.hidden_size, inter=m.expert_ffn, top_k=m.top_k, experts=m.num_experts)
+        for dtype in self._moe_kernel_dtypes():
+            for tp, ep in ((lay.moe_tp, lay.moe_ep), (1, lay.moe_tp * lay.moe_ep)):
+                curve = self.cost.hw.curve_for("fused_moe", moe_tp=tp, moe_ep=ep, dtype=dtype, **shape)
+                if curve is not None and curve.prov.measured:
+                    return curve
+        return None
+
+    def _moe_kernel_dtypes(self) -> tuple[str, ...]:
+        """Kernel variants that run this deployment's routed experts, first choice first. TRT-LLM
+        runs MXFP4 experts with MXFP8 activations where the GPU has fp4 tensor cores
+        (W4A8_MXFP4_MXFP8, NVIDIA/TensorRT-LLM docs/source/deployment-guide/
+        quick-start-recipe-for-gpt-oss-on-trtllm.md: Blackwell); the others dequantise to bf16 (w4a16)."""
+        moe = self.precision.moe
+        if moe == "mxfp4" and self.backend == "trtllm" and "fp4" in self.cost.hw.device.matmul_flops:
+            return ("mxfp4_a8", moe)
+        return (moe,)
+
     def _roofline(self, flops: float, nbytes: float, fmt: str) -> float:
         dev = self.cost.hw.device
         t = self.terms
@@ -243,19 +271,23 @@ class ServePredictor:
         tp = lay.attention_tp
         kv_split = min(tp, a.num_kv_heads) if a.kind == "gqa" else 1
         causal = 0.5 if phase == "prefill" else 1.0
-        kv_tokens = context * (tokens if phase == "decode" else 1.0)
         att_w = a.params(h)
-        score = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * context * causal / tp
-        kv_read = a.kv_cache_elems_per_token() * pr.kv_bytes * kv_tokens / kv_split
-        attention = m.num_layers * self._roofline(2.0 * att_w * tokens / tp + score,
-                                                  att_w * pr.gemm_bytes / tp + kv_read, pr.gemm)
+        attention = 0.0
+        for layers, ctx in m.attention_layer_contexts(context):      # full / sliding-window / linear layers
+            score = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * ctx * causal / tp
+            kv_read = a.kv_cache_elems_per_token() * pr.kv_bytes * ctx * (tokens if phase == "decode" else 1.0) / kv_split
+            attention += layers * self._roofline(2.0 * att_w * tokens / tp + score,
+                                                 att_w * pr.gemm_bytes / tp + kv_read, pr.gemm)
 
         moe_tokens = tokens * lay.attention_dp                  # distinct tokens entering each MoE layer
         local = self._local_expert_probs()
         choices = moe_tokens * float(local.sum())
         hit = experts_hit(moe_tokens, local)
         expert_w = m.expert_params() / lay.moe_tp
-        experts = m.num_moe_layers * self._roofline(2.0 * expert_w * choices, hit * expert_w * pr.moe_bytes, pr.moe)
+        if self.moe_curve is not None:
+            experts = m.num_moe_layers * float(self.moe_curve(moe_tokens))
+        else:
+            experts = m.num_moe_layers * self._roofline(2.0 * expert_w * choices, hit * expert_w * pr.moe_bytes, pr.moe)
 
         shared = m.shared_params() / tp
         router = m.router_params()

@@ -78,3 +78,30 @@ def test_unknown_system_framework_or_folder_is_refused(tmp_path: Path) -> None:
         import_profile("h200_sxm", None, str(tmp_path))
     with pytest.raises(InputError, match="no NCCL table"):
         import_profile("b200_sxm", None, root)
+
+
+def test_framework_fused_moe_tables_become_curves_the_serving_model_uses(tmp_path: Path) -> None:
+    # systems/data/<system>/moe/<framework>/<version>/moe_perf.parquet: latency (ms) by num_tokens per shape;
+    # the newest version measuring a shape wins, only the power_law_1.01 distribution is read
+    from moeplan.aiconfigurator_import import import_profile
+    from moeplan.precision import Precision
+    from moeplan.serving import ServeLayout, ServePredictor
+    root = fake_package(tmp_path / "pkg")
+    moe = root / "aiconfigurator_core" / "systems" / "data" / "h200_sxm" / "moe" / "sglang"
+    shape = {"hidden_size": 7168, "inter_size": 2048, "topk": 8, "num_experts": 256, "moe_tp_size": 1,
+             "moe_ep_size": 8, "moe_dtype": "fp8_block"}
+    for version, scale in (("0.5.10", 2.0), ("0.5.14", 1.0)):
+        (moe / version).mkdir(parents=True)
+        rows = [{**shape, "kernel_source": k, "num_tokens": n, "distribution": d, "latency": lat * scale * f}
+                for n, lat in ((1, 0.04), (64, 0.3), (1024, 0.56)) for k, f in (("a", 1.0), ("b", 1.5))
+                for d in ("power_law_1.01", "balanced")]
+        pd.DataFrame(rows).to_parquet(moe / version / "moe_perf.parquet")
+    hw = import_profile("h200_sxm", "sglang", str(root))
+    curve = hw.curve_for("fused_moe", hidden=7168, inter=2048, top_k=8, experts=256, moe_tp=1, moe_ep=8,
+                         dtype="fp8_block")
+    assert curve.prov.measured and "0.5.14" in curve.prov.ref and curve.y == pytest.approx((4e-5, 3e-4, 5.6e-4))
+    cm = CostModel(ModelSpec.preset("deepseek-v3"), hw)
+    pred = ServePredictor(cm, ServeLayout(8, 1, 1, 8), Precision("fp8_block", "fp8_block", "fp8"), "sglang")
+    assert pred.decode_step(64, 2048).experts == pytest.approx(cm.model.num_moe_layers * 3e-4)
+    # MoE TP × EP splits the table lacks price as pure EP over the same GPUs
+    assert ServePredictor(cm, ServeLayout(8, 1, 2, 4), pred.precision, "sglang").moe_curve is curve

@@ -110,8 +110,11 @@ def test_rule_texts_cite_their_source() -> None:
     odd = FoldingProblem(CostModel(TINY, h100(8)), "train", seq_len=6, global_batch=8, micro_batch=1)
     assert violations(odd, ParallelMapping(1, 2, 4, 1, 1, 1, 8))[0].id == "seq_cp"
     # serving accepts TP above the KV heads (replicated), training does not; serving refuses CP
-    assert explain_invalid(tiny_problem("serve"), ParallelMapping(4, 1, 2, 1, 1, 1, 8)) is None
-    assert violations(tiny_problem("serve"), ParallelMapping(1, 2, 4, 1, 1, 1, 8))[0].id == "serve_cp"
+    assert explain_invalid(tiny_problem("serve"), ParallelMapping(4, 1, 2, 1, 2, 4, 1)) is None
+    assert violations(tiny_problem("serve"), ParallelMapping(1, 2, 4, 1, 2, 4, 1))[0].id == "serve_cp"
+    # serving prices one instance of attention TP × DP and MoE TP × EP (moeplan.serving): no PP, no EDP
+    assert violations(tiny_problem("serve"), ParallelMapping(4, 1, 1, 2, 1, 4, 1))[0].id == "serve_pp"
+    assert violations(tiny_problem("serve"), ParallelMapping(4, 1, 2, 1, 1, 1, 8))[0].id == "serve_edp"
 
 
 def test_vpp_needs_microbatches_in_groups_of_pp() -> None:
@@ -221,12 +224,35 @@ def test_serving_mla_cache_favours_dp_attention() -> None:
     # MLA's latent KV cache is replicated on every TP rank, so DP attention holds ~8× more tokens.
     m = ModelSpec.preset("deepseek-v2-lite")
     cm = CostModel(m, h100(8))
-    setup = ServeSetup(context=4096, concurrency=64)
+    setup = ServeSetup(isl=4096, concurrency=64)
     dp = serve_step(cm, ParallelMapping(1, 1, 8, 1, 1, 8, 1), setup)
     tp = serve_step(cm, ParallelMapping(8, 1, 1, 1, 1, 8, 1), setup)
     assert dp.kv_capacity_tokens > 4 * tp.kv_capacity_tokens
     assert dp.decode_tokens_per_s == pytest.approx(64 / dp.tpot)
     assert dp.ttft > 0 and dp.prefill_tokens_per_s > 0
+
+
+def test_folding_serve_and_plan_serve_price_one_configuration_identically() -> None:
+    # one serving model: plan folding --mode serve ranks by moeplan.serving, the model plan serve searches with
+    from moeplan.precision import Precision
+    from moeplan.serve_search import search
+    from moeplan.serving import ServeLayout
+    cm = CostModel(ModelSpec.preset("qwen3-30b-a3b"), HardwareProfile.resolve("h200-sxm").with_cluster(devices=8))
+    prec = Precision("fp8", "fp8", "fp8")
+    problem = FoldingProblem(cm, "serve", seq_len=2048, global_batch=32, osl=512, precision=prec,
+                             backend="vllm").validate()
+    folded = {r.candidate.mapping.label(): r for r in solve(problem, top=100).ranked}
+    served = {(c.layout, c.concurrency): c.point for c in search(cm, prec, "vllm", 8, 2048, 512, [32], 1e9, 1e9)}
+    mapping = ParallelMapping(2, 1, 4, 1, 1, 8, 1)
+    r = folded[mapping.label()]
+    point = served[ServeLayout(2, 4, 1, 8), 32]
+    assert r.result.tpot == pytest.approx(point.tpot, rel=1e-12) and r.score == r.result.tpot
+    assert r.result.ttft == pytest.approx(point.ttft, rel=1e-12)
+    assert r.result.decode == point.decode.parts()
+    res = CliRunner().invoke(app, ["plan", "folding", "--model", "qwen3-30b-a3b", "--hardware", "h200-sxm",
+                                   "--gpus", "8", "--mode", "serve", "--seq", "2048", "--gbs", "32", "--osl", "512",
+                                   "--backend", "vllm", "--mbs", "2"])
+    assert res.exit_code == 2 and "one prompt per prefill" in res.output
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

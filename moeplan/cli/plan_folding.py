@@ -14,6 +14,7 @@ from moeplan.parallel_step import TrainStep
 from moeplan.export.megatron import megatron_args
 from moeplan.cost import CostModel
 from moeplan.model import ModelSpec
+from moeplan.precision import Precision
 
 DEFAULT_GLOBAL_BATCH = {"train": 1024, "serve": 256}
 
@@ -25,12 +26,17 @@ def folding(
     hardware: str = typer.Option("h100-sxm", help="Hardware profile name or YAML."),
     gpus: int = typer.Option(..., help="GPUs in the cluster."),
     nodes: int = typer.Option(None, help="Nodes (default: filled from the profile's GPUs per node)."),
-    mode: str = typer.Option("train", help="train (Megatron-Core step time) or serve (decode throughput)."),
-    seq: int = typer.Option(4096, help="Tokens per sequence (serve: context per request)."),
-    gbs: int = typer.Option(None, help="Sequences per step (serve: concurrent decoding sequences); "
+    mode: str = typer.Option("train", help="train (Megatron-Core step time) or serve (TPOT from moeplan.serving, "
+                                           "as plan serve prices it)."),
+    seq: int = typer.Option(4096, help="Tokens per sequence (serve: prompt tokens per request, the ISL)."),
+    gbs: int = typer.Option(None, help="Sequences per step (serve: requests in flight, the concurrency); "
                                        "default 1024 train, 256 serve."),
-    mbs: int = typer.Option(None, help="Micro-batch (serve: prompts per prefill step); default: searched 1/2/4/8 "
-                                       "in training, 1 in serving."),
+    mbs: int = typer.Option(None, help="Micro-batch (training only); default: searched 1/2/4/8."),
+    osl: int = typer.Option(1024, help="Serve: output tokens per request."),
+    backend: str = typer.Option("sglang", help="Serve: sglang, trtllm or vllm."),
+    gemm: str = typer.Option("fp8", help="Serve: attention/dense GEMM weight format (as plan serve)."),
+    moe: str = typer.Option("fp8", help="Serve: routed-expert weight format (as plan serve)."),
+    kv: str = typer.Option("fp8", help="Serve: KV-cache format (as plan serve)."),
     tp_comm_overlap: bool = typer.Option(False, help="Training: TP collectives overlap the GEMMs (Megatron's "
                                                      "--tp-comm-overlap, Transformer Engine userbuffers)."),
     top: int = typer.Option(10, help="Mappings to list."),
@@ -41,7 +47,8 @@ def folding(
     hw = resolve_hardware(hardware).with_cluster(devices=gpus, nodes=nodes)
     batch = gbs if gbs is not None else DEFAULT_GLOBAL_BATCH.get(mode, 0)
     problem = FoldingProblem(CostModel(ModelSpec.resolve(model), hw), mode, seq, batch, mbs,
-                             tp_comm_overlap=tp_comm_overlap).validate()
+                             tp_comm_overlap=tp_comm_overlap, osl=osl, precision=Precision(gemm, moe, kv).validate(),
+                             backend=backend).validate()
     result = solve(problem, top=top)
     _print_ranking(result, top)
     plan = result.to_plan(top)
@@ -59,7 +66,8 @@ def _print_ranking(result: FoldingResult, top: int) -> None:
     p, c = result.problem, result.counts
     title = (f"{p.model.name} on {p.world}× {p.hardware.device.name} ({p.hardware.nodes} node(s) × "
              f"{p.devices_per_node}), {p.mode}: seq {p.seq_len}, "
-             + (f"global batch {p.global_batch}" if p.mode == "train" else f"{p.global_batch} concurrent sequences"))
+             + (f"global batch {p.global_batch}" if p.mode == "train" else
+                f"OSL {p.osl}, {p.global_batch} requests in flight, {p.backend}, {p.precision.label()}"))
     caption = (f"{c['valid_candidates']:,} valid candidates in {c['valid_layouts']:,} valid layouts (of "
                f"{c['raw_layouts']:,}); {result.search} search priced {c['priced']:,} in {result.seconds:.2f} s")
     if p.mode == "train":
@@ -70,7 +78,7 @@ def _print_ranking(result: FoldingResult, top: int) -> None:
                  human_bytes(r.result.memory.peak), r.result.spans["ep"].nodes, _reason(r))
                 for i, r in enumerate(result.ranked[:top])]
     else:
-        columns = ["#", "attention TP·DP·PP", "MoE ETP·EP·EDP", "TPOT", "decode tok/s", "TTFT", "prefill tok/s",
+        columns = ["#", "attention TP·DP·PP", "MoE ETP·EP·EDP", "TPOT", "output tok/s", "TTFT", "prefill tok/s",
                    "KV capacity", "EP nodes", "why it loses"]
         rows = [(i + 1, _attention(r), _moe(r), human_seconds(r.result.tpot), round(r.result.decode_tokens_per_s),
                  human_seconds(r.result.ttft), round(r.result.prefill_tokens_per_s),

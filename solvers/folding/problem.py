@@ -3,19 +3,21 @@
 A problem is a cost model (a model on a cluster: its HardwareProfile already shaped to the GPU
 count, with the caller's CostOptions) and a workload: training (``seq_len``-token sequences, ``global_batch`` of them per step,
 ``micro_batch`` fixed or searched; the distributed optimizer and Megatron's --tp-comm-overlap
-on or off) or serving (requests of ``seq_len`` tokens, ``global_batch``
-of them decoding concurrently, ``micro_batch`` prompts per prefill step per attention replica).
+on or off) or serving (requests of ``seq_len`` prompt tokens and ``osl`` output tokens, ``global_batch``
+of them in flight, in ``precision`` on ``backend``, priced by :mod:`moeplan.serving` as
+``moeplan plan serve`` prices them).
 A candidate is a parallel mapping (:class:`moeplan.parallel.ParallelMapping`) with the training
 knobs that go with it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moeplan.cost import CostModel, PricedProblem
 from moeplan.errors import InputError
 from moeplan.parallel import MODES, ParallelLayout, ParallelMapping
 from moeplan.parallel_step import ServeSetup, TrainSetup
+from moeplan.precision import Precision
 
 MICRO_BATCH_CHOICES = (1, 2, 4, 8)
 
@@ -60,6 +62,9 @@ class FoldingProblem(PricedProblem):
     micro_batch: int | None = None
     distributed_optimizer: bool = True
     tp_comm_overlap: bool = False
+    osl: int = 1024
+    precision: Precision = field(default_factory=Precision)
+    backend: str = "sglang"
 
     def validate(self) -> FoldingProblem:
         if self.mode not in MODES:
@@ -68,6 +73,11 @@ class FoldingProblem(PricedProblem):
         for name in ("seq_len", "global_batch"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}", field=name)
+        if self.mode == "serve" and self.micro_batch not in (None, 1):
+            raise InputError(f"serving prices one prompt per prefill (got micro-batch {self.micro_batch})",
+                             field="micro_batch", fix="leave --mbs out in serve mode")
+        if self.osl < 1:
+            raise InputError(f"osl must be ≥ 1, got {self.osl}", field="osl")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise InputError(f"micro_batch must be ≥ 1, got {self.micro_batch}", field="micro_batch")
         if self.mode == "train" and self.micro_batch is not None and self.global_batch % self.micro_batch:
@@ -95,7 +105,7 @@ class FoldingProblem(PricedProblem):
                           self.distributed_optimizer, self.tp_comm_overlap)
 
     def serve_setup(self, candidate: Candidate) -> ServeSetup:
-        return ServeSetup(self.seq_len, self.global_batch, candidate.micro_batch)
+        return ServeSetup(self.seq_len, self.global_batch, self.osl, self.precision, self.backend)
 
     def parallel(self, candidate: Candidate) -> ParallelLayout:
         """A plan's ``parallel`` section for a candidate."""

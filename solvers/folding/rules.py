@@ -123,6 +123,10 @@ RULES: tuple[Rule, ...] = (
          lambda p, c: c.mapping.cp == 1 or p.seq_len % (2 * c.mapping.cp) == 0, modes=("train",)),
     Rule("serve_cp", "serving mappings use CP = 1 (got {cp}): moeplan does not model context-parallel prefill",
          "moeplan", lambda p, c: c.mapping.cp == 1, modes=("serve",)),
+    Rule("serve_pp", "serving mappings use PP = 1 (got {pp}): moeplan.serving prices one instance of attention "
+         "TP × DP and MoE TP × EP", "moeplan", lambda p, c: c.mapping.pp == 1, modes=("serve",)),
+    Rule("serve_edp", "serving mappings use EDP = 1 (got {edp}): the MoE layers span the instance as MoE TP × EP",
+         "moeplan", lambda p, c: c.mapping.edp == 1, modes=("serve",)),
     Rule("serve_vpp", "serving mappings use VPP = 1 (got {vpp}): interleaving is a training schedule",
          "moeplan", lambda p, c: c.mapping.vpp == 1, "schedule", modes=("serve",)),
     Rule("vpp_layers", "VPP ({vpp}) must divide the layers per pipeline stage ({per_stage})",

@@ -1,8 +1,8 @@
 """Rank the valid mappings of a FoldingProblem with the one cost model and say why each loses.
 
-Training is ranked by predicted step time (:func:`moeplan.cost.train_step`), serving by time
-per output token at the requested concurrency, i.e. decode throughput
-(:func:`moeplan.cost.serve_step`). A candidate that does not fit in memory (training) or whose
+Training is ranked by predicted step time (:func:`moeplan.parallel_step.train_step`), serving by
+time per output token at the requested concurrency (:func:`moeplan.parallel_step.serve_step`,
+which prices with :class:`moeplan.serving.ServePredictor`, the model ``moeplan plan serve`` uses). A candidate that does not fit in memory (training) or whose
 KV cache cannot hold the concurrent sequences (serving) is infeasible.
 
 Search: every valid layout (TP, CP, DP, PP, ETP, EP, EDP) is priced. When the problem has at
@@ -39,6 +39,8 @@ PART_NAMES = {
     "tp_comm": "TP/SP collectives", "cp_ring": "CP ring exchange", "ep_all_to_all": "EP all-to-all",
     "etp_comm": "expert-TP collectives", "recompute": "activation recompute", "pp_p2p": "pipeline sends",
     "pipeline_bubble": "pipeline bubble", "dp_grad_sync": "DP/EDP gradient sync", "optimizer_step": "optimizer step",
+    "experts": "routed experts", "other": "shared experts / dense FFN / head", "ep_comm": "EP dispatch/combine",
+    "overhead": "kernel gaps and per-step framework time",
 }
 
 
