@@ -20,6 +20,7 @@ from rich.table import Table
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile, merge_profiles
 from moeplan.model import ModelSpec
+from moeplan.profiler.cpu_base import check_base, cpu_profile
 from moeplan.profiler.headline import figures
 from moeplan.profiler.raw import RawProfile
 from moeplan.profiler.sizes import DEFAULT_MODELS, SECTIONS
@@ -54,9 +55,9 @@ def parse_models(models: str) -> tuple[ModelSpec, ...]:
 
 
 def profile(
-    base: str = typer.Option(None, "--base", help="Datasheet profile to start from (bundled name or YAML); "
-                             "default: chosen from the GPU name (H100 → h100-sxm, H200 → h200-sxm), or the "
-                             "--merge profile."),
+    base: str = typer.Option(None, "--base", help="Datasheet profile to start from (bundled name or YAML) of the device "
+                             "measured; default: chosen from the GPU name (H100 → h100-sxm, H200 → h200-sxm), on "
+                             "a CPU a profile named after it (cpu-<model>), or the --merge profile."),
     models: str = typer.Option(",".join(DEFAULT_MODELS), "--models",
                                help="Models whose expert and attention shapes to measure (presets or config.json "
                                     "paths, comma-separated)."),
@@ -83,8 +84,11 @@ def profile(
     acc = Accelerator.detect(int(os.environ.get("LOCAL_RANK", "0")))
     if existing is not None:
         _check_same_device(existing, acc.name(), str(merge))
-    if chosen is None:
-        chosen = existing if existing is not None else HardwareProfile.resolve(base_for(acc.name()))
+        check_base(existing, acc.name(), acc.is_cpu, str(merge))
+    if chosen is not None:
+        check_base(chosen, acc.name(), acc.is_cpu, base)
+    else:
+        chosen = existing if existing is not None else _default_base(acc.name(), acc.is_cpu)
     comm = Comm(acc) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     profiler = Profiler(Request(specs, sections, quick, chosen), acc, comm)
     lead = profiler.rank == 0
@@ -119,6 +123,16 @@ def profile(
     target = out or merge or Path(f"measured-{chosen.name}.yaml")
     result.save(target)
     _summary(raw, time.perf_counter() - t0, target, json_out)
+
+
+def _default_base(device: str, is_cpu: bool) -> HardwareProfile:
+    """The profile a run without --base/--merge starts from: the bundled one of this GPU, or for a
+    CPU a profile named after it (:func:`moeplan.profiler.cpu_base.cpu_profile`)."""
+    if not is_cpu:
+        return HardwareProfile.resolve(base_for(device))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return cpu_profile(device, per_host, max(world // max(per_host, 1), 1))
 
 
 def _check_same_device(existing: HardwareProfile, device: str, source: str) -> None:

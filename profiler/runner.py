@@ -10,7 +10,6 @@ one rank cannot drop out of a collective alone.
 from __future__ import annotations
 
 import datetime
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.profiler.attention_ops import AttentionShape
 from moeplan.profiler.collectives import GROUP_TIMEOUT, Comm, collective_points, measure_collective
+from moeplan.profiler.cpu_base import slug
 from moeplan.profiler.device import Accelerator, host_free_bytes
 from moeplan.profiler.ops import build_op
 from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures
@@ -255,7 +255,7 @@ class Profiler:
         acc = self.acc
         host = socket.gethostname()
         name = acc.name()
-        run_id = f"{_slug(name)[:32]}-{started:%Y%m%dT%H%M%SZ}"
+        run_id = f"{slug(name)[:32]}-{started:%Y%m%dT%H%M%SZ}"
         topo = self.comm.topology if self.comm else None
         run: dict[str, Any] = {
             "date": started.isoformat(timespec="seconds"), "tool": f"moeplan profile {tool_version()}",
@@ -269,10 +269,6 @@ class Profiler:
         }
         if self.comm and len(set(self.comm.hosts)) > 1:
             run["hosts"] = sorted(set(self.comm.hosts))
-        if not acc.is_cpu:
-            run["device_memory_bytes"] = acc.memory_bytes()
+        run["device_memory_bytes"] = acc.memory_bytes()     # a CPU's is the host memory
         return run_id, run
 
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"

@@ -27,6 +27,7 @@ from moeplan.profiler.assemble import measured_profile  # noqa: E402
 from moeplan.profiler.attention_ops import AttentionShape, decode_op, prefill_op  # noqa: E402
 from moeplan.profiler.collectives import Topology, bus_factor, skewed_splits  # noqa: E402
 from moeplan.profiler.command import base_for  # noqa: E402
+from moeplan.profiler.cpu_base import cpu_profile, cpu_profile_name  # noqa: E402
 from moeplan.profiler.compute_ops import expert_op, matmul_op  # noqa: E402
 from moeplan.profiler.device import Accelerator  # noqa: E402
 from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures  # noqa: E402
@@ -61,11 +62,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real run: torchrun, 2 gloo ranks on the CPU, --quick, every section."""
+    """One real run: torchrun, 2 gloo ranks on the CPU, --quick, every section, no --base (a CPU
+    starts from a profile of its own)."""
     d = tmp_path_factory.mktemp("profile")
     gqa, mla = _configs(d)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "moeplan.profiler", "--quick", "--base", "h100-sxm", "--models", f"{gqa},{mla}",
+           "-m", "moeplan.profiler", "--quick", "--models", f"{gqa},{mla}",
            "--out", str(d / "p.yaml"), "--json", str(d / "p.json")]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=CPU_ENV, cwd=d)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -85,10 +87,20 @@ def test_cpu_run_writes_a_measured_profile_with_runs(cpu_run: Path) -> None:
     d = prof.device
     assert d.matmul_flops["bf16"].prov.run == run_id and d.hbm_bandwidth.prov.measured
     assert d.launch_overhead.prov.measured
-    assert d.matmul_flops["fp8"].prov.source == "datasheet"          # no fp8 on a CPU: kept as it was
-    assert d.h2d_bandwidth.prov.source == "datasheet"                # no host link on a CPU
-    assert prof.intra_node.bandwidth.prov.measured and prof.inter_node.bandwidth.prov.source == "datasheet"
+    assert "fp8" not in d.matmul_flops                                # no fp8 on a CPU, none borrowed from a GPU
+    assert d.h2d_bandwidth.prov.source == "assumed"                  # no host link on a CPU
+    assert prof.intra_node.bandwidth.prov.measured and prof.inter_node.bandwidth.prov.source == "assumed"
     assert prof.links_measured
+
+
+def test_cpu_run_is_named_after_the_cpu_it_measured(cpu_run: Path) -> None:
+    prof = HardwareProfile.load(cpu_run / "p.yaml")
+    run = next(iter(prof.runs.values()))
+    assert run["gpu"].startswith("CPU") and prof.name == cpu_profile_name(run["gpu"]) and prof.name.startswith("cpu-")
+    assert prof.device.name == run["gpu"] and prof.device.backend == "gloo" and prof.device.vendor == "cpu"
+    assert prof.device.memory.prov.measured and prof.device.memory.value == run["device_memory_bytes"]
+    assert "H100" not in (cpu_run / "p.yaml").read_text()
+    assert (prof.devices_per_node, prof.nodes) == (2, 1)
 
 
 def test_cpu_run_curves_feed_the_cost_model(cpu_run: Path) -> None:
@@ -216,6 +228,43 @@ def test_merge_into_another_devices_profile_exits_2(tmp_path: Path) -> None:
     other.save(tmp_path / "h100.yaml")
     result = CliRunner().invoke(app, ["profile", "--merge", str(tmp_path / "h100.yaml"), "--only", "device"])
     assert result.exit_code == 2 and "measured on NVIDIA H100" in result.output
+
+
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees only the CPU")
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("base", ["h100-sxm", "h200", "measured/h100-sxm"])
+def test_gpu_base_on_a_cpu_exits_2_with_the_fix(base: str, tmp_path: Path) -> None:
+    """A CPU measured against a GPU's profile would write CPU figures under the GPU's name."""
+    from moeplan.cli import app
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(app, ["profile", "--base", base, "--quick", "--only", "device", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "no GPU" in result.output and ("H100" in result.output or "H200" in result.output)
+    assert "drop --base/--merge to write a CPU profile" in result.output and not out.exists()
+
+
+@CPU_ONLY
+def test_merge_onto_a_gpu_profile_on_a_cpu_exits_2(tmp_path: Path) -> None:
+    """A GPU profile with no runs yet (a datasheet copy) is refused too, and left as it was."""
+    target = tmp_path / "gpu.yaml"
+    HardwareProfile.resolve("h100-sxm").save(target)
+    before = target.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "moeplan.profiler", "--quick", "--only", "device", "--merge",
+                           str(target)], check=False, capture_output=True, text=True, timeout=120, env=CPU_ENV)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "write CPU figures into the NVIDIA H100" in proc.stderr and target.read_bytes() == before
+
+
+def test_a_cpu_profile_is_refused_as_base_of_a_gpu_run() -> None:
+    from moeplan.profiler.cpu_base import check_base
+    cpu = cpu_profile("CPU AMD EPYC 9654 96-Core Processor", 2, 1)
+    assert cpu.name == "cpu-amd-epyc-9654-96-core-processor" and cpu.device.backend == "gloo"
+    assert all(q.prov.source == "assumed" for q in (cpu.device.hbm_bandwidth, cpu.device.matmul_flops["bf16"]))
+    check_base(cpu, "CPU AMD EPYC", True, "cpu.yaml")
+    with pytest.raises(Exception, match="is a profile of a CPU"):
+        check_base(cpu, "NVIDIA H100 80GB HBM3", False, "cpu.yaml")
 
 
 def test_bad_base_exits_2_as_a_module(tmp_path: Path) -> None:
