@@ -60,9 +60,10 @@ def available_memory() -> int:
         return 1 << 62
 
 
-def check_memory(needed: int, what: str, fix: str) -> None:
-    """Refuse, before allocating, a step whose estimated ``needed`` bytes exceed the free memory."""
-    free = available_memory()
+def check_memory(needed: int, what: str, fix: str, free: int | None = None) -> None:
+    """Refuse, before allocating, a step whose estimated ``needed`` bytes exceed ``free`` (bytes;
+    default the host's :func:`available_memory`; a GPU's free memory where the step runs on one)."""
+    free = available_memory() if free is None else free
     if needed > free:
         raise InputError(f"{what} needs about {needed / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB are free",
                          field="memory", fix=fix)

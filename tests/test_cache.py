@@ -333,6 +333,17 @@ def test_plan_cache_then_run_offload(files: dict[str, Path]) -> None:
     assert data["measured"]["hit_rate"] == pytest.approx(data["predicted"]["hit_rate"])
 
 
+def test_run_offload_refuses_what_the_host_cannot_hold(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every routed expert goes to host memory: with (pretended) 100 bytes free the run ends with
+    exit 2 naming the estimate before any weight is made."""
+    pytest.importorskip("torch")
+    import moeplan.errors
+    monkeypatch.setattr(moeplan.errors, "available_memory", lambda: 100)
+    _bad(*cli("run", "--offload", "--cache-plan", str(files["plan"]), "--trace", str(files["trace"]),
+              "--steps", "4", "--device", "cpu"), "offloading tiny-moe (3 MoE layers × 8 experts in host memory",
+         "GiB are free", "more memory")
+
+
 def _bad(code: int, out: str, *needles: str) -> None:
     assert code == 2, out
     assert "error:" in out and "Traceback" not in out

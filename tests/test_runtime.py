@@ -21,15 +21,17 @@ import torch.nn.functional as F  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from moeplan.cli.apps import app  # noqa: E402
+from moeplan.cache_config import CacheConfig  # noqa: E402
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec  # noqa: E402
 from moeplan.plan import Placement, Plan  # noqa: E402
 from moeplan.runtime.batches import BatchSource  # noqa: E402
 from moeplan.runtime.comm import Comm  # noqa: E402
+from moeplan.runtime.footprint import layer_weight_bytes, offload_footprint, stack_footprint, working_bytes  # noqa: E402
 from moeplan.runtime.host_moves import time_host_moves  # noqa: E402
 from moeplan.runtime.kernels import ExpertKernel  # noqa: E402
 from moeplan.runtime.ledger import BatchLedger, LedgerError  # noqa: E402
-from moeplan.runtime.local_stack import time_local_stack  # noqa: E402
+from moeplan.runtime.local_stack import local_placement, time_local_stack  # noqa: E402
 from moeplan.moves import diff_moves  # noqa: E402
 from moeplan.runtime.replay import replay_devices, replay_slot_tokens, trace_window  # noqa: E402
 from moeplan.runtime.serving import Migrate, serve  # noqa: E402
@@ -358,3 +360,63 @@ def test_torchrun_entry_point_migrates_with_two_ranks(tiny_files, tmp_path: Path
     assert data["world"] == 2 and data["outputs_equal"] and data["weight_mismatches"] == 0
     assert [m["state"] for m in data["migration"]] == ["committed", "committed"]
     assert data["ledger"]["served"] == 5
+
+
+# ---- memory estimated before allocating -----------------------------------------------------------
+def test_stack_footprint_counts_the_weights_the_stack_allocates() -> None:
+    model = tiny_model()
+    stack = MoEStack(model, local_placement(model), Comm.single(CPU), "loop", SEED, [0, 2], dtype=torch.float32)
+    held = sum(ex.w13.nbytes + ex.w2.nbytes for ex in stack.experts.values())
+    held += sum(r.nbytes for r in stack.routers.values()) + sum(a.nbytes + b.nbytes for a, b in stack.shared.values())
+    assert held == 2 * layer_weight_bytes(model, 4)
+    fp = stack_footprint(model, [0, 2], 32, 4)
+    assert fp.device_bytes == held + working_bytes(model, 32, 4) and fp.host_bytes == 0
+
+
+def test_deepseek_v3_footprints_are_the_sizes_the_issue_reports() -> None:
+    """One DeepSeek-V3 layer: 256 experts × 44 M weights ≈ 22.5 GB in bf16 (the "30 GB for one layer"
+    `run` used to ask for piecemeal); --offload keeps all 58 × 256 experts in host memory."""
+    m = ModelSpec.preset("deepseek-v3")
+    one = stack_footprint(m, [0], 1024, 2)
+    assert 22e9 < one.device_bytes < 24e9
+    cache = CacheConfig(tuple([8] * m.num_moe_layers), "lru", 1e12)
+    off = offload_footprint(m, cache, 2)
+    assert off.host_bytes == 58 * 256 * m.expert_params() * 2 and 1.3e12 < off.host_bytes < 1.4e12
+    assert off.device_bytes == ((58 * 8 + 2) * m.expert_params() + 58 * m.shared_params()) * 2 + working_bytes(m, 1, 2)
+
+
+def test_run_refuses_before_allocating_what_the_host_cannot_hold(tiny_files, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With (pretended) 100 bytes free, stack, replay and offload runs end with exit 2 naming the
+    estimate, the free memory and the fix; nothing is written."""
+    import moeplan.errors
+    plan, trace = tiny_files
+    monkeypatch.setattr(moeplan.errors, "available_memory", lambda: 100)
+    out = tmp_path / "out.json"
+    common = ["--plan", str(plan), "--trace", str(trace), "--device", "cpu", "--tokens-per-device", "16", "-o", str(out)]
+    for extra, needle in (([], "the layer stack of tiny-moe (3 MoE layers × 8 experts, 16 tokens)"),
+                          (["--replay"], "replaying tiny-moe (6 expert slots of one device")):
+        res = CliRunner().invoke(app, ["run", *common, *extra])
+        assert res.exit_code == 2, res.output
+        assert needle in res.output and "GiB are free" in res.output and "fewer tokens" in res.output
+        assert "Traceback" not in res.output and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: the host holds the weights")
+def test_run_deepseek_v3_layer_on_this_host_is_refused_with_the_estimate(tmp_path: Path) -> None:
+    """A real DeepSeek-V3 plan: one layer in float32 on the CPU needs ~45 GiB; refused up front
+    unless this host really has that much available."""
+    from moeplan.errors import available_memory
+    m = ModelSpec.preset("deepseek-v3")
+    need = stack_footprint(m, [0], 16, 4).device_bytes
+    if need <= available_memory():
+        pytest.skip("this host has the memory for one DeepSeek-V3 layer")
+    slots = np.tile(np.arange(256).reshape(8, 32), (m.num_moe_layers, 1, 1))
+    plan = tmp_path / "plan.json"
+    Plan(m, HardwareProfile.resolve("h100-sxm").ref(), 8, 1, Placement.from_slots(slots, 256, 8)).save(plan)
+    trace = tmp_path / "t.npz"
+    synthesize(m, SyntheticTraffic(tokens=64, seed=1)).save(trace)
+    res = CliRunner().invoke(app, ["run", "--plan", str(plan), "--trace", str(trace), "--device", "cpu",
+                                   "--layers", "0", "--tokens-per-device", "16"])
+    assert res.exit_code == 2, res.output
+    assert f"needs about {need / 2**30:.1f} GiB of memory" in res.output and "--layers 0" in res.output

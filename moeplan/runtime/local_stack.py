@@ -15,6 +15,7 @@ from moeplan.model import ModelSpec
 from moeplan.plan import Placement
 from moeplan.runtime.batches import BatchSource
 from moeplan.runtime.comm import Comm
+from moeplan.runtime.footprint import free_device_bytes, stack_footprint
 from moeplan.runtime.replay import ROTATE, replay_slot_tokens, trace_window
 from moeplan.runtime.stack import MoEStack, check_layers
 from moeplan.runtime.timing import Clock, Timing, synchronize
@@ -51,9 +52,12 @@ class StackTiming:
 def time_local_stack(model: ModelSpec, trace: RoutingTrace, tokens: int, layers: Sequence[int] | None,
                      kernel: str, device: torch.device, dtype: torch.dtype, warmup: int = 3, repeats: int = 10,
                      seed: int = 0) -> StackTiming:
-    """Time the world-size-1 stack on the first ``tokens`` tokens of ``trace``."""
+    """Time the world-size-1 stack on the first ``tokens`` tokens of ``trace``; InputError before
+    any allocation when its estimated memory (:func:`~moeplan.runtime.footprint.stack_footprint`)
+    exceeds what the device has free."""
     chosen = check_layers(layers, model.num_moe_layers)
     ids, index = trace_window(trace, tokens)
+    stack_footprint(model, chosen, tokens, dtype.itemsize).check(free_device_bytes(device))
     placement = local_placement(model)
     stack = MoEStack(model, placement, Comm.single(device), kernel, seed, chosen, dtype=dtype)
     first = BatchSource(model.hidden_size, tokens, 0, 1, seed, device, dtype, trace).batch(0)

@@ -37,6 +37,7 @@ from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
 from moeplan.plan import Plan
+from moeplan.runtime.footprint import free_device_bytes, offload_footprint
 from moeplan.runtime.kernels import ExpertKernel
 from moeplan.runtime.stack import rms_norm
 from moeplan.runtime.timing import synchronize
@@ -407,22 +408,17 @@ def measure_offload(plan: Plan, config: CacheConfig, trace: RoutingTrace, hardwa
     """Run ``plan``'s cache on this device over the first ``steps`` held-out steps of ``trace``
     and set the measurement beside the prediction for the same steps: the simulation (whose
     counts the executor must reproduce) through the step timeline, with the stack's compute
-    from the cost model and the transfers from ``hardware``'s host link."""
+    from the cost model and the transfers from ``hardware``'s host link. InputError before any
+    allocation when the estimated memory (:func:`~moeplan.runtime.footprint.offload_footprint`)
+    exceeds what the host or the device has free."""
     m = plan.model
     trace.check_model(m.num_experts, m.num_moe_layers, m.top_k, "trace")
     config.check_budget(m, source)
+    offload_footprint(m, config, dtype.itemsize).check(free_device_bytes(device))
     fit, held, index = evaluation_steps(trace, config.shape, config.fit_fraction, steps)
     predictor = (TransitionPredictor.fit(fit, config.shape).limited(np.array(config.prefetch_width),
                                                                      np.array(config.min_probability))
                  if config.prefetch else None)
-    element = torch.empty((), dtype=dtype).element_size()
-    slot_bytes = (sum(config.sizes) + config.stage_slots) * m.expert_params() * element
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        if slot_bytes > free:
-            raise InputError(f"the cache needs {slot_bytes / 2**30:.2f} GiB of device memory ({sum(config.sizes)} "
-                             f"cached + {config.stage_slots} staging experts), {free / 2**30:.2f} GiB is free",
-                             source=source, field="cache.sizes", fix="plan smaller caches or free the device")
     host = HostExperts.materialise(m, seed, dtype, device.type == "cuda", device)
     stack = OffloadStack(m, host, list(config.sizes), config.policy, config.stage_slots, device, dtype, kernel,
                          predictor, seed)

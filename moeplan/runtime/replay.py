@@ -20,6 +20,7 @@ import torch
 from moeplan.errors import InputError
 from moeplan.model import ModelSpec
 from moeplan.plan import Placement
+from moeplan.runtime.footprint import free_device_bytes, replay_footprint
 from moeplan.runtime.kernels import ExpertKernel
 from moeplan.runtime.routing import ReplicaRouter
 from moeplan.runtime.stack import check_layers, check_placement
@@ -87,9 +88,12 @@ def replay_devices(model: ModelSpec, placement: Placement, slot_tokens: np.ndarr
                    kernel: str, device: torch.device, dtype: torch.dtype, warmup: int = 3, repeats: int = 10,
                    seed: int = 0) -> DeviceReplay:
     """Time every device's experts of each of ``layers`` over its slot token counts
-    (``slot_tokens`` [all MoE layers, devices, slots]), one device after another."""
+    (``slot_tokens`` [all MoE layers, devices, slots]), one device after another; InputError
+    before any allocation when the estimated memory exceeds what the device has free."""
     check_placement(model, placement)
     layers = check_layers(layers, placement.num_layers)
+    max_rows = int(slot_tokens[layers].sum(axis=2).max())
+    replay_footprint(model, placement.slots_per_device, max_rows, dtype.itemsize).check(free_device_bytes(device))
     h, f = model.hidden_size, model.expert_ffn
     run = ExpertKernel(kernel, device, dtype, h, f)
     times: list[list[Timing]] = []
