@@ -119,9 +119,45 @@ def status(message: str) -> Iterator[None]:
     err_console.print(f"[step] {message} done in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
+PROGRESS_EVERY_S = 5.0   # off a terminal: seconds between two ``[progress]`` lines
+
+
+class _ProgressLines:
+    """Off a terminal, where Rich's bar shows nothing: ``[progress] DESCRIPTION i/N (X s)`` on
+    stderr at the start and then at most every :data:`PROGRESS_EVERY_S` seconds, and
+    ``[progress] DESCRIPTION done: i/N in X s`` at the end."""
+
+    def __init__(self, description: str, total: float | None) -> None:
+        self.description, self.total, self.done_count = description, total, 0.0
+        self.start = self.last = time.monotonic()
+        self._print(f"{self._count()}")
+
+    def advance(self, n: float = 1) -> None:
+        self.done_count += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            self._print(f"{self._count()} ({now - self.start:.1f} s)")
+
+    def finish(self) -> None:
+        self._print(f"done: {self._count()} in {time.monotonic() - self.start:.1f} s")
+
+    def _count(self) -> str:
+        return f"{self.done_count:g}" + (f"/{self.total:g}" if self.total is not None else "")
+
+    def _print(self, text: str) -> None:
+        err_console.print(f"[progress] {self.description} {text}", highlight=False)
+
+
 @contextmanager
 def progress(description: str, total: float | None = None) -> Iterator[Callable[[float], None]]:
-    """A progress bar on stderr; yields ``advance(n)``."""
+    """A progress bar on stderr on a terminal; elsewhere (a log, a pipe, CI) the plain lines of
+    :class:`_ProgressLines`. Yields ``advance(n)``."""
+    if not err_console.is_terminal:
+        lines = _ProgressLines(description, total)
+        yield lines.advance
+        lines.finish()
+        return
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(description, total=total)
@@ -129,7 +165,7 @@ def progress(description: str, total: float | None = None) -> Iterator[Callable[
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar."""
+    """Iterate with a progress bar (plain ``[progress]`` lines off a terminal)."""
     seq = list(items) if total is None else items
     with progress(description, total if total is not None else len(seq)) as advance:  # type: ignore[arg-type]
         for item in seq:

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from moeplan.cli.apps import app, plan_app
-from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export, MAX_GPUS, check_option, resolve_hardware, status
+from moeplan.cli.common import console, guarded, human_bytes, human_seconds, print_table, report_export, MAX_GPUS, check_option, resolve_hardware, status, track
 from moeplan.cost import CostModel
 from moeplan.dispatch import RUNTIME_DISPATCH, realise
 from moeplan.errors import InputError
@@ -156,10 +156,9 @@ def compare(
     trace = RoutingTrace.load(trace_path)
     trace.check_model(first.model.num_experts, first.model.num_moe_layers, first.model.top_k, str(trace_path))
     rows = []
-    for path, p in zip(plans, loaded):
-        with status(f"evaluating {path.name}"):
-            rows.append({"name": path.stem, **placement_quality(CostModel(p.model, hw, p.cost_options), p.placement,
-                                                                trace, tokens_per_device)})
+    for path, p in track(zip(plans, loaded), f"evaluating {len(plans)} plan{'s' * (len(plans) != 1)}", len(plans)):
+        rows.append({"name": path.stem, **placement_quality(CostModel(p.model, hw, p.cost_options), p.placement,
+                                                            trace, tokens_per_device)})
     print_quality(f"{first.model.name} on {hw.num_devices}× {hw.device.name}: {trace.num_tokens:,} tokens of "
                   f"{trace_path.name}", rows)
     console.print(hw.provenance_note(), style="dim")

@@ -24,7 +24,7 @@ import numpy as np
 import typer
 
 from moeplan.cli.apps import app
-from moeplan.cli.common import console, guarded, print_table
+from moeplan.cli.common import console, guarded, print_table, progress
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.io import write_json
@@ -89,7 +89,10 @@ def run(
         placement = plan.placement
         ids, index = trace_window(trace, tokens_per_device * placement.num_devices, str(trace_path))
         slot_tokens = replay_slot_tokens(placement, ids, index)
-        replayed = replay_devices(m, placement, slot_tokens, chosen, kernel, dev, dtype, warmup, repeats, seed)
+        with progress(f"replaying {len(chosen)} layers × {placement.num_devices} devices",
+                      len(chosen) * placement.num_devices) as advance:
+            replayed = replay_devices(m, placement, slot_tokens, chosen, kernel, dev, dtype, warmup, repeats, seed,
+                                      advance)
         report.update(_replay_report(replayed, cost.device_compute(slot_tokens[chosen])),
                       model_spec=m.to_dict(), slot_tokens=slot_tokens[chosen].tolist())
         _print_replay(report)

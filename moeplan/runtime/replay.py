@@ -10,7 +10,7 @@ model's :meth:`~moeplan.cost.CostModel.device_compute` on the same slot token co
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,10 +86,11 @@ def replay_slot_tokens(placement: Placement, expert_ids: np.ndarray, token_index
 
 def replay_devices(model: ModelSpec, placement: Placement, slot_tokens: np.ndarray, layers: Sequence[int],
                    kernel: str, device: torch.device, dtype: torch.dtype, warmup: int = 3, repeats: int = 10,
-                   seed: int = 0) -> DeviceReplay:
+                   seed: int = 0, advance: Callable[[int], None] | None = None) -> DeviceReplay:
     """Time every device's experts of each of ``layers`` over its slot token counts
     (``slot_tokens`` [all MoE layers, devices, slots]), one device after another; InputError
-    before any allocation when the estimated memory exceeds what the device has free."""
+    before any allocation when the estimated memory exceeds what the device has free.
+    ``advance(1)`` is called after each (layer, device) replayed (a progress bar's)."""
     check_placement(model, placement)
     layers = check_layers(layers, placement.num_layers)
     max_rows = int(slot_tokens[layers].sum(axis=2).max())
@@ -103,11 +104,13 @@ def replay_devices(model: ModelSpec, placement: Placement, slot_tokens: np.ndarr
             counts = [int(c) for c in slot_tokens[layer, d]]
             if sum(counts) == 0:
                 row.append(Timing(0.0, 0.0, 0.0, 0))
-                continue
-            slots = [int(e) for e in placement.slot_expert[layer, d]]
-            row.append(_time_device(run, LocalExperts.materialise(seed, layer, slots, h, f, dtype, device), counts,
-                                    seeded_generator(seed, INPUT, layer * placement.num_devices + d, device),
-                                    dtype, device, warmup, repeats))
+            else:
+                slots = [int(e) for e in placement.slot_expert[layer, d]]
+                row.append(_time_device(run, LocalExperts.materialise(seed, layer, slots, h, f, dtype, device),
+                                        counts, seeded_generator(seed, INPUT, layer * placement.num_devices + d, device),
+                                        dtype, device, warmup, repeats))
+            if advance is not None:
+                advance(1)
         times.append(row)
     return DeviceReplay(layers, slot_tokens[layers], times, kernel, run.impl, str(device),
                         str(dtype).replace("torch.", ""))
