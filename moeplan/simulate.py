@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from moeplan.cost import CostModel, StepCost
-from moeplan.errors import InputError
+from moeplan.errors import InputError, check_memory
 from moeplan.plan import Placement
 from moeplan.trace import RoutingTrace
 
@@ -123,6 +123,9 @@ def _pair_counts(first: np.ndarray, choices: np.ndarray, batch_of: np.ndarray, b
     return np.bincount(flat, minlength=batches * e * e).reshape(batches, e, e)
 
 
+PAIR_ARRAYS = 4   # [batches, devices, devices] float64 arrays alive per layer: dispatch, combine, the cost's two
+
+
 def simulate(cost: CostModel, placement: Placement, trace: RoutingTrace,
              workload: Workload | None = None) -> SimResult:
     """Replay ``trace`` through ``placement`` with ``cost`` (its model, hardware and options; see
@@ -136,6 +139,8 @@ def simulate(cost: CostModel, placement: Placement, trace: RoutingTrace,
     d, e, nl = placement.num_devices, model.num_experts, model.num_moe_layers
     counts = home_counts(trace.expert_ids, d, work.tokens_per_device, e)
     batches = counts.shape[0]
+    check_memory(PAIR_ARRAYS * batches * d * d * 8, f"simulating {d:,} devices ([batches, devices, devices] "
+                 "traffic per layer)", "simulate fewer devices (--gpus) or more tokens per device")
     used_tokens = min(trace.num_tokens, batches * d * work.tokens_per_device) if batches > 1 or \
         trace.num_tokens >= d * work.tokens_per_device else trace.num_tokens
     share = placement.expert_device_share()  # [L, E, D]

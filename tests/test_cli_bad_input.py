@@ -90,6 +90,25 @@ def test_messages_keep_square_brackets(tmp_path: Path) -> None:
     assert code == 2 and "pickled Python objects" in out and "allow_pickle" not in out, out
 
 
+@pytest.mark.parametrize("command", ["simulate", "plan placement"])
+def test_device_pair_traffic_too_large_for_memory_exits_2(trace: Path, tmp_path: Path, command: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """100,000 GPUs pass --gpus (≤ 131,072) but their [devices, devices] traffic arrays need
+    hundreds of GiB: refused with the estimate (was a MemoryError, exit 1, or the OOM killer)."""
+    import moeplan.errors
+    monkeypatch.setattr(moeplan.errors, "available_memory", lambda: 16 * 2**30)
+    args = [*command.split(), "--model", MODEL, "--trace", trace, "--gpus", "100000"]
+    if command != "simulate":
+        args += ["--solver", "even", "-o", tmp_path / "plan.json"]
+    _expect_2(args, "GiB of memory, 16.0 GiB are free", tmp_path)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e300", "-1"])
+def test_plan_cache_budget_must_be_finite_and_positive(trace: Path, tmp_path: Path, value: str) -> None:
+    _expect_2(["plan", "cache", "--model", MODEL, "--trace", trace, "--policy", "lru", "--budget-gb", value,
+               "-o", tmp_path / "c.json"], "--budget-gb", tmp_path)
+
+
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
 def test_infinite_bandwidth_in_a_profile_is_refused(tmp_path: Path, value: str) -> None:
     text = HardwareProfile.bundled()["h100-sxm"].read_text()
@@ -103,15 +122,79 @@ numbers = st.one_of(st.integers(-10**15, 10**15).map(str), st.floats(allow_nan=T
                     st.sampled_from(["0", "-1", "1e9", "nan", "inf", "-inf", "x", "", "1.5", "[1]", "1000000000000"]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(option=st.sampled_from(["--gpus", "--nodes", "--tokens-per-device", "--context"]), value=numbers)
-def test_hypothesis_simulate_options_exit_0_or_2(trace: Path, option: str, value: str) -> None:
-    code, out = run("simulate", "--model", MODEL, "--trace", trace, option, value)
+def _exit_0_or_2(*args: object) -> None:
+    code, out = run(*args)
     assert code in (0, 2), out
     assert "Traceback" not in out and "internal error" not in out, out
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hypothesis-out")
+
+
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(option=st.sampled_from(["--gpus", "--nodes", "--tokens-per-device", "--context"]), value=numbers)
+def test_hypothesis_simulate_options_exit_0_or_2(trace: Path, option: str, value: str) -> None:
+    _exit_0_or_2("simulate", "--model", MODEL, "--trace", trace, option, value)
+
+
+@FUZZ
+@given(option=st.sampled_from(["--gpus", "--nodes", "--slots", "--time-limit", "--gap", "--balance-cap",
+                               "--tokens-per-device", "--judge-fraction"]), value=numbers,
+       solver=st.sampled_from(["even", "lpt", "round_robin"]))
+def test_hypothesis_plan_placement_options_exit_0_or_2(trace: Path, out_dir: Path, option: str, value: str,
+                                                       solver: str) -> None:
+    gpus = [] if option == "--gpus" else ["--gpus", "8"]
+    _exit_0_or_2("plan", "placement", "--model", MODEL, "--trace", trace, "--solver", solver, *gpus, option, value,
+                 "-o", out_dir / "plan.json")
+
+
+@FUZZ
+@given(option=st.sampled_from(["--budget-gb", "--batch", "--request-tokens", "--context", "--latency-ms",
+                               "--stage-slots", "--fit-fraction", "--max-steps"]), value=numbers,
+       policy=st.sampled_from(["lru", "lfu", "prefetch"]))
+def test_hypothesis_plan_cache_options_exit_0_or_2(trace: Path, out_dir: Path, option: str, value: str,
+                                                   policy: str) -> None:
+    _exit_0_or_2("plan", "cache", "--model", MODEL, "--trace", trace, "--policy", policy, option, value,
+                 "-o", out_dir / "cache.json")
+
+
+cells = st.one_of(st.integers(-3, 12).map(str), st.sampled_from(["", "x", "1.5", "nan", "1e30", "-0", " 3"]))
+csv_headers = st.sampled_from(["token,layer,expert_0,expert_1", "token,layer,expert_0,expert_1,weight_0,weight_1",
+                               "token,layer,expert_0", "layer,token,expert_1,expert_0", "token,expert_0,expert_1",
+                               "token,layer,expert_0,expert_0", ""])
+
+
+@FUZZ
+@given(header=csv_headers, rows=st.lists(st.lists(cells, min_size=0, max_size=7), max_size=40))
+def test_hypothesis_trace_import_csv_exit_0_or_2(out_dir: Path, header: str, rows: list[list[str]]) -> None:
+    src = out_dir / "routing.csv"
+    src.write_text("\n".join([header, *(",".join(r) for r in rows)]) + "\n")
+    _exit_0_or_2("trace", "import", src, "--model", MODEL, "-o", out_dir / "imported.npz")
+
+
+@FUZZ
+@given(shape=st.lists(st.integers(0, 40), min_size=0, max_size=4),
+       dtype=st.sampled_from(["int64", "int16", "uint8", "float32", "float64", "bool", "U2"]),
+       fill=st.integers(-5, 300), gates=st.booleans(), layer_ids=st.none() | st.lists(st.integers(-2, 40), max_size=34))
+def test_hypothesis_trace_import_npz_exit_0_or_2(out_dir: Path, shape: list[int], dtype: str, fill: int, gates: bool,
+                                                 layer_ids: list[int] | None) -> None:
+    ids = (np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape) * 7 + fill) % 9
+    arrays = {"expert_ids": ids.astype(dtype)}
+    if gates:
+        arrays["gate_weights"] = np.full(shape, 0.5, dtype=np.float32)
+    if layer_ids is not None:
+        arrays["layer_ids"] = np.array(layer_ids, dtype=np.int64)
+    src = out_dir / "routing.npz"
+    np.savez(src, **arrays)
+    _exit_0_or_2("trace", "import", src, "--model", MODEL, "-o", out_dir / "imported.npz")
+
+
+@FUZZ
 @given(option=st.sampled_from(["--zipf", "--affinity", "--locality", "--segment", "--seed", "--tokens"]),
        value=numbers)
 def test_hypothesis_trace_synth_options_exit_0_or_2(option: str, value: str) -> None:

@@ -10,12 +10,14 @@ from moeplan.solvers.cache.sizing import evaluate
 from moeplan.solvers.cache.steptime import model_layer_times
 
 from moeplan.cli.apps import plan_app
-from moeplan.cli.common import console, guarded, human_bytes, print_table, resolve_hardware, status
+from moeplan.cli.common import check_option, console, guarded, human_bytes, print_table, resolve_hardware, status
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.io import write_json
 from moeplan.model import ModelSpec
 from moeplan.trace import RoutingTrace
+
+MAX_BUDGET_GIB = 1e6   # a million GiB: above any device's memory; keeps the budget in bytes finite
 
 
 @plan_app.command("cache")
@@ -45,6 +47,8 @@ def cache(
 ) -> None:
     """Size each MoE layer's expert cache under the GPU memory left after weights, KV cache and
     activations; compare LRU, LFU, Belady and prefetch; show where more cache stops paying."""
+    check_option("--budget-gb", budget_gb, above=0, maximum=MAX_BUDGET_GIB)
+    check_option("--latency-ms", latency_ms, above=0)
     spec = ModelSpec.resolve(model)
     trace = RoutingTrace.load(trace_path)
     trace.check_model(spec.num_experts, spec.num_moe_layers, spec.top_k, str(trace_path))

@@ -21,6 +21,7 @@ model and the hardware profile (whose provenance note travels with the plan).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -70,10 +71,12 @@ class CacheProblem(PricedProblem):
         check_policy(self.policy)
         if self.context < 1:
             raise InputError(f"context must be ≥ 1 token, got {self.context}", field="context")
-        if self.memory_bytes is not None and self.memory_bytes <= 0:
-            raise InputError(f"the memory budget must be > 0, got {self.memory_bytes}", field="budget")
-        if self.latency_target is not None and self.latency_target <= 0:
-            raise InputError(f"the latency target must be > 0 s, got {self.latency_target}", field="latency_target")
+        if self.memory_bytes is not None and not 0 < self.memory_bytes < math.inf:
+            raise InputError(f"the memory budget must be a finite number of bytes > 0, got {self.memory_bytes}",
+                             field="budget")
+        if self.latency_target is not None and not 0 < self.latency_target < math.inf:
+            raise InputError(f"the latency target must be a finite time > 0 s, got {self.latency_target}",
+                             field="latency_target")
         if not 1 <= self.stage_slots <= m.num_experts:
             raise InputError(f"staging slots must lie in 1..{m.num_experts}, got {self.stage_slots}",
                              field="stage_slots")

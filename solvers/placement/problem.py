@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeplan.cost import CostModel
-from moeplan.errors import InputError
+from moeplan.errors import InputError, check_memory as check_free_memory
 from moeplan.plan import DISPATCH_MODELS, Placement
 from moeplan.stats import TraceStats
 
@@ -184,6 +184,8 @@ class PlacementProblem:
         check_memory(cost, slots_per_device, d, tokens_per_device)
         k = model.top_k
         nl = trace.num_layers
+        check_free_memory(device_pair_bytes(d, nl), f"placing over {d:,} devices ([layers, devices, devices] "
+                          "traffic between them)", "plan for fewer devices (--gpus)")
         coact = np.stack([stats.coactivation(layer).astype(np.float64) for layer in range(nl)])
         flows = (stats.all_transition_counts.astype(np.float64) / k if flow_model == "spread"
                  else top1_transition_counts(trace.expert_ids, model.num_experts))
@@ -290,6 +292,13 @@ def default_slots_per_device(cost: CostModel, num_experts: int, devices: int, to
             return slots
     check_memory(cost, base, devices, tokens_per_device)
     return base
+
+
+def device_pair_bytes(devices: int, layers: int) -> int:
+    """Peak bytes of the per-device-pair arrays a placement is built and judged with: the
+    [layers-1, devices, devices] float64 token flows between consecutive layers (and one
+    temporary as large), plus the few [devices, devices] traffic matrices of the objective weights."""
+    return (2 * max(layers - 1, 1) + 8) * devices * devices * 8
 
 
 def objective_weights(cost: CostModel, devices: int, slots_per_device: int, tokens_per_device: int,
