@@ -374,11 +374,12 @@ def test_stack_footprint_counts_the_weights_the_stack_allocates() -> None:
 
 
 def test_deepseek_v3_footprints_are_the_sizes_the_issue_reports() -> None:
-    """One DeepSeek-V3 layer: 256 experts × 44 M weights ≈ 22.5 GB in bf16 (the "30 GB for one layer"
-    `run` used to ask for piecemeal); --offload keeps all 58 × 256 experts in host memory."""
+    """One DeepSeek-V3 layer: 256 experts × 44 M weights ≈ 22.5 GB in bf16, 23.6 GB with the router,
+    the shared expert and 1,024 tokens of activations (the "30 GB for one layer" `run` used to ask for
+    piecemeal); --offload keeps all 58 × 256 experts in host memory."""
     m = ModelSpec.preset("deepseek-v3")
     one = stack_footprint(m, [0], 1024, 2)
-    assert 22e9 < one.device_bytes < 24e9
+    assert 23e9 < one.device_bytes < 24e9
     cache = CacheConfig(tuple([8] * m.num_moe_layers), "lru", 1e12)
     off = offload_footprint(m, cache, 2)
     assert off.host_bytes == 58 * 256 * m.expert_params() * 2 and 1.3e12 < off.host_bytes < 1.4e12
@@ -404,7 +405,7 @@ def test_run_refuses_before_allocating_what_the_host_cannot_hold(tiny_files, tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: the host holds the weights")
 def test_run_deepseek_v3_layer_on_this_host_is_refused_with_the_estimate(tmp_path: Path) -> None:
-    """A real DeepSeek-V3 plan: one layer in float32 on the CPU needs ~45 GiB; refused up front
+    """A real DeepSeek-V3 plan: one layer in float32 on the CPU needs ~42 GiB; refused up front
     unless this host really has that much available."""
     from moeplan.errors import available_memory
     m = ModelSpec.preset("deepseek-v3")
