@@ -163,6 +163,11 @@ def test_hypothesis_plan_cache_options_exit_0_or_2(trace: Path, out_dir: Path, o
                  "-o", out_dir / "cache.json")
 
 
+def _choices(seed: int, tokens: int, layers: int, k: int) -> np.ndarray:
+    """[tokens, layers, k] distinct experts of Mixtral's 8 per token and layer."""
+    return np.argsort(np.random.default_rng(seed).random((tokens, layers, 8)), axis=-1)[..., :k]
+
+
 cells = st.one_of(st.integers(-3, 12).map(str), st.sampled_from(["", "x", "1.5", "nan", "1e30", "-0", " 3"]))
 csv_headers = st.sampled_from(["token,layer,expert_0,expert_1", "token,layer,expert_0,expert_1,weight_0,weight_1",
                                "token,layer,expert_0", "layer,token,expert_1,expert_0", "token,expert_0,expert_1",
@@ -170,25 +175,48 @@ csv_headers = st.sampled_from(["token,layer,expert_0,expert_1", "token,layer,exp
 
 
 @FUZZ
-@given(header=csv_headers, rows=st.lists(st.lists(cells, min_size=0, max_size=7), max_size=40))
-def test_hypothesis_trace_import_csv_exit_0_or_2(out_dir: Path, header: str, rows: list[list[str]]) -> None:
+@given(header=csv_headers, tokens=st.integers(0, 6), layers=st.sampled_from([32, 31, 1]), seed=st.integers(0, 99),
+       edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 5), cells), max_size=3),
+       extra=st.lists(st.lists(cells, max_size=7), max_size=3))
+def test_hypothesis_trace_import_csv_exit_0_or_2(out_dir: Path, header: str, tokens: int, layers: int, seed: int,
+                                                 edits: list[tuple[int, int, str]], extra: list[list[str]]) -> None:
+    """Rows of a well-formed Mixtral routing table (token, layer, two experts, two weights), then a
+    few cells edited to odd values and odd rows appended."""
+    ids = _choices(seed, tokens, layers, 2)
+    rows = [[str(t), str(layer), *map(str, ids[t, layer]), "0.6", "0.4"] for t in range(tokens) for layer in range(layers)]
+    for row_at, col, cell in edits:
+        if rows:
+            row = rows[row_at % len(rows)]
+            row[col % len(row)] = cell
+    width = len(header.split(",")) if header else 0
+    lines = [header, *(",".join(r[:width]) for r in rows), *(",".join(r) for r in extra)]
     src = out_dir / "routing.csv"
-    src.write_text("\n".join([header, *(",".join(r) for r in rows)]) + "\n")
+    src.write_text("\n".join(lines) + "\n")
     _exit_0_or_2("trace", "import", src, "--model", MODEL, "-o", out_dir / "imported.npz")
 
 
 @FUZZ
-@given(shape=st.lists(st.integers(0, 40), min_size=0, max_size=4),
-       dtype=st.sampled_from(["int64", "int16", "uint8", "float32", "float64", "bool", "U2"]),
-       fill=st.integers(-5, 300), gates=st.booleans(), layer_ids=st.none() | st.lists(st.integers(-2, 40), max_size=34))
-def test_hypothesis_trace_import_npz_exit_0_or_2(out_dir: Path, shape: list[int], dtype: str, fill: int, gates: bool,
-                                                 layer_ids: list[int] | None) -> None:
-    ids = (np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape) * 7 + fill) % 9
+@given(tokens=st.integers(0, 20), layers=st.sampled_from([32, 31, 1, 0]), k=st.sampled_from([2, 1, 3]),
+       seed=st.integers(0, 99), dtype=st.sampled_from(["int64", "int16", "uint8", "float32", "float64", "bool", "U2"]),
+       edits=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from([-1, 8, 2**15 - 1, 0, 7])), max_size=3),
+       gates=st.sampled_from(["none", "same", "wrong_shape", "nan"]),
+       layer_ids=st.sampled_from(["none", "all", "reversed", "short", "negative"]))
+def test_hypothesis_trace_import_npz_exit_0_or_2(out_dir: Path, tokens: int, layers: int, k: int, seed: int, dtype: str,
+                                                 edits: list[tuple[int, int]], gates: str, layer_ids: str) -> None:
+    """A plain NPZ of Mixtral routing (expert_ids, gate_weights, layer_ids), valid or edited: other
+    shapes, dtypes, out-of-range ids, gates of the wrong shape or NaN, layer ids short or negative."""
+    ids = _choices(seed, tokens, layers, min(k, 8)).astype(np.int64)
+    flat = ids.reshape(-1)
+    for at, value in edits:
+        if flat.size:
+            flat[at % flat.size] = value
     arrays = {"expert_ids": ids.astype(dtype)}
-    if gates:
-        arrays["gate_weights"] = np.full(shape, 0.5, dtype=np.float32)
-    if layer_ids is not None:
-        arrays["layer_ids"] = np.array(layer_ids, dtype=np.int64)
+    if gates != "none":
+        shape = ids.shape if gates != "wrong_shape" else (tokens + 1, layers, k)
+        arrays["gate_weights"] = np.full(shape, np.nan if gates == "nan" else 1.0 / k, dtype=np.float32)
+    if layer_ids != "none":
+        arrays["layer_ids"] = {"all": np.arange(layers), "reversed": np.arange(layers)[::-1],
+                               "short": np.arange(max(layers - 1, 0)), "negative": np.arange(layers) - 1}[layer_ids]
     src = out_dir / "routing.npz"
     np.savez(src, **arrays)
     _exit_0_or_2("trace", "import", src, "--model", MODEL, "-o", out_dir / "imported.npz")
