@@ -43,7 +43,7 @@ from moeplan.hardware import HardwareProfile
 from moeplan.io import write_text
 from moeplan.model import ModelSpec
 from moeplan.precision import Precision
-from moeplan.serving import BACKENDS, ServeLayout, ServePredictor, ServeTerms, predict_disaggregated
+from moeplan.serving import BACKENDS, ServeLayout, ServePoint, ServePredictor, ServeTerms, predict_disaggregated
 
 PRESET_OF = {"deepseek-ai/DeepSeek-R1": "deepseek-v3", "deepseek-ai/DeepSeek-V3": "deepseek-v3",
              "nvidia/DeepSeek-R1-NVFP4": "deepseek-v3", "nvidia/DeepSeek-V3.1-NVFP4": "deepseek-v3",
@@ -89,17 +89,25 @@ def find_sample(root: str | None) -> Path:
 BLOCK_FP8 = ("deepseek-v3", "qwen3-235b-a22b", "minimax-m2.5", "qwen3.5-397b-a17b")
 
 
-def _precision(gemm: str, moe: str, model: str) -> Precision:
+def _precision(gemm: str, moe: str, model: str, backend: str) -> Precision:
     """The row's formats. GPT-OSS ships MXFP4 experts and bf16 attention whatever the row's
     label; an "fp8" row of a checkpoint whose config.json declares 128 × 128 weight blocks
     (``quantization_config.weight_block_size``: DeepSeek-V3/R1, Qwen3-235B-A22B-FP8, MiniMax-M2.5
-    in aiconfigurator_core/model_configs; Qwen3.5-397B-A17B's fp8 rows are fp8_block already) runs block-scaled fp8, as the other rows of the same
-    checkpoint say; the sample does not record the KV-cache dtype: fp8 with fp8/fp4 GEMMs, else bf16."""
+    in aiconfigurator_core/model_configs; Qwen3.5-397B-A17B's fp8 rows are fp8_block already)
+    runs block-scaled fp8, as the other rows of the same checkpoint say.
+
+    The sample does not record the KV-cache dtype; each backend's default stands in. vLLM and
+    SGLang default to ``--kv-cache-dtype auto``, the model's activation dtype (bf16) unless the
+    checkpoint ships a KV quantisation (vllm CacheConfig.cache_dtype, sglang ServerArgs.kv_cache_dtype):
+    bf16 for these checkpoints except NVIDIA's NVFP4 ones (ModelOpt, kv_cache_quant_algo FP8).
+    TRT-LLM's deployment recipes for the quantised checkpoints set ``kv_cache_config.dtype: fp8``
+    (NVIDIA/TensorRT-LLM docs/source/deployment-guide): fp8 with fp8/fp4 GEMMs, else bf16."""
     if model == "gpt-oss-120b":
         return Precision(gemm="bf16", moe="mxfp4", kv="bf16")
     if model in BLOCK_FP8:
         gemm, moe = ("fp8_block" if f == "fp8" else f for f in (gemm, moe))
-    return Precision(gemm=gemm, moe=moe, kv="bf16" if gemm == "bf16" else "fp8")
+    fp8_kv = gemm == "nvfp4" or (backend == "trtllm" and gemm != "bf16")
+    return Precision(gemm=gemm, moe=moe, kv="fp8" if fp8_kv else "bf16")
 
 
 def _layout(r: dict[str, str], prefix: str = "") -> ServeLayout | None:
@@ -144,7 +152,7 @@ def load_rows(path: Path) -> tuple[list[SiliconRow], dict[str, int]]:
                 dropped["no quant mode"] += 1
                 continue
             concurrency = int(conc.group(1)) if conc else int(float(r["batch_size"]))
-            prec = _precision(r["gemm_quant_mode"], r["moe_quant_mode"], model)
+            prec = _precision(r["gemm_quant_mode"], r["moe_quant_mode"], model, r["backend"])
             key = (model, r["system"], r["backend"], prec, layout, int(r["isl"]), int(r["osl"]), concurrency)
             groups.setdefault(key, []).append((float(r["silicon_ttft_ms"]) / 1e3, float(r["silicon_tpot_ms"]) / 1e3))
             paths.setdefault(key, r["model_path"])
@@ -187,7 +195,7 @@ def load_disagg_rows(path: Path) -> list[DisaggRow]:
                     or not r["gemm_quant_mode"] or not r["moe_quant_mode"]):
                 continue
             rows.append(DisaggRow(model, r["system"], r["backend"], _precision(r["gemm_quant_mode"],
-                                  r["moe_quant_mode"], model), pre, int(float(r["prefill_num_workers"])), dec,
+                                  r["moe_quant_mode"], model, r["backend"]), pre, int(float(r["prefill_num_workers"])), dec,
                                   int(float(r["decode_num_workers"])), int(r["isl"]), int(r["osl"]),
                                   int(conc.group(1)), float(r["silicon_ttft_ms"]) / 1e3,
                                   float(r["silicon_tpot_ms"]) / 1e3))
@@ -231,16 +239,23 @@ class Pricer:
     def model(self, row: SiliconRow, terms: ServeTerms) -> tuple[float, float]:
         """(TTFT, TPOT) of ``row`` under ``terms``; the row's predictor (its curve look-ups) is
         built once and re-priced with each set of terms the fit tries."""
+        p = self.point(row, terms)
+        return p.ttft, p.tpot
+
+    def point(self, row: SiliconRow, terms: ServeTerms) -> ServePoint:
+        """The whole prediction of ``row`` under ``terms`` (its predictor built once)."""
         if id(row) not in self._predictors:
             cm = self.cost(row.model, row.system, row.layout.world, row.backend)
             self._predictors[id(row)] = ServePredictor(cm, row.layout, row.precision, row.backend, terms)
         pred = self._predictors[id(row)]
         pred.terms = terms
-        p = pred.predict(row.concurrency, row.isl, row.osl)
-        return p.ttft, p.tpot
+        return pred.predict(row.concurrency, row.isl, row.osl)
 
 
 PER_BACKEND = ("layer_gap_s", "step_overhead_s", "request_overhead_s", "prefill_share")
+# flops_efficiency ≥ 0.4: the package's measured prefill-sized GEMMs (gemm_perf.parquet, m 1k–8k,
+# n, k ≥ 4k) reach a median 0.47–0.81 of the datasheet rate per backend and format on H100 and B200;
+# a lower value would let prefill time stand in for the queueing the TTFT terms model.
 FIT_BOUNDS = {"hbm_efficiency": (0.2, 1.0), "flops_efficiency": (0.4, 1.0), "layer_gap_s": (1e-7, 2e-4),
               "collective_latency_s": (1e-7, 1e-4), "step_overhead_s": (1e-5, 2e-2), "request_overhead_s": (1e-4, 1.0),
               "prefill_share": (0.05, 4.0), "queue_factor": (0.01, 200.0), "schedule_wait_steps": (0.01, 100.0)}
@@ -292,6 +307,13 @@ def _errors(rows: list, preds: dict) -> tuple[float, float]:
             median_err([preds[id(r)][1] for r in rows], [r.tpot for r in rows]))
 
 
+def _fmt(v: float | dict[str, float]) -> str:
+    """A fitted term (a number or one per backend) to four significant digits."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{b}: {x:.4g}" for b, x in v.items()) + "}"
+    return f"{v:.4g}"
+
+
 def _pct(pairs: list[tuple[float, float]]) -> str:
     """Median |predicted / measured − 1| of (predicted, measured) pairs, as text."""
     return f"{median_err([p for p, _ in pairs], [m for _, m in pairs]):.0f}%" if pairs else "–"
@@ -303,8 +325,7 @@ def report(pricer: Pricer, rows: list[SiliconRow], disagg: list[DisaggRow], term
     preds = {id(r): pricer.model(r, terms) for r in rows}
     lines = [f"Sample: {sample} ({len(rows)} configurations after merging repeats; dropped: {dropped})", "",
              "Fitted terms (H100 + B200 rows only): " + ", ".join(
-                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in terms.to_dict().items()
-                 if k != "source"), "",
+                 f"{k}={_fmt(v)}" for k, v in terms.to_dict().items() if k != "source"), "",
              "AIConfigurator columns: its estimator run here on the rows it can price (`n AIC`); "
              f"not priced: {aic_failures or 'none'}.", "",
              "| model | GPU | backend | rows | split | TTFT | TPOT | TPOT median signed | TPOT worst | n AIC | "
@@ -326,7 +347,7 @@ def report(pricer: Pricer, rows: list[SiliconRow], disagg: list[DisaggRow], term
         sub = [r for r in rows if r.system in systems]
         ttft, tpot = _errors(sub, preds)
         both = [r for r in sub if aic.get(id(r))]
-        lines.append(f"- {label}, {len(sub)} rows: serving model TTFT {ttft:.0f}% TPOT {tpot:.0f}%; on the {len(both)} "
+        lines.append(f"- {label}, {len(sub)} rows: serving model TTFT {ttft:.1f}% TPOT {tpot:.1f}%; on the {len(both)} "
                      f"rows AIConfigurator prices: AIConfigurator TTFT {_pct([(aic[id(r)][0], r.ttft) for r in both])} "
                      f"TPOT {_pct([(aic[id(r)][1], r.tpot) for r in both])}, serving model TTFT "
                      f"{_pct([(preds[id(r)][0], r.ttft) for r in both])} TPOT {_pct([(preds[id(r)][1], r.tpot) for r in both])}")
@@ -337,7 +358,8 @@ def report(pricer: Pricer, rows: list[SiliconRow], disagg: list[DisaggRow], term
         (tt, tp) = preds[id(r)]
         lines.append(f"- {r.model} {r.backend} {r.layout.label()} {r.precision.label()} ISL {r.isl} OSL {r.osl} "
                      f"c{r.concurrency}: TPOT {tp * 1e3:.1f} vs {r.tpot * 1e3:.1f} ms, TTFT {tt * 1e3:.0f} vs "
-                     f"{r.ttft * 1e3:.0f} ms")
+                     f"{r.ttft * 1e3:.0f} ms" + ("" if pricer.point(r, terms).kv_fits else
+                                               "; the KV cache of all requests does not fit next to the weights"))
     lines += ["", "Disaggregated rows (judged only: the terms above, fitted on aggregated rows):", "",
               "| model | GPU | backend | rows | TTFT | TPOT |", "|---|---|---|---|---|---|"]
     for k in sorted({(r.model, r.system, r.backend) for r in disagg}):

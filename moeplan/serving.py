@@ -9,12 +9,18 @@ Three layers, read top to bottom:
    of that component (:class:`moeplan.precision.Precision`: fp8 / fp4 weights read fewer bytes
    and run at their own matmul rate). A decode step reads only the routed experts its tokens
    actually hit (:func:`experts_hit`), not every local expert. TP all-reduces and EP all-to-alls
-   cost the cheaper of a one-shot and a two-shot algorithm (:func:`allreduce_time`). Decode
-   runs as one CUDA graph (collectives from the profile's measured curves where it has them): a fitted per-layer gap between kernels plus a fitted per-step
-   framework overhead (scheduler, sampling, detokenise) per backend.
+   cost the cheaper of a one-shot and a two-shot algorithm (:func:`allreduce_time`); attention-DP
+   replicas hand tokens to the MoE layer by an all-gather and take them back by a
+   reduce-scatter (no collective for EP without attention DP). Routed experts come from the
+   profile's measured fused-MoE kernel curve of the backend where it has one. Decode runs as
+   one CUDA graph (collectives from the profile's measured curves where it has them): a fitted
+   per-layer gap between kernels plus a fitted per-step framework overhead (scheduler,
+   sampling, detokenise), both per backend (each fuses and launches differently).
 2. **Continuous batching** — :meth:`ServePredictor.predict`: with ``concurrency`` requests in
    flight, each decode step also pays its share of the prefills that keep the batch full
-   (``concurrency / osl`` prompts per step, chunked prefill mixed into decode), and a new
+   (``concurrency / osl`` prompts per step, a per-backend share of each: vLLM mixes prefill
+   chunks into decode steps, SGLang runs prefill batches between them, TRT-LLM batches
+   context and generation requests in one iteration), and a new
    request waits behind the prefills of others already queued (an occupancy-weighted queue).
    Disaggregated prefill/decode: :func:`predict_disaggregated` (worker pools, KV transfer,
    prefill queue at the rate decode drains requests).
@@ -76,30 +82,33 @@ class ServeTerms:
     """Constants of the serving model that no datasheet gives, fitted on measured deployments.
 
     hbm_efficiency / flops_efficiency: achieved fraction of the datasheet HBM bandwidth and
-    matmul rate; layer_gap_s: seconds per layer per step between the kernels of a CUDA-graph
-    decode step (norms, RoPE, quantise, small GEMM tails); collective_latency_s: latency of one
+    matmul rate (flops_efficiency is fitted no lower than 0.4: aiconfigurator-core's measured
+    prefill-sized GEMMs — m 1k–8k, n and k ≥ 4k — run at a median 0.47–0.81 of the datasheet
+    rate per backend and format on H100 and B200); layer_gap_s: seconds
+    per layer per step between the kernels of a CUDA-graph decode step (norms, RoPE, quantise,
+    small GEMM tails), per backend; collective_latency_s: latency of one
     intra-node collective (one-shot all-reduce / all-to-all launch and sync); step_overhead_s:
     per decode step outside the GPU (scheduler, sampling, output processing), per backend;
     request_overhead_s: per request before its first token (tokenise, schedule, first
     detokenise), per backend; schedule_wait_steps: decode steps a new request waits before the
     scheduler admits its prefill;
     prefill_share: how much of each prompt's prefill a decode step absorbs (1 = all of it;
-    below 1 where chunked prefill overlaps it with decode); queue_factor: how many of the
+    below 1 where chunked prefill overlaps it with decode), per backend; queue_factor: how many of the
     other in-flight requests' prefills a new request waits behind, per unit of occupancy.
     """
 
-    hbm_efficiency: float = 0.8421
-    flops_efficiency: float = 0.1502
-    layer_gap_s: tuple[tuple[str, float], ...] = (("sglang", 4.559e-05), ("trtllm", 4.559e-05), ("vllm", 4.559e-05))
+    hbm_efficiency: float = 0.5397
+    flops_efficiency: float = 0.4
+    layer_gap_s: tuple[tuple[str, float], ...] = (("sglang", 8.140e-05), ("trtllm", 2.851e-05), ("vllm", 3.669e-05))
     collective_latency_s: float = 1.0e-07
-    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 2.694e-03), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
-    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.2620), ("trtllm", 3.158e-03), ("vllm", 1.0e-04))
-    schedule_wait_steps: float = 9.924
-    prefill_share: tuple[tuple[str, float], ...] = (("sglang", 1.166), ("trtllm", 1.166), ("vllm", 1.166))
-    queue_factor: float = 5.507
-    source: str = ("bench/serve_silicon.py: fitted on the 652 H100 + B200 aggregated MoE configurations of "
+    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 1.0e-05), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
+    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.3252), ("trtllm", 1.299e-02), ("vllm", 1.0e-04))
+    schedule_wait_steps: float = 8.485
+    prefill_share: tuple[tuple[str, float], ...] = (("sglang", 1.216), ("trtllm", 0.6282), ("vllm", 0.9302))
+    queue_factor: float = 6.946
+    source: str = ("bench/serve_silicon.py: fitted on the 861 H100 + B200 aggregated MoE configurations of "
                    "aiconfigurator-core 0.12.0 systems/silicon_sample.csv (H200 rows held out), with the "
-                   "package's measured NCCL / custom all-reduce curves in the profiles")
+                   "package's measured NCCL / custom all-reduce and fused-MoE curves in the profiles")
 
     def layer_gap(self, backend: str) -> float:
         return _per_backend(self.layer_gap_s, backend)
