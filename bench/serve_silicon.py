@@ -4,18 +4,20 @@ aiconfigurator-core (Apache-2.0, PyPI) ships ``aiconfigurator_core/systems/silic
 measured TTFT and TPOT of real SGLang / TRT-LLM / vLLM deployments. This script takes its
 aggregated (non-disaggregated) rows of MoE models that moeplan has a preset for on H100, H200
 and B200, merges repeated measurements of one configuration (median), drops rows whose sizes
-contradict each other, and predicts every row twice:
-
-- **baseline**: ``moeplan.parallel_step.serve_step`` as a new user calls it (the preset's own
-  weight dtype, context = ISL, concurrency = the row's concurrency, one prompt per prefill);
-- **serving model**: :class:`moeplan.serving.ServePredictor` with the row's precision per
+contradict each other, and predicts every row with :class:`moeplan.serving.ServePredictor` (the one
+serving model; ``plan serve`` and ``plan folding --mode serve`` price with it) at the row's precision per
   component, backend and layout, its :class:`~moeplan.serving.ServeTerms` fitted here on the
   **H100 and B200 rows only** (least squares on log-error of TTFT and TPOT); the **H200 rows are
-  held out** and never used for fitting.  Its profiles carry the package's measured NCCL and backend custom all-reduce
-  curves (:func:`moeplan.aiconfigurator_import.import_profile`, as ``moeplan hardware-import``).
+  held out** and never used for fitting. Its profiles carry the package's measured NCCL and backend custom all-reduce
+  curves and the backend's fused-MoE kernel curves (:func:`moeplan.aiconfigurator_import.import_profile`, as
+  ``moeplan hardware-import --framework``).
 
-It prints (and writes with --out) the median |error| per model / GPU / backend group, the fitted
-terms, the five worst rows, and the headline figures on H100+H200 (the issue's target set).
+Anchor, same run: AIConfigurator's own estimator on the same rows (:mod:`aic_estimate`, when the
+wheel folder is given), on the rows it can price.
+
+It prints (and writes with --out) the median |error| per model / GPU / backend group (moeplan and
+AIConfigurator side by side), the fitted terms, the worst held-out rows, and the headline figures
+on H100+H200 (the issue's target set).
 
 Usage: python bench/serve_silicon.py --aiconfigurator /tmp/aic/pkg [--out bench/results/serve_silicon.md]
 (the folder of an unpacked aiconfigurator-core wheel, or omitted when the package is installed)
@@ -27,30 +29,31 @@ import csv
 import math
 import re
 import time
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import least_squares
 
+from aic_estimate import AicEstimator
 from moeplan.aiconfigurator_import import import_profile
 from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_text
 from moeplan.model import ModelSpec
-from moeplan.parallel import ParallelMapping
-from moeplan.parallel_step import ServeSetup, serve_step
 from moeplan.precision import Precision
-from moeplan.serving import ServeLayout, ServePredictor, ServeTerms, predict_disaggregated
+from moeplan.serving import BACKENDS, ServeLayout, ServePoint, ServePredictor, ServeTerms, predict_disaggregated
 
 PRESET_OF = {"deepseek-ai/DeepSeek-R1": "deepseek-v3", "deepseek-ai/DeepSeek-V3": "deepseek-v3",
              "nvidia/DeepSeek-R1-NVFP4": "deepseek-v3", "nvidia/DeepSeek-V3.1-NVFP4": "deepseek-v3",
              "Qwen/Qwen3-235B-A22B-FP8": "qwen3-235b-a22b", "openai/gpt-oss-120b": "gpt-oss-120b",
-             "moonshotai/Kimi-K2.5": "kimi-k2.5", "MiniMaxAI/MiniMax-M2.5": "minimax-m2.5", "zhipuai/GLM-5": "glm-5"}
+             "moonshotai/Kimi-K2.5": "kimi-k2.5", "MiniMaxAI/MiniMax-M2.5": "minimax-m2.5", "zhipuai/GLM-5": "glm-5",
+             "Qwen/Qwen3.5-397B-A17B": "qwen3.5-397b-a17b"}
 HARDWARE_OF = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm", "b200_sxm": "b200"}
 FIT_SYSTEMS = ("h100_sxm", "b200_sxm")
 HELD_OUT = ("h200_sxm",)
-AIC_REPORTED = "TTFT 40%, TPOT 10% (issue 25's figures on the H100/H200 aggregated MoE rows; not re-run here)"
+AIC_ISSUE = "TTFT 40%, TPOT 10% (issue 25's figures, its own 431-row H100/H200 selection)"
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class SiliconRow:
     ttft: float
     tpot: float
     repeats: int
+    model_path: str
 
 
 def find_sample(root: str | None) -> Path:
@@ -82,20 +86,36 @@ def find_sample(root: str | None) -> Path:
     return Path(str(resources.files("aiconfigurator_core").joinpath("systems/silicon_sample.csv")))
 
 
-def _precision(gemm: str, moe: str, model: str) -> Precision:
+BLOCK_FP8 = ("deepseek-v3", "qwen3-235b-a22b", "minimax-m2.5", "qwen3.5-397b-a17b")
+
+
+def _precision(gemm: str, moe: str, model: str, backend: str) -> Precision:
     """The row's formats. GPT-OSS ships MXFP4 experts and bf16 attention whatever the row's
-    label; the sample does not record the KV-cache dtype: fp8 with fp8/fp4 GEMMs, else bf16."""
+    label; an "fp8" row of a checkpoint whose config.json declares 128 × 128 weight blocks
+    (``quantization_config.weight_block_size``: DeepSeek-V3/R1, Qwen3-235B-A22B-FP8, MiniMax-M2.5
+    in aiconfigurator_core/model_configs; Qwen3.5-397B-A17B's fp8 rows are fp8_block already)
+    runs block-scaled fp8, as the other rows of the same checkpoint say.
+
+    The sample does not record the KV-cache dtype; each backend's default stands in. vLLM and
+    SGLang default to ``--kv-cache-dtype auto``, the model's activation dtype (bf16) unless the
+    checkpoint ships a KV quantisation (vllm CacheConfig.cache_dtype, sglang ServerArgs.kv_cache_dtype):
+    bf16 for these checkpoints except NVIDIA's NVFP4 ones (ModelOpt, kv_cache_quant_algo FP8).
+    TRT-LLM's deployment recipes for the quantised checkpoints set ``kv_cache_config.dtype: fp8``
+    (NVIDIA/TensorRT-LLM docs/source/deployment-guide): fp8 with fp8/fp4 GEMMs, else bf16."""
     if model == "gpt-oss-120b":
         return Precision(gemm="bf16", moe="mxfp4", kv="bf16")
-    return Precision(gemm=gemm, moe=moe, kv="bf16" if gemm == "bf16" else "fp8")
+    if model in BLOCK_FP8:
+        gemm, moe = ("fp8_block" if f == "fp8" else f for f in (gemm, moe))
+    fp8_kv = gemm == "nvfp4" or (backend == "trtllm" and gemm != "bf16")
+    return Precision(gemm=gemm, moe=moe, kv="fp8" if fp8_kv else "bf16")
 
 
 def _layout(r: dict[str, str], prefix: str = "") -> ServeLayout | None:
     """The serving layout of a row, or None when its sizes contradict each other (here or
-    against the sizes its id names). TRT-LLM and
+    against the sizes its id names); an empty attention_dp_size (the Qwen3-235B rows) reads as 1. TRT-LLM and
     vLLM rows give attention TP per replica; SGLang's DP-attention rows give --tp = world."""
     try:
-        tp, adp = int(float(r[prefix + "tp_size"])), int(float(r[prefix + "attention_dp_size"]))
+        tp, adp = int(float(r[prefix + "tp_size"])), int(float(r[prefix + "attention_dp_size"] or 1))
         mtp, mep = int(float(r[prefix + "moe_tp_size"])), int(float(r[prefix + "moe_ep_size"]))
     except ValueError:
         return None
@@ -112,7 +132,8 @@ def _layout(r: dict[str, str], prefix: str = "") -> ServeLayout | None:
 def load_rows(path: Path) -> tuple[list[SiliconRow], dict[str, int]]:
     """Aggregated MoE rows with a preset on H100/H200/B200, repeats merged; and the counts dropped."""
     groups: dict[tuple, list[tuple[float, float]]] = {}
-    dropped = {"not agg / other GPU / no preset": 0, "contradicting sizes": 0}
+    paths: dict[tuple, str] = {}
+    dropped = {"not agg / other GPU / no preset": 0, "contradicting sizes": 0, "no quant mode": 0}
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):
             model = PRESET_OF.get(r["model_path"])
@@ -127,12 +148,16 @@ def load_rows(path: Path) -> tuple[list[SiliconRow], dict[str, int]]:
             if layout is None or r["pp_size"] not in ("1", "1.0"):
                 dropped["contradicting sizes"] += 1
                 continue
+            if not r["gemm_quant_mode"] or not r["moe_quant_mode"]:
+                dropped["no quant mode"] += 1
+                continue
             concurrency = int(conc.group(1)) if conc else int(float(r["batch_size"]))
-            prec = _precision(r["gemm_quant_mode"], r["moe_quant_mode"], model)
+            prec = _precision(r["gemm_quant_mode"], r["moe_quant_mode"], model, r["backend"])
             key = (model, r["system"], r["backend"], prec, layout, int(r["isl"]), int(r["osl"]), concurrency)
             groups.setdefault(key, []).append((float(r["silicon_ttft_ms"]) / 1e3, float(r["silicon_tpot_ms"]) / 1e3))
+            paths.setdefault(key, r["model_path"])
     rows = [SiliconRow(*k, ttft=float(np.median([v[0] for v in vals])), tpot=float(np.median([v[1] for v in vals])),
-                       repeats=len(vals)) for k, vals in groups.items()]
+                       repeats=len(vals), model_path=paths[k]) for k, vals in groups.items()]
     return rows, dropped
 
 
@@ -166,10 +191,11 @@ def load_disagg_rows(path: Path) -> list[DisaggRow]:
                 continue
             pre, dec = _layout(r, "prefill_"), _layout(r, "decode_")
             conc = re.search(r"silicon_concurrency=(\d+)", r["silicon_data_source"])
-            if pre is None or dec is None or conc is None or not r["prefill_num_workers"] or not r["decode_num_workers"]:
+            if (pre is None or dec is None or conc is None or not r["prefill_num_workers"] or not r["decode_num_workers"]
+                    or not r["gemm_quant_mode"] or not r["moe_quant_mode"]):
                 continue
             rows.append(DisaggRow(model, r["system"], r["backend"], _precision(r["gemm_quant_mode"],
-                                  r["moe_quant_mode"], model), pre, int(float(r["prefill_num_workers"])), dec,
+                                  r["moe_quant_mode"], model, r["backend"]), pre, int(float(r["prefill_num_workers"])), dec,
                                   int(float(r["decode_num_workers"])), int(r["isl"]), int(r["osl"]),
                                   int(conc.group(1)), float(r["silicon_ttft_ms"]) / 1e3,
                                   float(r["silicon_tpot_ms"]) / 1e3))
@@ -178,29 +204,29 @@ def load_disagg_rows(path: Path) -> list[DisaggRow]:
 
 class Pricer:
     """Cost models per (model, system, backend), reused across rows. With ``package`` the
-    serving model's profiles carry aiconfigurator-core's measured NCCL and backend custom
-    all-reduce curves (``moeplan hardware-import``); the baseline keeps the datasheet profile."""
+    profiles carry aiconfigurator-core's measured NCCL, backend custom all-reduce and fused-MoE
+    curves (``moeplan hardware-import --framework``); without it the datasheet profile."""
 
     def __init__(self, package: str | None) -> None:
         self.package = package
-        self._cm: dict[tuple[str, str, str], CostModel] = {}
+        self._cm: dict[tuple[str, str, str, int], CostModel] = {}
+        self._hw: dict[tuple[str, str], HardwareProfile] = {}
+        self._predictors: dict[int, ServePredictor] = {}
 
     def cost(self, model: str, system: str, world: int, backend: str = "") -> CostModel:
-        key = (model, system, backend)
+        """The cost model of ``model`` on ``system``'s profile for ``backend``, widened to
+        ``world`` GPUs where that is more than one node (cached per world)."""
+        if (system, backend) not in self._hw:
+            self._hw[system, backend] = (import_profile(system, backend, self.package)
+                                         if backend and self.package is not None
+                                         else HardwareProfile.resolve(HARDWARE_OF[system]))
+        hw = self._hw[system, backend]
+        width = max(world, hw.num_devices)
+        key = (model, system, backend, width)
         if key not in self._cm:
-            hw = (import_profile(system, backend, self.package) if backend and self.package is not None
-                  else HardwareProfile.resolve(HARDWARE_OF[system]))
-            self._cm[key] = CostModel(ModelSpec.preset(model), hw)
-        cm = self._cm[key]
-        return cm.with_cluster(world) if world > cm.hw.num_devices else cm
-
-    def baseline(self, row: SiliconRow) -> tuple[float, float]:
-        lay = row.layout
-        cm = self.cost(row.model, row.system, lay.world)
-        mapping = ParallelMapping(tp=lay.attention_tp, cp=1, dp=lay.attention_dp, pp=1, etp=lay.moe_tp,
-                                  ep=lay.moe_ep, edp=1)
-        s = serve_step(cm, mapping, ServeSetup(context=row.isl, concurrency=row.concurrency))
-        return s.ttft, s.tpot
+            cm = CostModel(ModelSpec.preset(model), hw)
+            self._cm[key] = cm.with_cluster(width) if width > hw.num_devices else cm
+        return self._cm[key]
 
     def disagg(self, row: DisaggRow, terms: ServeTerms) -> tuple[float, float]:
         def side(layout: ServeLayout) -> ServePredictor:
@@ -211,27 +237,52 @@ class Pricer:
         return p.ttft, p.tpot
 
     def model(self, row: SiliconRow, terms: ServeTerms) -> tuple[float, float]:
-        cm = self.cost(row.model, row.system, row.layout.world, row.backend)
-        p = ServePredictor(cm, row.layout, row.precision, row.backend, terms).predict(row.concurrency, row.isl, row.osl)
+        """(TTFT, TPOT) of ``row`` under ``terms``; the row's predictor (its curve look-ups) is
+        built once and re-priced with each set of terms the fit tries."""
+        p = self.point(row, terms)
         return p.ttft, p.tpot
+
+    def point(self, row: SiliconRow, terms: ServeTerms) -> ServePoint:
+        """The whole prediction of ``row`` under ``terms`` (its predictor built once)."""
+        if id(row) not in self._predictors:
+            cm = self.cost(row.model, row.system, row.layout.world, row.backend)
+            self._predictors[id(row)] = ServePredictor(cm, row.layout, row.precision, row.backend, terms)
+        pred = self._predictors[id(row)]
+        pred.terms = terms
+        return pred.predict(row.concurrency, row.isl, row.osl)
+
+
+PER_BACKEND = ("layer_gap_s", "step_overhead_s", "request_overhead_s", "prefill_share")
+# flops_efficiency ≥ 0.4: the package's measured prefill-sized GEMMs (gemm_perf.parquet, m 1k–8k,
+# n, k ≥ 4k) reach a median 0.47–0.81 of the datasheet rate per backend and format on H100 and B200;
+# a lower value would let prefill time stand in for the queueing the TTFT terms model.
+FIT_BOUNDS = {"hbm_efficiency": (0.2, 1.0), "flops_efficiency": (0.4, 1.0), "layer_gap_s": (1e-7, 2e-4),
+              "collective_latency_s": (1e-7, 1e-4), "step_overhead_s": (1e-5, 2e-2), "request_overhead_s": (1e-4, 1.0),
+              "prefill_share": (0.05, 4.0), "queue_factor": (0.01, 200.0), "schedule_wait_steps": (0.01, 100.0)}
+
+
+def _names() -> list[tuple[str, str | None]]:
+    """The fitted constants in vector order: (ServeTerms field, backend or None)."""
+    return [(f, b) for f in FIT_BOUNDS for b in (BACKENDS if f in PER_BACKEND else (None,))]
 
 
 def terms_from(x: np.ndarray, source: str = "") -> ServeTerms:
-    v = [float(e) for e in np.exp(x)]
-    return ServeTerms(hbm_efficiency=min(v[0], 1.0), flops_efficiency=min(v[1], 1.0), layer_gap_s=v[2],
-                      collective_latency_s=v[3], step_overhead_s=(("sglang", v[4]), ("trtllm", v[5]), ("vllm", v[6])),
-                      request_overhead_s=(("sglang", v[7]), ("trtllm", v[8]), ("vllm", v[9])), prefill_share=v[10],
-                      queue_factor=v[11], schedule_wait_steps=v[12], source=source)
+    """ServeTerms from a vector of log-values in :func:`_names` order."""
+    fields: dict[str, Any] = {}
+    for (name, backend), v in zip(_names(), np.exp(x)):
+        if backend is None:
+            fields[name] = min(float(v), 1.0) if name.endswith("efficiency") else float(v)
+        else:
+            fields[name] = fields.get(name, ()) + ((backend, float(v)),)
+    return ServeTerms(**fields, source=source)
 
 
 def fit(pricer: Pricer, rows: list[SiliconRow]) -> ServeTerms:
     """Least squares on log(predicted / measured) of TTFT and TPOT over ``rows``."""
     d = ServeTerms()
-    x0 = np.log([d.hbm_efficiency, d.flops_efficiency, d.layer_gap_s, d.collective_latency_s,
-                 *dict(d.step_overhead_s).values(), *dict(d.request_overhead_s).values(), d.prefill_share,
-                 d.queue_factor, d.schedule_wait_steps])
-    lo = np.log([0.2, 0.05, 1e-7, 1e-7, 1e-5, 1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 0.05, 0.01, 0.01])
-    hi = np.log([1.0, 1.0, 2e-4, 1e-4, 2e-2, 2e-2, 2e-2, 1.0, 1.0, 1.0, 4.0, 200.0, 100.0])
+    x0 = np.log([getattr(d, n) if b is None else dict(getattr(d, n))[b] for n, b in _names()])
+    lo = np.log([FIT_BOUNDS[n][0] for n, _ in _names()])
+    hi = np.log([FIT_BOUNDS[n][1] for n, _ in _names()])
     x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
 
     def residuals(x: np.ndarray) -> np.ndarray:
@@ -251,43 +302,64 @@ def median_err(pred: list[float], meas: list[float]) -> float:
     return float(np.median(np.abs(np.asarray(pred) / np.asarray(meas) - 1.0))) * 100 if pred else float("nan")
 
 
+def _errors(rows: list, preds: dict) -> tuple[float, float]:
+    return (median_err([preds[id(r)][0] for r in rows], [r.ttft for r in rows]),
+            median_err([preds[id(r)][1] for r in rows], [r.tpot for r in rows]))
+
+
+def _fmt(v: float | dict[str, float]) -> str:
+    """A fitted term (a number or one per backend) to four significant digits."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{b}: {x:.4g}" for b, x in v.items()) + "}"
+    return f"{v:.4g}"
+
+
+def _pct(pairs: list[tuple[float, float]]) -> str:
+    """Median |predicted / measured − 1| of (predicted, measured) pairs, as text."""
+    return f"{median_err([p for p, _ in pairs], [m for _, m in pairs]):.0f}%" if pairs else "–"
+
+
 def report(pricer: Pricer, rows: list[SiliconRow], disagg: list[DisaggRow], terms: ServeTerms,
-           dropped: dict[str, int], seconds: float, sample: Path) -> str:
-    preds = {id(r): (pricer.baseline(r), pricer.model(r, terms)) for r in rows}
+           dropped: dict[str, int], seconds: float, sample: Path, aic: dict[int, tuple[float, float] | None],
+           aic_failures: dict[str, int]) -> str:
+    preds = {id(r): pricer.model(r, terms) for r in rows}
     lines = [f"Sample: {sample} ({len(rows)} configurations after merging repeats; dropped: {dropped})", "",
              "Fitted terms (H100 + B200 rows only): " + ", ".join(
-                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in terms.to_dict().items()
-                 if k != "source"), "",
-             "| model | GPU | backend | rows | split | baseline TTFT | baseline TPOT | model TTFT | model TPOT |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r.model, r.system, r.backend) for r in rows})
-    for k in keys:
+                 f"{k}={_fmt(v)}" for k, v in terms.to_dict().items() if k != "source"), "",
+             "AIConfigurator columns: its estimator run here on the rows it can price (`n AIC`); "
+             f"not priced: {aic_failures or 'none'}.", "",
+             "| model | GPU | backend | rows | split | TTFT | TPOT | TPOT median signed | TPOT worst | n AIC | "
+             "AIC TTFT | AIC TPOT | moeplan TPOT on those |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted({(r.model, r.system, r.backend) for r in rows}):
         sub = [r for r in rows if (r.model, r.system, r.backend) == k]
-        b, m = [preds[id(r)][0] for r in sub], [preds[id(r)][1] for r in sub]
-        split = "held out" if k[1] in HELD_OUT else "fitted"
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {len(sub)} | {split} | "
-                     f"{median_err([x[0] for x in b], [r.ttft for r in sub]):.0f}% | "
-                     f"{median_err([x[1] for x in b], [r.tpot for r in sub]):.0f}% | "
-                     f"{median_err([x[0] for x in m], [r.ttft for r in sub]):.0f}% | "
-                     f"{median_err([x[1] for x in m], [r.tpot for r in sub]):.0f}% |")
+        signed = [preds[id(r)][1] / r.tpot - 1.0 for r in sub]
+        ttft, tpot = _errors(sub, preds)
+        both = [r for r in sub if aic.get(id(r))]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {len(sub)} | {'held out' if k[1] in HELD_OUT else 'fitted'} | "
+                     f"{ttft:.0f}% | {tpot:.0f}% | {100 * float(np.median(signed)):+.0f}% | "
+                     f"{100 * max(signed, key=abs):+.0f}% | {len(both)} | "
+                     f"{_pct([(aic[id(r)][0], r.ttft) for r in both])} | {_pct([(aic[id(r)][1], r.tpot) for r in both])} | "
+                     f"{_pct([(preds[id(r)][1], r.tpot) for r in both])} |")
     lines.append("")
     for label, systems in (("H100+H200 (issue target set)", ("h100_sxm", "h200_sxm")), ("H200 only (held out)", HELD_OUT),
                            ("H100+B200 (fitted)", FIT_SYSTEMS), ("all rows", tuple(HARDWARE_OF))):
         sub = [r for r in rows if r.system in systems]
-        b, m = [preds[id(r)][0] for r in sub], [preds[id(r)][1] for r in sub]
-        lines.append(f"- {label}, {len(sub)} rows: baseline TTFT {median_err([x[0] for x in b], [r.ttft for r in sub]):.0f}% "
-                     f"TPOT {median_err([x[1] for x in b], [r.tpot for r in sub]):.0f}%; serving model TTFT "
-                     f"{median_err([x[0] for x in m], [r.ttft for r in sub]):.0f}% "
-                     f"TPOT {median_err([x[1] for x in m], [r.tpot for r in sub]):.0f}%")
-    lines.append(f"- AIConfigurator: {AIC_REPORTED}")
-    lines += ["", "Worst held-out rows (serving model, by TPOT error):", ""]
-    held = sorted((r for r in rows if r.system in HELD_OUT),
-                  key=lambda r: -abs(preds[id(r)][1][1] / r.tpot - 1.0))[:6]
+        ttft, tpot = _errors(sub, preds)
+        both = [r for r in sub if aic.get(id(r))]
+        lines.append(f"- {label}, {len(sub)} rows: serving model TTFT {ttft:.1f}% TPOT {tpot:.1f}%; on the {len(both)} "
+                     f"rows AIConfigurator prices: AIConfigurator TTFT {_pct([(aic[id(r)][0], r.ttft) for r in both])} "
+                     f"TPOT {_pct([(aic[id(r)][1], r.tpot) for r in both])}, serving model TTFT "
+                     f"{_pct([(preds[id(r)][0], r.ttft) for r in both])} TPOT {_pct([(preds[id(r)][1], r.tpot) for r in both])}")
+    lines.append(f"- AIConfigurator as quoted in the issue: {AIC_ISSUE}")
+    lines += ["", "Worst held-out rows (by TPOT error):", ""]
+    held = sorted((r for r in rows if r.system in HELD_OUT), key=lambda r: -abs(preds[id(r)][1] / r.tpot - 1.0))[:8]
     for r in held:
-        (tt, tp) = preds[id(r)][1]
+        (tt, tp) = preds[id(r)]
         lines.append(f"- {r.model} {r.backend} {r.layout.label()} {r.precision.label()} ISL {r.isl} OSL {r.osl} "
                      f"c{r.concurrency}: TPOT {tp * 1e3:.1f} vs {r.tpot * 1e3:.1f} ms, TTFT {tt * 1e3:.0f} vs "
-                     f"{r.ttft * 1e3:.0f} ms")
+                     f"{r.ttft * 1e3:.0f} ms" + ("" if pricer.point(r, terms).kv_fits else
+                                               "; the KV cache of all requests does not fit next to the weights"))
     lines += ["", "Disaggregated rows (judged only: the terms above, fitted on aggregated rows):", "",
               "| model | GPU | backend | rows | TTFT | TPOT |", "|---|---|---|---|---|---|"]
     for k in sorted({(r.model, r.system, r.backend) for r in disagg}):
@@ -298,7 +370,7 @@ def report(pricer: Pricer, rows: list[SiliconRow], disagg: list[DisaggRow], term
     pr = [pricer.disagg(r, terms) for r in disagg]
     lines.append(f"| all | | | {len(disagg)} | {median_err([x[0] for x in pr], [r.ttft for r in disagg]):.0f}% "
                  f"| {median_err([x[1] for x in pr], [r.tpot for r in disagg]):.0f}% |")
-    lines += ["", f"Fit + report took {seconds:.1f} s."]
+    lines += ["", f"Fit took {seconds:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -312,7 +384,14 @@ def main() -> None:
     pricer = Pricer(str(sample.parents[2]) if args.aiconfigurator else None)
     t0 = time.perf_counter()
     terms = fit(pricer, [r for r in rows if r.system in FIT_SYSTEMS])
-    text = report(pricer, rows, load_disagg_rows(sample), terms, dropped, time.perf_counter() - t0, sample)
+    seconds = time.perf_counter() - t0
+    aic: dict[int, tuple[float, float] | None] = {}
+    failures: dict[str, int] = {}
+    if args.aiconfigurator:
+        estimator = AicEstimator(args.aiconfigurator)
+        aic = {id(r): estimator.predict(r) for r in rows}
+        failures = estimator.failures
+    text = report(pricer, rows, load_disagg_rows(sample), terms, dropped, seconds, sample, aic, failures)
     print(text)
     if args.out:
         write_text(args.out, text)

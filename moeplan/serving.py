@@ -9,12 +9,18 @@ Three layers, read top to bottom:
    of that component (:class:`moeplan.precision.Precision`: fp8 / fp4 weights read fewer bytes
    and run at their own matmul rate). A decode step reads only the routed experts its tokens
    actually hit (:func:`experts_hit`), not every local expert. TP all-reduces and EP all-to-alls
-   cost the cheaper of a one-shot and a two-shot algorithm (:func:`allreduce_time`). Decode
-   runs as one CUDA graph (collectives from the profile's measured curves where it has them): a fitted per-layer gap between kernels plus a fitted per-step
-   framework overhead (scheduler, sampling, detokenise) per backend.
+   cost the cheaper of a one-shot and a two-shot algorithm (:func:`allreduce_time`); attention-DP
+   replicas hand tokens to the MoE layer by an all-gather and take them back by a
+   reduce-scatter (no collective for EP without attention DP). Routed experts come from the
+   profile's measured fused-MoE kernel curve of the backend where it has one. Decode runs as
+   one CUDA graph (collectives from the profile's measured curves where it has them): a fitted
+   per-layer gap between kernels plus a fitted per-step framework overhead (scheduler,
+   sampling, detokenise), both per backend (each fuses and launches differently).
 2. **Continuous batching** — :meth:`ServePredictor.predict`: with ``concurrency`` requests in
    flight, each decode step also pays its share of the prefills that keep the batch full
-   (``concurrency / osl`` prompts per step, chunked prefill mixed into decode), and a new
+   (``concurrency / osl`` prompts per step, a per-backend share of each: vLLM mixes prefill
+   chunks into decode steps, SGLang runs prefill batches between them, TRT-LLM batches
+   context and generation requests in one iteration), and a new
    request waits behind the prefills of others already queued (an occupancy-weighted queue).
    Disaggregated prefill/decode: :func:`predict_disaggregated` (worker pools, KV transfer,
    prefill queue at the rate decode drains requests).
@@ -76,30 +82,39 @@ class ServeTerms:
     """Constants of the serving model that no datasheet gives, fitted on measured deployments.
 
     hbm_efficiency / flops_efficiency: achieved fraction of the datasheet HBM bandwidth and
-    matmul rate; layer_gap_s: seconds per layer per step between the kernels of a CUDA-graph
-    decode step (norms, RoPE, quantise, small GEMM tails); collective_latency_s: latency of one
+    matmul rate (flops_efficiency is fitted no lower than 0.4: aiconfigurator-core's measured
+    prefill-sized GEMMs — m 1k–8k, n and k ≥ 4k — run at a median 0.47–0.81 of the datasheet
+    rate per backend and format on H100 and B200); layer_gap_s: seconds
+    per layer per step between the kernels of a CUDA-graph decode step (norms, RoPE, quantise,
+    small GEMM tails), per backend; collective_latency_s: latency of one
     intra-node collective (one-shot all-reduce / all-to-all launch and sync); step_overhead_s:
     per decode step outside the GPU (scheduler, sampling, output processing), per backend;
     request_overhead_s: per request before its first token (tokenise, schedule, first
     detokenise), per backend; schedule_wait_steps: decode steps a new request waits before the
     scheduler admits its prefill;
     prefill_share: how much of each prompt's prefill a decode step absorbs (1 = all of it;
-    below 1 where chunked prefill overlaps it with decode); queue_factor: how many of the
+    below 1 where chunked prefill overlaps it with decode), per backend; queue_factor: how many of the
     other in-flight requests' prefills a new request waits behind, per unit of occupancy.
     """
 
-    hbm_efficiency: float = 0.8421
-    flops_efficiency: float = 0.1502
-    layer_gap_s: float = 4.559e-05
+    hbm_efficiency: float = 0.5397
+    flops_efficiency: float = 0.4
+    layer_gap_s: tuple[tuple[str, float], ...] = (("sglang", 8.140e-05), ("trtllm", 2.851e-05), ("vllm", 3.669e-05))
     collective_latency_s: float = 1.0e-07
-    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 2.694e-03), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
-    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.2620), ("trtllm", 3.158e-03), ("vllm", 1.0e-04))
-    schedule_wait_steps: float = 9.924
-    prefill_share: float = 1.166
-    queue_factor: float = 5.507
-    source: str = ("bench/serve_silicon.py: fitted on the 652 H100 + B200 aggregated MoE configurations of "
+    step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 1.0e-05), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
+    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.3252), ("trtllm", 1.299e-02), ("vllm", 1.0e-04))
+    schedule_wait_steps: float = 8.485
+    prefill_share: tuple[tuple[str, float], ...] = (("sglang", 1.216), ("trtllm", 0.6282), ("vllm", 0.9302))
+    queue_factor: float = 6.946
+    source: str = ("bench/serve_silicon.py: fitted on the 861 H100 + B200 aggregated MoE configurations of "
                    "aiconfigurator-core 0.12.0 systems/silicon_sample.csv (H200 rows held out), with the "
-                   "package's measured NCCL / custom all-reduce curves in the profiles")
+                   "package's measured NCCL / custom all-reduce and fused-MoE curves in the profiles")
+
+    def layer_gap(self, backend: str) -> float:
+        return _per_backend(self.layer_gap_s, backend)
+
+    def prefill_mix(self, backend: str) -> float:
+        return _per_backend(self.prefill_share, backend)
 
     def step_overhead(self, backend: str) -> float:
         return _per_backend(self.step_overhead_s, backend)
@@ -109,9 +124,9 @@ class ServeTerms:
 
     def to_dict(self) -> dict[str, Any]:
         return {"hbm_efficiency": self.hbm_efficiency, "flops_efficiency": self.flops_efficiency,
-                "layer_gap_s": self.layer_gap_s, "collective_latency_s": self.collective_latency_s,
+                "layer_gap_s": dict(self.layer_gap_s), "collective_latency_s": self.collective_latency_s,
                 "step_overhead_s": dict(self.step_overhead_s), "request_overhead_s": dict(self.request_overhead_s),
-                "schedule_wait_steps": self.schedule_wait_steps, "prefill_share": self.prefill_share, "queue_factor": self.queue_factor, "source": self.source}
+                "schedule_wait_steps": self.schedule_wait_steps, "prefill_share": dict(self.prefill_share), "queue_factor": self.queue_factor, "source": self.source}
 
 
 def _per_backend(table: tuple[tuple[str, float], ...], backend: str) -> float:
@@ -195,6 +210,7 @@ class ServePredictor:
     terms: ServeTerms = field(default_factory=ServeTerms)
     choose_prob: np.ndarray | None = None
     moe_curve: Curve | None = field(init=False, default=None)
+    _collectives: dict[tuple[str, int, bool], Curve | None] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.layout.validate()
@@ -240,14 +256,20 @@ class ServePredictor:
         return max(flops / (matmul_rate(dev, fmt) * t.flops_efficiency),
                    nbytes / (dev.hbm_bandwidth.value * t.hbm_efficiency))
 
-    def _collective(self, nbytes: float, ranks: int, op: str) -> float:
-        """A measured curve of the profile for this op and rank count inside a node when it has
-        one (``moeplan hardware import --aiconfigurator``), else the algorithm models above."""
+    def _collective(self, nbytes: float, ranks: int, op: str, span: int | None = None) -> float:
+        """``op`` over ``ranks`` ranks spread over ``span`` consecutive GPUs (``ranks`` when
+        None; the DP group of strided replicas spans the whole instance): a measured curve of
+        the profile for this op and rank count when the group sits inside one node and the
+        profile has one (``moeplan hardware import --aiconfigurator``), else the algorithm
+        models above."""
         hw = self.cost.hw
         if ranks <= 1 or nbytes <= 0:
             return 0.0
-        inside = ranks <= hw.devices_per_node
-        curve = hw.find_curve("collective", op=op, scope="intra_node", ranks=ranks) if inside else None
+        inside = (span or ranks) <= hw.devices_per_node
+        if (op, ranks, inside) not in self._collectives:
+            self._collectives[op, ranks, inside] = (hw.find_curve("collective", op=op, scope="intra_node",
+                                                                  ranks=ranks) if inside else None)
+        curve = self._collectives[op, ranks, inside]
         if curve is not None and curve.prov.measured:
             return float(curve(nbytes))
         link = hw.intra_node if inside else hw.inter_node
@@ -302,9 +324,19 @@ class ServePredictor:
         act = tokens * h * 2.0                                  # bf16 activations of one replica's tokens
         tp_comm = 2 * m.num_layers * self._collective(act, tp, "all_reduce")
         ep_comm = 0.0
-        if lay.moe_ep > 1 or lay.attention_dp > 1:
-            ep_comm = 2 * m.num_moe_layers * self._collective(act * m.top_k / tp, lay.world, "all_to_all")
-        overhead = m.num_layers * self.terms.layer_gap_s + (self.terms.step_overhead(self.backend)
+        if lay.attention_dp > 1:
+            # Attention replicas hand their tokens to the MoE layer by an all-gather over the DP group
+            # and take the expert outputs back by a reduce-scatter, the default of all three backends
+            # on one NVLink node: vLLM's VLLM_ALL2ALL_BACKEND=allgather_reducescatter (vllm/envs.py),
+            # SGLang's dp_gather / dp_scatter (sglang/srt/layers/dp_attention.py) without DeepEP,
+            # TRT-LLM's allgather / reducescatter in fused_moe_cutlass.py where no all-to-all
+            # (MNNVL / DeepEP) is enabled. Without attention DP every GPU already holds the layer's
+            # tokens after the TP all-reduce and the next one sums the expert outputs, so EP adds
+            # no collective there.
+            gathered = act * lay.attention_dp
+            ep_comm = m.num_moe_layers * (self._collective(gathered, lay.attention_dp, "all_gather", lay.world)
+                                          + self._collective(gathered, lay.attention_dp, "reduce_scatter", lay.world))
+        overhead = m.num_layers * self.terms.layer_gap(self.backend) + (self.terms.step_overhead(self.backend)
                                                             if phase == "decode" else 0.0)
         return ServeStepCost(attention, experts, other, tp_comm, ep_comm, overhead)
 
@@ -338,7 +370,7 @@ class ServePredictor:
         decode = self.decode_step(per_replica, isl + osl / 2.0)
         prefill = self.prefill_step(isl)
         t_pf = prefill.total
-        tpot = decode.total + t.prefill_share * per_replica / osl * t_pf
+        tpot = decode.total + t.prefill_mix(self.backend) * per_replica / osl * t_pf
         occupancy = t_pf / (t_pf + osl * tpot)
         ttft = (t.request_overhead(self.backend) + t_pf * (1.0 + t.queue_factor * (per_replica - 1) * occupancy)
                 + t.schedule_wait_steps * tpot)

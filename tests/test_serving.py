@@ -145,3 +145,29 @@ def test_plan_serve_cli_prints_the_front_and_refuses_impossible_targets() -> Non
     assert bad.exit_code == 2 and "--tpot-ms" in bad.output
     bad = CliRunner().invoke(app, ["plan", "serve", "--model", "deepseek-v3", "--concurrency", "a,b"])
     assert bad.exit_code == 2
+
+
+def test_expert_parallel_without_attention_dp_adds_no_collective_and_attention_dp_gathers_tokens() -> None:
+    tp_ep = predictor(layout=ServeLayout(8, 1, 1, 8)).decode_step(16, 2048)
+    assert tp_ep.ep_comm == 0.0                      # the TP all-reduce already sums the expert outputs
+    dp = predictor(layout=ServeLayout(1, 8, 1, 8)).decode_step(16, 2048)
+    assert dp.ep_comm > 0.0 and dp.tp_comm == 0.0
+    more = predictor(layout=ServeLayout(1, 8, 1, 8)).decode_step(256, 2048)
+    assert more.ep_comm > dp.ep_comm                 # gathered bytes grow with the replicas' tokens
+    wide = ServePredictor(CostModel(ModelSpec.preset("deepseek-v3"), HardwareProfile.resolve("h200-sxm")
+                                    ).with_cluster(16), ServeLayout(4, 4, 1, 16), Precision("fp8", "fp8", "fp8"),
+                          "sglang").decode_step(16, 2048)
+    inside = predictor(layout=ServeLayout(2, 4, 1, 8)).decode_step(16, 2048)
+    assert wide.ep_comm > inside.ep_comm             # a DP group strided over two nodes crosses the slower link
+
+
+def test_per_backend_terms_apply_to_their_backend_only() -> None:
+    base = ServeTerms()
+    slow = ServeTerms(layer_gap_s=tuple((b, v * (10 if b == "vllm" else 1)) for b, v in base.layer_gap_s),
+                      prefill_share=tuple((b, v * (3 if b == "vllm" else 1)) for b, v in base.prefill_share))
+    cm = CostModel(ModelSpec.preset("deepseek-v3"), HardwareProfile.resolve("h200-sxm"))
+    lay, pr = ServeLayout(8, 1, 8, 1), Precision("fp8", "fp8", "fp8")
+    for backend, changes in (("vllm", True), ("sglang", False)):
+        a = ServePredictor(cm, lay, pr, backend, base).predict(16, 1024, 1024)
+        b = ServePredictor(cm, lay, pr, backend, slow).predict(16, 1024, 1024)
+        assert (b.tpot > a.tpot) == changes and (b.decode.overhead > a.decode.overhead) == changes
