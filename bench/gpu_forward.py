@@ -3,7 +3,9 @@
 Builds OLMoE-1B-7B and Qwen1.5-MoE-A2.7B from their presets with random bf16 weights (embedding,
 per layer: RMSNorm → GQA attention through SDPA → RMSNorm → router top-k → experts through the
 runtime's grouped kernel (+ shared expert), final norm, LM head), times prefill and decode steps
-with CUDA events (3 warm-ups, median of 10), and predicts each with
+with CUDA events (3 warm-ups, median of 10; the MoE layers build their groups on the device
+through :meth:`ExpertKernel.sorted_groups`, as the runtime's one-rank stack does, so a timed step
+has no host synchronisation), and predicts each with
 ``CostModel.forward_time`` from a measured profile, using the expert token counts the random
 router actually produced.
 
@@ -94,11 +96,9 @@ class RandomMoEModel:
         weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), m.top_k, dim=-1)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=m.num_experts)
-        counts_host = counts.tolist()
         if record:
-            self.counts.append(np.array(counts_host))
-        y = self.kernel(x[order // m.top_k], self.kernel.groups(counts_host), lay["w13"], lay["w2"])
+            self.counts.append(torch.bincount(flat, minlength=m.num_experts).cpu().numpy())
+        y = self.kernel(x[order // m.top_k], self.kernel.sorted_groups(flat[order], m.num_experts), lay["w13"], lay["w2"])
         out = torch.zeros_like(x)
         out.index_add_(0, order // m.top_k, y * weights.reshape(-1)[order, None].to(y.dtype))
         if m.shared_ffn:
