@@ -3,11 +3,17 @@
 Builds OLMoE-1B-7B and Qwen1.5-MoE-A2.7B from their presets with random bf16 weights (embedding,
 per layer: RMSNorm → GQA attention through SDPA → RMSNorm → router top-k → experts through the
 runtime's grouped kernel (+ shared expert), final norm, LM head), times prefill and decode steps
-with CUDA events (3 warm-ups, median of 10; the MoE layers build their groups on the device
-through :meth:`ExpertKernel.sorted_groups`, as the runtime's one-rank stack does, so a timed step
-has no host synchronisation), and predicts each with
+with CUDA events (3 warm-ups, median of 10), and predicts each with
 ``CostModel.forward_time`` from a measured profile, using the expert token counts the random
 router actually produced.
+
+The MoE layers build their groups on the device (:meth:`ExpertKernel.sorted_groups`, as the
+runtime's one-rank stack does), so a step has no host synchronisation. Decode steps are captured
+once as a CUDA graph and timed as graph replays, as serving runtimes run decode (vLLM's
+``CUDAGraphRunner`` in vllm/worker/model_runner.py, SGLang's
+sglang/srt/model_executor/cuda_graph_runner.py): the step's time is then the GPU's, not the host's
+launch time of some 40 kernels per layer. Prefill steps run eagerly, as those runtimes run them.
+A row says ``"cuda_graph"`` true when its step was replayed from a graph.
 
 Every row keeps what ``moeplan calibrate`` needs to price it again: the model, phase, tokens,
 context, the expert token counts per MoE layer and the measured seconds; ``"set"`` says whether it
@@ -118,6 +124,29 @@ class RandomMoEModel:
         return self._norm(h) @ self.head.T
 
 
+def graphed(fn, device: torch.device):  # noqa: ANN001, ANN201
+    """``fn`` captured as a CUDA graph (after two warm-up runs on a side stream): its replay, or None
+    on the CPU or where capture fails."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize(device)
+        return graph.replay
+    except RuntimeError as exc:
+        print(f"CUDA graph capture failed, timing eagerly: {str(exc).splitlines()[0][:200]}", flush=True)
+        torch.cuda.synchronize(device)
+        return None
+
+
 def time_step(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> list[float]:  # noqa: ANN001
     for _ in range(warmup):
         fn()
@@ -169,11 +198,16 @@ def run(model_names: list[str], profile: HardwareProfile, device: torch.device,
                 net.counts = []
                 net.forward(tokens, caches, record=True)
                 counts = np.stack(net.counts)
-                times = time_step(partial(net.forward, tokens, caches), device)
+                step = partial(net.forward, tokens, caches)
+                replay = graphed(step, device) if phase == "decode" else None
+                times = time_step(replay or step, device)
+                graph_ok = replay is not None
+                del replay
             pred = cost.forward_time(n_tokens, context, phase, counts).to_dict()
             measured = statistics.median(times)
             rows.append({"set": case_set, "model": m.name, "model_spec": m.to_dict(), "phase": phase, "batch": batch, "seq": seq, "tokens": n_tokens,
                          "context": context, "kernel": "grouped", "expert_counts": counts.tolist(),
+                         "cuda_graph": graph_ok,
                          "measured_s": measured, "samples_s": times, "min_s": min(times), "max_s": max(times),
                          "predicted_s": pred["total"], "predicted_parts": pred,
                          "error": (pred["total"] - measured) / measured})

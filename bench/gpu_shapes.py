@@ -4,7 +4,8 @@ For DeepSeek-V3, Qwen3-30B-A3B and Mixtral-8x7B at TP (= ETP) 1, 2, 4 and 8, eve
 one GPU runs (:func:`moeplan.gemms.layer_gemms`: attention projections incl. MLA's low-rank
 ones, shared expert, dense FFN, router, LM head, one routed expert at 1/ETP width) is timed at
 the models' exact shapes with the profiler's own method (:func:`moeplan.profiler.timing.measure`
-on :func:`moeplan.profiler.compute_ops.gemm_op`: rotated random inputs, device events, median),
+on :func:`moeplan.profiler.compute_ops.gemm_op` with the profiler's GEMM effort: rotated random
+inputs, device events, median),
 at ``TOKENS`` tokens (48 decode rows, 3072 prefill rows: neither is a token count of the
 profile's grid), and predicted by :meth:`moeplan.cost.CostModel.gemm_time` from a profile:
 
@@ -67,11 +68,13 @@ def shapes(models: list[ModelSpec]) -> list[dict[str, Any]]:
 def measure_rows(rows: list[dict[str, Any]]) -> None:
     """Time every row's GEMM in place (``measured_s`` median, min, max), identical shapes once."""
     from moeplan.profiler.compute_ops import gemm_op
-    from moeplan.profiler.device import Accelerator
-    from moeplan.profiler.timing import Effort, measure
+    from moeplan.profiler.device import Accelerator, host_free_bytes
+    from moeplan.profiler.sizes import Sizes
+    from moeplan.profiler.timing import measure
 
     acc = Accelerator.detect()
-    effort = Effort(warmup=3, min_reps=10, max_reps=200, target_s=0.05, max_sets=32)
+    sizes = Sizes.choose(not acc.is_cpu, False, host_free_bytes(), 1)
+    effort = sizes.gemm_effort or sizes.effort                 # the profiler's own effort for its GEMM grid
     done: dict[tuple[int, int, int], Any] = {}
     for r in rows:
         shape = (r["tokens"], r["k"], r["n"])

@@ -69,7 +69,7 @@ class Sizes:
                        collective_bytes=doublings(64 * KIB, 512 * MIB),
                        effort=Effort(warmup=3, min_reps=5, max_reps=200, target_s=0.25, max_sets=32), passes=2,
                        gemm_k=doublings(64, 32768), gemm_n=doublings(64, 131072),
-                       gemm_tokens=(1, 16, 128, 1024, 8192),
+                       gemm_tokens=(1, 16, 64, 256, 1024, 2048, 4096, 8192, 16384),
                        gemm_effort=Effort(warmup=2, min_reps=5, max_reps=100, target_s=0.02, max_sets=16))
         if accelerator:
             return cls(matmul_n=4096, copy_bytes=256 * MIB, expert_tokens=(1, 16, 128, 1024, 4096),
