@@ -57,11 +57,13 @@ def matmul_op(acc: Accelerator, n: int, dtype: str) -> Op:
 
 def gemm_op(acc: Accelerator, tokens: int, k: int, n: int) -> Op:
     """y = x·Wᵀ for x [tokens, k] and W [n, k] random bf16 (the runtime's ``h @ w.T``; see
-    :mod:`moeplan.gemms`): one dense GEMM of the shape a projection or FFN shard has."""
+    :mod:`moeplan.gemms`): one dense GEMM of the shape a projection or FFN shard has, timed as
+    device work (``queue_ahead``: the GEMMs of a layer run back to back on the device, so the
+    host's launch latency is not part of their time)."""
     return Op(make=lambda: (randn(acc, tokens, k), randn(acc, n, k, scale=k ** -0.5)), run=lambda xw: xw[0] @ xw[1].T,
               set_bytes=2 * (tokens * k + n * k),
               work={"flops": 2.0 * tokens * k * n, "bytes": 2.0 * (tokens * k + n * k + tokens * n)},
-              impl="torch.matmul bf16 x @ w.T")
+              impl="torch.matmul bf16 x @ w.T, device time (queued ahead)", queue_ahead=True)
 
 
 def copy_op(acc: Accelerator, nbytes: int) -> Op:
