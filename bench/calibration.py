@@ -1,9 +1,9 @@
 """Calibration judged on runs it never saw (issue 26), from the committed JSON of several H200 machines.
 
 Inputs (bench/results/gpu/): per machine M, ``h200M-forward.json`` (forward steps: "calibration" and
-"judged" sets), ``h200M-runtime.json`` (per-device replay) and its profile: ``h200M-profile-pass1.yaml``
+"judged" sets), ``h200M-runtime.json[.gz]`` (per-device replay) and its profile: ``h200M-profile-pass1.yaml``
 and ``-pass2.yaml`` (machines a, b, c: bench/gpu_session4.sh, two profiler runs) or ``h200M-profile.yaml``
-with its raw ``h200M-profile.json`` (machines f, g: bench/gpu_session5.sh, one profiler run that
+with its raw ``h200M-profile.json.gz`` (machines f, g: bench/gpu_session5.sh, one profiler run that
 measures every point in two passes; sync-free MoE layers, decode replayed from a CUDA graph).
 The first machine named (``--machines``, default ``fg``) is the one corrections are fitted on.
 
@@ -128,7 +128,7 @@ def load_profiles(m: str) -> tuple[HardwareProfile, HardwareProfile | RawProfile
     (machines a–c) or the raw two-pass measurements of its one run."""
     one = GPU / f"h200{m}-profile.yaml"
     if one.exists():
-        return HardwareProfile.load(one), RawProfile.load(GPU / f"h200{m}-profile.json")
+        return HardwareProfile.load(one), RawProfile.load(GPU / f"h200{m}-profile.json.gz")
     return (HardwareProfile.load(GPU / f"h200{m}-profile-pass1.yaml"),
             HardwareProfile.load(GPU / f"h200{m}-profile-pass2.yaml"))
 
@@ -144,7 +144,8 @@ def main(argv: list[str]) -> int:
     prof = {m: loaded[m][0] for m in machines}
     prof2 = {m: loaded[m][1] for m in machines}
     fwd = {m: GPU / f"h200{m}-forward.json" for m in machines}
-    rt = {m: GPU / f"h200{m}-runtime.json" for m in machines}
+    rt = {m: next(p for p in (GPU / f"h200{m}-runtime.json", GPU / f"h200{m}-runtime.json.gz") if p.exists())
+          for m in machines}
     fit = machines[0]
     base = prof[fit]
     own = {m: calibrate(prof[m], [load_run(fwd[m]), train_replay(rt[m])]) for m in machines}
