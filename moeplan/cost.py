@@ -471,8 +471,10 @@ class CostModel:
     # ---- 4. dense parts -------------------------------------------------------------------------
     def attention_time(self, tokens: float, context: float, phase: str) -> float:
         """One layer's attention on one device: ``tokens`` new tokens each attending to ``context``
-        tokens (prefill: the sequence so far; decode: the KV cache). Measured curve when the
-        profile has one for this model's attention shape, else roofline."""
+        tokens (prefill: the sequence so far; decode: the KV cache). The core (scores, softmax,
+        values) from the measured curve when the profile has one for this model's attention shape;
+        the projections from the measured ``gemm`` grid when the profile has one (a measured core
+        without a grid leaves them out, as before); else the roofline of both together."""
         m = self.model
         a = m.attention
         kind = "attention_prefill" if phase == "prefill" else "attention_decode"
