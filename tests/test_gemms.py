@@ -1,7 +1,9 @@
 """Dense GEMM shapes under TP/ETP and their price from a measured (k, n) grid (moeplan.gemms)."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +107,22 @@ def test_profiler_grid_spans_the_presets_and_respects_its_caps() -> None:
                     if part not in ("router", "lm_head"):     # Mixtral's 8-wide router, Qwen3's 152k head lie past it
                         assert s.gemm_k[0] <= g.k <= s.gemm_k[-1] and s.gemm_n[0] <= g.n <= s.gemm_n[-1], (name, tp, g)
     assert GEMM_MAX_WEIGHT_ELEMS * 2 == 2**31 and GEMM_MAX_FLOPS > 2 * 8192 * 8192 * 8192
+
+
+def test_shape_bench_prices_measured_rows_again_from_a_profile(tmp_path: Path) -> None:
+    """bench/gpu_shapes.py --price: rows measured elsewhere, priced from a grid profile on the CPU."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_shapes.py"
+    spec = importlib.util.spec_from_file_location("gpu_shapes_bench", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    models = {m.name: m for m in (ModelSpec.preset(n) for n in bench.MODELS)}
+    rows = bench.shapes(list(models.values()))
+    assert {r["tp"] for r in rows} == set(bench.TPS) and {r["part"] for r in rows} >= {"attention", "expert", "lm_head"}
+    inside = [r for r in rows if 128 <= r["k"] <= 8192 and 128 <= r["n"] <= 8192 and r["tokens"] <= TOKENS[-1]]
+    for r in inside:
+        r["measured_s"] = float(law(r["tokens"], r["k"], r["n"]))
+    bench.price(inside, models, profile_with_grid())
+    summary = bench.summarise(inside)
+    assert summary["shape_curves_gemm"]["min"] == pytest.approx(1.0) == summary["shape_curves_gemm"]["max"]
+    assert summary["shape_curves_shard"]["inside_band"] == summary["shape_curves_shard"]["count"]
