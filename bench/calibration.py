@@ -1,8 +1,11 @@
-"""Calibration judged on runs it never saw (issue 26), from the committed JSON of two H200 machines.
+"""Calibration judged on runs it never saw (issue 26), from the committed JSON of several H200 machines.
 
-Inputs (bench/results/gpu/, written by bench/gpu_session4.sh on machines A, B and C):
-``h200{a,b,c}-profile-pass{1,2}.yaml`` (two profiling passes per machine), ``h200{a,b,c}-forward.json``
-(forward steps: "calibration" and "judged" sets), ``h200{a,b,c}-runtime.json`` (per-device replay).
+Inputs (bench/results/gpu/): per machine M, ``h200M-forward.json`` (forward steps: "calibration" and
+"judged" sets), ``h200M-runtime.json[.gz]`` (per-device replay) and its profile: ``h200M-profile-pass1.yaml``
+and ``-pass2.yaml`` (machines a, b, c: bench/gpu_session4.sh, two profiler runs) or ``h200M-profile.yaml``
+with its raw ``h200M-profile.json.gz`` (machines f, g: bench/gpu_session5.sh, one profiler run that
+measures every point in two passes; sync-free MoE layers, decode replayed from a CUDA graph).
+The first machine named (``--machines``, default ``fg``) is the one corrections are fitted on.
 
 What is fitted and what is judged:
 
@@ -19,7 +22,7 @@ What is fitted and what is judged:
 * **Profile agreement**: each expert / routing / attention point of one pass against the other
   pass's [min, max] over repeats, on each machine and across machines.
 
-    python bench/calibration.py [--out bench/results/calibration.json]
+    python bench/calibration.py [--machines fg] [--out bench/results/calibration-fg.json]
 """
 from __future__ import annotations
 
@@ -36,10 +39,11 @@ from moeplan.cost import CostModel, CostOptions
 from moeplan.hardware import HardwareProfile
 from moeplan.io import read_json, write_json
 from moeplan.model import ModelSpec
+from moeplan.profiler.raw import RawProfile
 
 GPU = Path(__file__).parent / "results" / "gpu"
 JUDGED_TRAFFIC = "zipf1.2-ranked"
-MACHINES = "abc"
+AGREEMENT_KINDS = ("expert_ffn", "moe_routing", "attention_prefill", "attention_decode")
 
 
 def summary(errors: np.ndarray) -> dict[str, float]:
@@ -86,8 +90,8 @@ def agreement(a: HardwareProfile, b: HardwareProfile) -> dict[str, Any]:
     """Share of b's measured points whose median lies inside a's [min, max] at the same x, and
     the median / worst relative gap between the two medians."""
     inside, gaps = [], []
-    kinds = ("expert_ffn", "moe_routing", "attention_prefill", "attention_decode")
-    for cb in (c for c in b.curves if c.kind in kinds and c.prov.run in b.runs and c.prov.run not in a.runs):
+    for cb in (c for c in b.curves if c.kind in AGREEMENT_KINDS and c.prov.run in b.runs
+               and c.prov.run not in a.runs):
         ca = a.find_curve(cb.kind, **cb.key)
         if ca is None or not ca.y_min:
             continue
@@ -101,24 +105,59 @@ def agreement(a: HardwareProfile, b: HardwareProfile) -> dict[str, Any]:
             "p90_gap": float(np.quantile(g, 0.9)), "worst_gap": float(g.max())}
 
 
+def two_pass_agreement(raw: RawProfile) -> dict[str, Any]:
+    """Within one profiler run that measured every point twice: share of second-pass medians inside
+    the first pass's [min, max], and the gaps between the two medians."""
+    first: dict[tuple, Any] = {}
+    inside, gaps = [], []
+    for m in (m for m in raw.measurements if m.kind in AGREEMENT_KINDS):
+        point = (m.kind, tuple(sorted((k, str(v)) for k, v in m.key.items())), m.x)
+        if point not in first:
+            first[point] = m
+            continue
+        a = first[point]
+        inside.append(a.min <= m.median <= a.max)
+        gaps.append(abs(m.median - a.median) / a.median)
+    g = np.array(gaps)
+    return {"points": len(inside), "inside_spread": float(np.mean(inside)), "median_gap": float(np.median(g)),
+            "p90_gap": float(np.quantile(g, 0.9)), "worst_gap": float(g.max())}
+
+
+def load_profiles(m: str) -> tuple[HardwareProfile, HardwareProfile | RawProfile]:
+    """Machine ``m``'s profile and what its second pass is checked against: the second profiler run
+    (machines a–c) or the raw two-pass measurements of its one run."""
+    one = GPU / f"h200{m}-profile.yaml"
+    if one.exists():
+        return HardwareProfile.load(one), RawProfile.load(GPU / f"h200{m}-profile.json.gz")
+    return (HardwareProfile.load(GPU / f"h200{m}-profile-pass1.yaml"),
+            HardwareProfile.load(GPU / f"h200{m}-profile-pass2.yaml"))
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
+    p.add_argument("--machines", default="fg", help="machine letters; the first is fitted on")
+    p.add_argument("--out", help="JSON written (default bench/results/calibration-<machines>.json)")
     args = p.parse_args(argv)
-    prof = {m: HardwareProfile.load(GPU / f"h200{m}-profile-pass1.yaml") for m in MACHINES}
-    prof2 = {m: HardwareProfile.load(GPU / f"h200{m}-profile-pass2.yaml") for m in MACHINES}
-    fwd = {m: GPU / f"h200{m}-forward.json" for m in MACHINES}
-    rt = {m: GPU / f"h200{m}-runtime.json" for m in MACHINES}
-    base = prof["a"]
-    own = {m: calibrate(prof[m], [load_run(fwd[m]), train_replay(rt[m])]) for m in MACHINES}
-    cal = own["a"]
-    olmoe_only = load_run(fwd["a"])
+    machines = args.machines
+    out = args.out or str(Path(__file__).parent / "results" / f"calibration-{machines}.json")
+    loaded = {m: load_profiles(m) for m in machines}
+    prof = {m: loaded[m][0] for m in machines}
+    prof2 = {m: loaded[m][1] for m in machines}
+    fwd = {m: GPU / f"h200{m}-forward.json" for m in machines}
+    rt = {m: next(p for p in (GPU / f"h200{m}-runtime.json", GPU / f"h200{m}-runtime.json.gz") if p.exists())
+          for m in machines}
+    fit = machines[0]
+    base = prof[fit]
+    own = {m: calibrate(prof[m], [load_run(fwd[m]), train_replay(rt[m])]) for m in machines}
+    cal = own[fit]
+    olmoe_only = load_run(fwd[fit])
     olmoe_only = replace(olmoe_only, steps=tuple(s for s in olmoe_only.steps if s.model.name.startswith("OLMoE")))
-    cal_all = calibrate(base, [olmoe_only, train_replay(rt["a"])], scope="all")
-    res: dict[str, Any] = {"fitted_on": "machine A: forward calibration steps + replay traffic zipf1.2, balanced",
+    cal_all = calibrate(base, [olmoe_only, train_replay(rt[fit])], scope="all")
+    res: dict[str, Any] = {"fitted_on": f"machine {fit.upper()}: forward calibration steps + replay traffic "
+                                        "zipf1.2, balanced",
                            "corrections": [c.to_dict() for c in cal.corrections]}
     table = []
-    for m in MACHINES:
+    for m in machines:
         judged = forward_rows(fwd[m], judged=True)
         qwen = [r for r in judged if r["model"].startswith("Qwen")]
         entry = {"forward_before_own_profile": summary(step_errors(judged, prof[m])),
@@ -132,21 +171,23 @@ def main(argv: list[str]) -> int:
                  "replay_after_own_machine_calibration": summary(replay_errors(replay_configs(rt[m], True), own[m])),
                  "replay_per_cell_after": summary(relative_errors(
                      [o for o in load_run(rt[m]).compute if o.tags["traffic"] == JUDGED_TRAFFIC], cal))}
-        if m == "a":
+        if m == fit:
             entry["replay_fitted_configs_after"] = summary(replay_errors(replay_configs(rt[m], False), cal))
         res[f"judged_on_{m}"] = entry
         for name, s in entry.items():
             table.append((m.upper(), name, s))
-    res["profile_agreement"] = {**{f"{m}_pass2_vs_pass1": agreement(prof[m], prof2[m]) for m in MACHINES},
-                                **{f"{m}_pass1_vs_a_pass1": agreement(prof["a"], prof[m]) for m in MACHINES[1:]}}
-    write_json(args.out, res)
+    res["profile_agreement"] = {
+        **{f"{m}_pass2_vs_pass1": (two_pass_agreement(prof2[m]) if isinstance(prof2[m], RawProfile)
+                                   else agreement(prof[m], prof2[m])) for m in machines},
+        **{f"{m}_vs_{fit}": agreement(prof[fit], prof[m]) for m in machines[1:]}}
+    write_json(out, res)
     print(f"{'machine':7} {'figure':44} {'n':>4} {'median':>8} {'worst':>8}")
     for m, name, s in table:
         print(f"{m:7} {name:44} {s['n']:4d} {100 * s['median_abs']:7.1f}% {100 * s['worst_abs']:7.1f}%")
     for name, a in res["profile_agreement"].items():
         print(f"{name:20} {a['points']} points: {100 * a['inside_spread']:.0f}% inside the other pass's min–max, "
               f"gap median {100 * a['median_gap']:.1f}% p90 {100 * a['p90_gap']:.1f}% worst {100 * a['worst_gap']:.0f}%")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -7,6 +7,14 @@ with CUDA events (3 warm-ups, median of 10), and predicts each with
 ``CostModel.forward_time`` from a measured profile, using the expert token counts the random
 router actually produced.
 
+The MoE layers build their groups on the device (:meth:`ExpertKernel.sorted_groups`, as the
+runtime's one-rank stack does), so a step has no host synchronisation. Decode steps are captured
+once as a CUDA graph and timed as graph replays, as serving runtimes run decode (vLLM's
+``CUDAGraphRunner`` in vllm/worker/model_runner.py, SGLang's
+sglang/srt/model_executor/cuda_graph_runner.py): the step's time is then the GPU's, not the host's
+launch time of some 40 kernels per layer. Prefill steps run eagerly, as those runtimes run them.
+A row says ``"cuda_graph"`` true when its step was replayed from a graph.
+
 Every row keeps what ``moeplan calibrate`` needs to price it again: the model, phase, tokens,
 context, the expert token counts per MoE layer and the measured seconds; ``"set"`` says whether it
 is a calibration step or a judged one (:data:`CASES`).
@@ -94,11 +102,9 @@ class RandomMoEModel:
         weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), m.top_k, dim=-1)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=m.num_experts)
-        counts_host = counts.tolist()
         if record:
-            self.counts.append(np.array(counts_host))
-        y = self.kernel(x[order // m.top_k], self.kernel.groups(counts_host), lay["w13"], lay["w2"])
+            self.counts.append(torch.bincount(flat, minlength=m.num_experts).cpu().numpy())
+        y = self.kernel(x[order // m.top_k], self.kernel.sorted_groups(flat[order], m.num_experts), lay["w13"], lay["w2"])
         out = torch.zeros_like(x)
         out.index_add_(0, order // m.top_k, y * weights.reshape(-1)[order, None].to(y.dtype))
         if m.shared_ffn:
@@ -116,6 +122,29 @@ class RandomMoEModel:
             else:
                 h = h + self._swiglu(x, lay["d13"], lay["d2"], self.m.dense_ffn)
         return self._norm(h) @ self.head.T
+
+
+def graphed(fn, device: torch.device):  # noqa: ANN001, ANN201
+    """``fn`` captured as a CUDA graph (after two warm-up runs on a side stream): its replay, or None
+    on the CPU or where capture fails."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize(device)
+        return graph.replay
+    except RuntimeError as exc:
+        print(f"CUDA graph capture failed, timing eagerly: {str(exc).splitlines()[0][:200]}", flush=True)
+        torch.cuda.synchronize(device)
+        return None
 
 
 def time_step(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> list[float]:  # noqa: ANN001
@@ -169,11 +198,16 @@ def run(model_names: list[str], profile: HardwareProfile, device: torch.device,
                 net.counts = []
                 net.forward(tokens, caches, record=True)
                 counts = np.stack(net.counts)
-                times = time_step(partial(net.forward, tokens, caches), device)
+                step = partial(net.forward, tokens, caches)
+                replay = graphed(step, device) if phase == "decode" else None
+                times = time_step(replay or step, device)
+                graph_ok = replay is not None
+                del replay
             pred = cost.forward_time(n_tokens, context, phase, counts).to_dict()
             measured = statistics.median(times)
             rows.append({"set": case_set, "model": m.name, "model_spec": m.to_dict(), "phase": phase, "batch": batch, "seq": seq, "tokens": n_tokens,
                          "context": context, "kernel": "grouped", "expert_counts": counts.tolist(),
+                         "cuda_graph": graph_ok,
                          "measured_s": measured, "samples_s": times, "min_s": min(times), "max_s": max(times),
                          "predicted_s": pred["total"], "predicted_parts": pred,
                          "error": (pred["total"] - measured) / measured})

@@ -17,7 +17,11 @@ Read it top to bottom:
    the slowest device of each phase (stragglers matter). ``overlap`` overlaps dispatch with
    compute in chunks. ExFlow's context-coherent execution (``exflow``) changes the traffic
    matrices, not the formula: :mod:`moeplan.simulate` builds them.
-4. **Dense parts** — attention (prefill and decode, GQA or MLA) and dense FFN layers.
+4. **Dense parts** — attention (prefill and decode, GQA or MLA), dense FFN layers, shared
+   experts, router and LM head. Their GEMMs (:mod:`moeplan.gemms`) come from the profile's
+   measured ``gemm`` grid when it has one (:meth:`CostModel.gemm_time`: the rate of the measured
+   shapes around each GEMM's own (k, n), so a thin TP shard is not priced at the square matmul's
+   rate), else from the roofline on the 8192³ matmul rate.
 5. **Memory** — :meth:`CostModel.memory`: weights with replicas, KV cache, activations and, for
    training, gradients and optimizer states; :meth:`MemoryReport.check` rejects a plan that
    does not fit, with the numbers.
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from moeplan.errors import InputError
+from moeplan.gemms import Gemm, GemmCurves, attention_gemms, swiglu_gemms
 from moeplan.hardware import Correction, Curve, HardwareProfile
 from moeplan.model import ModelSpec
 
@@ -208,6 +213,7 @@ class CostModel:
                                                   top_k=model.top_k)
         self._compute_correction = hardware.find_correction("expert_compute", hidden=model.hidden_size,
                                                             ffn=model.expert_ffn, kernel=self.opt.kernel)
+        self._gemms = GemmCurves.of(hardware)
 
     def with_options(self, **changes: Any) -> "CostModel":
         """The same model and hardware priced with these :class:`CostOptions` fields changed."""
@@ -225,9 +231,14 @@ class CostModel:
         return (self._grouped is not None) if self.opt.kernel == "grouped" else self._loop_curve is not None
 
     def expert_roofline(self, tokens: np.ndarray | float) -> np.ndarray:
-        """Roofline time of one expert at ``tokens`` tokens, without launch overhead (seconds)."""
+        """Time of one expert at ``tokens`` tokens when no expert curve was measured for its shape,
+        without launch overhead (seconds): its two GEMMs from the measured ``gemm`` grid plus the
+        SwiGLU's bytes when the profile has the grid, else the roofline."""
         m = self.model
         n = np.asarray(tokens, dtype=np.float64)
+        if self._gemms is not None:
+            act = self.dense_time(0.0, 3.0 * n * m.expert_ffn * self.opt.act_bytes, 0)
+            return self.gemms_time(n, swiglu_gemms("expert", m.hidden_size, m.expert_ffn, 1)) + act
         flops = 6.0 * m.hidden_size * m.expert_ffn * n
         nbytes = m.expert_bytes() + n * (2 * m.hidden_size + 3 * m.expert_ffn) * self.opt.act_bytes
         return np.maximum(flops / self.peak_flops, nbytes / self.hbm)
@@ -307,15 +318,65 @@ class CostModel:
         """A dense matmul block: roofline on the (measured or datasheet) bf16 rate and HBM bandwidth."""
         return np.maximum(np.asarray(flops) / self.peak_flops, np.asarray(weight_bytes) / self.hbm) + launches * self.launch
 
-    def shared_expert_time(self, tokens: np.ndarray | float) -> np.ndarray:
-        """Shared expert(s) of one MoE layer at ``tokens`` tokens on one device."""
+    @property
+    def gemms_measured(self) -> bool:
+        """True when the profile has a measured ``gemm`` grid (dense GEMMs priced by their shape)."""
+        return self._gemms is not None
+
+    def gemm_time(self, tokens: np.ndarray | float, k: int, n: int) -> np.ndarray:
+        """One dense GEMM x[tokens, k]·W[n, k]ᵀ on one device: from the measured ``gemm`` grid
+        around (k, n) (:class:`moeplan.gemms.GemmCurves`) when the profile has one, else the
+        roofline with one launch; 0 at 0 tokens."""
+        m = np.asarray(tokens, dtype=np.float64)
+        if self._gemms is not None:
+            t = self._gemms.time(m, k, n)
+        else:
+            nbytes = k * n * self.model.weight_bytes + m * (k + n) * self.opt.act_bytes
+            t = self.dense_time(2.0 * m * k * n, nbytes, 1)
+        return np.where(m > 0, t, 0.0)
+
+    def gemms_time(self, tokens: np.ndarray | float, gemms: list[Gemm]) -> np.ndarray:
+        """Sum of :meth:`gemm_time` over ``gemms`` at ``tokens`` tokens each."""
+        return sum((self.gemm_time(tokens, g.k, g.n) for g in gemms), np.zeros_like(np.asarray(tokens, dtype=np.float64)))
+
+    def _swiglu_time(self, tokens: np.ndarray, ffn: int, shards: int, name: str) -> np.ndarray:
+        """A SwiGLU FFN of width ``ffn`` split ``shards`` ways from the measured GEMM grid, plus
+        the activation's bytes (silu and mul: 2 launches)."""
+        act = self.dense_time(0.0, 3.0 * tokens * (ffn / shards) * self.opt.act_bytes, 2)
+        return self.gemms_time(tokens, swiglu_gemms(name, self.model.hidden_size, ffn, shards)) + act
+
+    def expert_width_share(self, tokens_per_expert: float, ways: int) -> float:
+        """Share of a full-width routed expert's kernel time that one 1/``ways``-wide slice of it
+        (ETP) takes at ``tokens_per_expert`` tokens: the ratio of the two GEMMs' measured times at
+        both widths when the profile has a ``gemm`` grid, else 1/``ways``."""
+        if ways <= 1:
+            return 1.0
+        if self._gemms is None:
+            return 1.0 / ways
+        m, n = self.model, max(tokens_per_expert, 1.0)
+        full = float(self.gemms_time(n, swiglu_gemms("expert", m.hidden_size, m.expert_ffn, 1)))
+        return float(self.gemms_time(n, swiglu_gemms("expert", m.hidden_size, m.expert_ffn, ways))) / full
+
+    def router_gemm_time(self, tokens: float | np.ndarray) -> np.ndarray:
+        """The router's logits GEMM (hidden → experts) alone, at ``tokens`` tokens on one device."""
+        m = self.model
+        if self._gemms is not None:
+            return self.gemm_time(tokens, m.hidden_size, m.num_experts)
+        return self.dense_time(2.0 * m.hidden_size * m.num_experts * np.asarray(tokens, dtype=np.float64),
+                               m.router_params() * m.weight_bytes)
+
+    def shared_expert_time(self, tokens: np.ndarray | float, shards: int = 1) -> np.ndarray:
+        """Shared expert(s) of one MoE layer at ``tokens`` tokens on one device, split ``shards``
+        ways (TP)."""
         m = self.model
         if not m.shared_ffn:
             return np.zeros_like(np.asarray(tokens, dtype=np.float64))
         n = np.asarray(tokens, dtype=np.float64)
+        if self._gemms is not None:
+            return np.where(n > 0, self._swiglu_time(n, m.shared_ffn, shards, "shared"), 0.0)
         flops = 6.0 * m.hidden_size * m.shared_ffn * n
         nbytes = m.shared_params() * m.weight_bytes + n * 2 * m.hidden_size * self.opt.act_bytes
-        return np.where(n > 0, self.dense_time(flops, nbytes, 3), 0.0)
+        return np.where(n > 0, self.dense_time(flops, nbytes, 3), 0.0) / shards
 
     # ---- 2. links -----------------------------------------------------------------------------
     def _link_time(self, scope: str, nbytes: np.ndarray, ranks: int) -> np.ndarray:
@@ -410,8 +471,10 @@ class CostModel:
     # ---- 4. dense parts -------------------------------------------------------------------------
     def attention_time(self, tokens: float, context: float, phase: str) -> float:
         """One layer's attention on one device: ``tokens`` new tokens each attending to ``context``
-        tokens (prefill: the sequence so far; decode: the KV cache). Measured curve when the
-        profile has one for this model's attention shape, else roofline."""
+        tokens (prefill: the sequence so far; decode: the KV cache). The core (scores, softmax,
+        values) from the measured curve when the profile has one for this model's attention shape;
+        the projections from the measured ``gemm`` grid when the profile has one (a measured core
+        without a grid leaves them out, as before); else the roofline of both together."""
         m = self.model
         a = m.attention
         kind = "attention_prefill" if phase == "prefill" else "attention_decode"
@@ -419,22 +482,45 @@ class CostModel:
         if curve is not None:
             seqs = float(curve.key.get("batch", 1))
             per_seq = float(curve(max(context, 1.0)))
-            return per_seq * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
+            core = per_seq * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
+            return core + (float(self.gemms_time(tokens, attention_gemms(m, 1))) if self._gemms is not None else 0.0)
+        if self._gemms is not None:
+            return self.attention_core_time(tokens, context, phase) + float(self.gemms_time(tokens, attention_gemms(m, 1)))
         proj_flops = 2.0 * a.params(m.hidden_size) * tokens
         score_flops = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * context * (0.5 if phase == "prefill" else 1.0)
         kv_bytes = a.kv_cache_elems_per_token() * m.weight_bytes * context * (tokens if phase == "decode" else 1.0)
         nbytes = a.params(m.hidden_size) * m.weight_bytes + kv_bytes
         return float(self.dense_time(proj_flops + score_flops, nbytes, 6))
 
-    def dense_ffn_time(self, tokens: float) -> float:
-        """A dense (non-MoE) layer's FFN on one device."""
+    def attention_core_time(self, tokens: float, context: float, phase: str) -> float:
+        """One layer's attention without its projections (scores, softmax, values: what the
+        profiler's attention curves time through SDPA): the measured curve, else the roofline
+        of the score FLOPs and the KV-cache bytes."""
         m = self.model
-        return float(self.dense_time(6.0 * m.hidden_size * m.dense_ffn * tokens, m.dense_ffn_params() * m.weight_bytes, 3))
+        a = m.attention
+        kind = "attention_prefill" if phase == "prefill" else "attention_decode"
+        curve = self.hw.find_curve(kind, signature=attention_signature(m))
+        if curve is not None:
+            seqs = float(curve.key.get("batch", 1))
+            return float(curve(max(context, 1.0))) * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
+        score_flops = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * context * (0.5 if phase == "prefill" else 1.0)
+        kv_bytes = a.kv_cache_elems_per_token() * m.weight_bytes * context * (tokens if phase == "decode" else 1.0)
+        return float(self.dense_time(score_flops, kv_bytes, 4))
+
+    def dense_ffn_time(self, tokens: float, shards: int = 1) -> float:
+        """A dense (non-MoE) layer's FFN on one device, split ``shards`` ways (TP)."""
+        m = self.model
+        if self._gemms is not None:
+            return float(self._swiglu_time(np.asarray(float(tokens)), m.dense_ffn, shards, "dense"))
+        return float(self.dense_time(6.0 * m.hidden_size * m.dense_ffn * tokens,
+                                     m.dense_ffn_params() * m.weight_bytes, 3)) / shards
 
     def head_time(self, tokens: float | np.ndarray, shards: int = 1) -> np.ndarray:
         """The LM head on one device: ``tokens`` rows through ``vocab × hidden`` weights split
         ``shards`` ways (TP)."""
         m = self.model
+        if self._gemms is not None:
+            return self.gemm_time(tokens, m.hidden_size, max(m.vocab_size // shards, 1))
         return self.dense_time(2.0 * m.hidden_size * m.vocab_size * np.asarray(tokens, dtype=np.float64) / shards,
                                m.vocab_size * m.hidden_size * m.weight_bytes / shards, 1)
 

@@ -69,8 +69,9 @@ class Quantity:
 class Curve:
     """y(x) measured at a few points; evaluated by log-log interpolation.
 
-    kind: expert_ffn | moe_routing | fused_moe | attention_prefill | attention_decode | collective | host_copy.
+    kind: expert_ffn | moe_routing | fused_moe | attention_prefill | attention_decode | collective | host_copy | gemm.
     key: what the curve is for, e.g. {hidden, ffn, dtype, kernel, experts} for expert_ffn,
+        {k, n, dtype} for gemm (x = tokens m of one dense GEMM x[m, k]·W[n, k]ᵀ; see moeplan.gemms),
         {hidden, experts, top_k} for moe_routing (x = tokens a device routes),
         {hidden, inter, top_k, experts, moe_tp, moe_ep, dtype} for fused_moe (x = tokens entering one
         MoE layer across its EP group; y = the fused kernel of one layer on one GPU),
@@ -492,7 +493,8 @@ def _curve(data: Any, source: str, index: int) -> Curve:
     key = f.raw("key", {})
     if not isinstance(key, dict):
         raise f.fail("key", "expected a mapping")
-    kind = f.str("kind", choices=("expert_ffn", "moe_routing", "fused_moe", "attention_prefill", "attention_decode", "collective", "host_copy"))
+    kind = f.str("kind", choices=("expert_ffn", "moe_routing", "fused_moe", "attention_prefill", "attention_decode", "collective",
+                                    "host_copy", "gemm"))
     return Curve(kind, key, tuple(x), tuple(y), _prov(f), y_min, y_max)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import gzip
 import io
 import json
 import math
@@ -159,8 +160,13 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Parse a JSON file, raising InputError on any failure."""
+    """Parse a JSON file (gzip-compressed when its name ends in ``.gz``), raising InputError on any failure."""
     raw = _read_bytes(path)
+    if str(path).endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise InputError(f"not a valid gzip file ({exc})", source=str(path), fix="gzip the JSON again") from None
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from moeplan.cost import CostModel, MemoryReport
+from moeplan.gemms import attention_gemms
 from moeplan.model import ModelSpec
 from moeplan.parallel import GroupSpan, ParallelMapping, group_spans
 from moeplan.precision import Precision
@@ -117,9 +118,15 @@ def kv_split(model: ModelSpec, tp: int) -> int:
 def attention_shard_time(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float, phase: str) -> float:
     """One layer's attention forward on one GPU: ``tokens`` per TP group (heads / TP), each
     attending to ``context`` tokens. When TP exceeds the KV heads (or for MLA's latent cache)
-    the KV cache is replicated, so each GPU reads more of it than 1/TP."""
+    the KV cache is replicated, so each GPU reads more of it than 1/TP. With a measured
+    ``gemm`` grid the projections are priced at their own shard shapes (heads / TP wide) and only
+    the attention core is divided by TP; without one the whole layer's time is."""
     m, a = cm.model, cm.model.attention
-    time = cm.attention_time(tokens, context, phase) / mapping.tp
+    if cm.gemms_measured:
+        time = (cm.attention_core_time(tokens, context, phase) / mapping.tp
+                + float(cm.gemms_time(tokens, attention_gemms(m, mapping.tp))))
+    else:
+        time = cm.attention_time(tokens, context, phase) / mapping.tp
     split = kv_split(m, mapping.tp)
     if split < mapping.tp:
         kv_read = a.kv_cache_elems_per_token() * m.weight_bytes * context * (tokens if phase == "decode" else 1.0)
@@ -130,11 +137,13 @@ def attention_shard_time(cm: CostModel, mapping: ParallelMapping, tokens: float,
 def expert_shard(cm: CostModel, mapping: ParallelMapping, tokens: float) -> tuple[float, float]:
     """One MoE layer's routed experts on one GPU when its attention TP group holds ``tokens``
     tokens: (token-choices the GPU computes, seconds of its expert kernel, forward). Each GPU
-    keeps E/EP experts at 1/ETP width and computes tokens/TP × top_k × ETP choices (balanced)."""
+    keeps E/EP experts at 1/ETP width and computes tokens/TP × top_k × ETP choices (balanced);
+    a 1/ETP-wide expert takes :meth:`CostModel.expert_width_share` of the full-width kernel."""
     m = cm.model
     choices = tokens / mapping.tp * m.top_k * mapping.etp
     local = m.num_experts // mapping.ep
-    kernel = float(cm.device_compute(np.full((1, local), choices / local))[0]) / mapping.etp
+    share = cm.expert_width_share(choices / local, mapping.etp)
+    kernel = float(cm.device_compute(np.full((1, local), choices / local))[0]) * share
     return choices, kernel
 
 
@@ -154,10 +163,10 @@ def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context
 
     attention = attention_shard_time(cm, t, tokens, context, "prefill")
     choices, experts = expert_shard(cm, t, tokens)
-    router = float(cm.dense_time(2.0 * m.hidden_size * m.num_experts * sp_tokens, m.router_params() * m.weight_bytes))
-    shared = float(cm.shared_expert_time(tokens)) / t.tp
+    router = float(cm.router_gemm_time(sp_tokens))
+    shared = float(cm.shared_expert_time(tokens, t.tp))
     dense_layers = m.num_layers - m.num_moe_layers
-    dense_ffn = cm.dense_ffn_time(tokens) / t.tp if dense_layers else 0.0
+    dense_ffn = cm.dense_ffn_time(tokens, t.tp) if dense_layers else 0.0
     head = float(cm.head_time(head_tokens, t.tp))
 
     block = row * tokens                      # one gathered activation tensor of the TP group

@@ -9,7 +9,7 @@ What replaces what:
 - ``h2d/d2h_bytes_per_s``: pinned copy rate at the largest size measured;
 - ``links.<scope>``: all-to-all bus bandwidth at the largest size, and latency = time at the
   smallest size minus its bytes over that bandwidth (the model ``Link.time`` uses);
-- curves ``expert_ffn``, ``attention_prefill``, ``attention_decode``, ``host_copy``, ``collective``:
+- curves ``gemm``, ``expert_ffn``, ``attention_prefill``, ``attention_decode``, ``host_copy``, ``collective``:
   one per key, y = median seconds per x with min/max of the repeats (point-to-point: median over
   all measured pairs, min/max over every pair's repeats).
 
@@ -27,7 +27,7 @@ import numpy as np
 from moeplan.hardware import Curve, HardwareProfile, Link, Provenance, Quantity
 from moeplan.profiler.raw import Measurement, RawProfile
 
-CURVE_KINDS = ("expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "host_copy", "collective")
+CURVE_KINDS = ("gemm", "expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "host_copy", "collective")
 
 
 def measured_profile(base: HardwareProfile, raw: RawProfile) -> HardwareProfile:

@@ -1,5 +1,6 @@
 """The compute operations the profiler times, each as an :class:`~moeplan.profiler.timing.Op`:
-dense matmul (bf16; fp8 through ``torch._scaled_mm``), HBM copy, kernel-launch overhead, the
+dense matmul (bf16; fp8 through ``torch._scaled_mm``), one dense GEMM of any shape (the
+``gemm`` grid), HBM copy, kernel-launch overhead, the
 SwiGLU expert FFN and the routing around it.
 
 Expert FFN: the runtime's own :class:`moeplan.runtime.kernels.ExpertKernel` (one kernel module
@@ -52,6 +53,17 @@ def matmul_op(acc: Accelerator, n: int, dtype: str) -> Op:
     def run(s: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch._scaled_mm(s[0], s[1], scale_a=s[2], scale_b=s[3], out_dtype=BF16, use_fast_accum=True)
     return Op(make=make, run=run, set_bytes=2 * n * n, work={"flops": flops}, impl="torch._scaled_mm fp8 e4m3")
+
+
+def gemm_op(acc: Accelerator, tokens: int, k: int, n: int) -> Op:
+    """y = x·Wᵀ for x [tokens, k] and W [n, k] random bf16 (the runtime's ``h @ w.T``; see
+    :mod:`moeplan.gemms`): one dense GEMM of the shape a projection or FFN shard has, timed as
+    device work (``queue_ahead``: the GEMMs of a layer run back to back on the device, so the
+    host's launch latency is not part of their time)."""
+    return Op(make=lambda: (randn(acc, tokens, k), randn(acc, n, k, scale=k ** -0.5)), run=lambda xw: xw[0] @ xw[1].T,
+              set_bytes=2 * (tokens * k + n * k),
+              work={"flops": 2.0 * tokens * k * n, "bytes": 2.0 * (tokens * k + n * k + tokens * n)},
+              impl="torch.matmul bf16 x @ w.T, device time (queued ahead)", queue_ahead=True)
 
 
 def copy_op(acc: Accelerator, nbytes: int) -> Op:

@@ -6,20 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 from moeplan.profiler.attention_ops import AttentionShape, decode_op, prefill_op
-from moeplan.profiler.compute_ops import copy_op, expert_op, launch_op, matmul_op, routing_op
+from moeplan.profiler.compute_ops import copy_op, expert_op, gemm_op, launch_op, matmul_op, routing_op
 from moeplan.profiler.device import Accelerator
 from moeplan.profiler.host_ops import host_copy_op
 from moeplan.profiler.timing import Op
 
-KINDS = ("matmul", "copy", "launch", "expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "host_copy")
+KINDS = ("matmul", "gemm", "copy", "launch", "expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "host_copy")
 
 
 def build_op(acc: Accelerator, kind: str, params: dict[str, Any], x: float) -> Op:
-    """The op of a measurement: ``x`` is n (matmul), bytes (copy, host_copy), tokens per expert
+    """The op of a measurement: ``x`` is n (matmul), tokens (gemm), bytes (copy, host_copy), tokens per expert
     (expert_ffn), tokens per device (moe_routing), sequence length (attention_prefill) or context (attention_decode)."""
     n = int(x)
     if kind == "matmul":
         return matmul_op(acc, n, params["dtype"])
+    if kind == "gemm":
+        return gemm_op(acc, n, int(params["k"]), int(params["n"]))
     if kind == "copy":
         return copy_op(acc, n)
     if kind == "launch":

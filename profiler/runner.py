@@ -26,7 +26,7 @@ from moeplan.profiler.cpu_base import slug
 from moeplan.profiler.device import Accelerator, host_free_bytes
 from moeplan.profiler.ops import build_op
 from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures
-from moeplan.profiler.sizes import Sizes
+from moeplan.profiler.sizes import GEMM_MAX_FLOPS, GEMM_MAX_WEIGHT_ELEMS, Sizes
 from moeplan.profiler.timing import measure
 
 
@@ -96,6 +96,8 @@ class Profiler:
             out += [Step("device", f"matmul {d} {s.matmul_n}³", "matmul", {"dtype": d}, s.matmul_n, {}) for d in dtypes]
             out.append(Step("device", f"HBM copy {s.copy_bytes / 2**20:.0f} MiB", "copy", {}, s.copy_bytes, {}))
             out.append(Step("device", "launch overhead", "launch", {}, 1, {}))
+        if "gemm" in want:
+            out += self._gemm_steps()
         if "experts" in want:
             out += self._expert_steps()
         if "routing" in want:
@@ -107,6 +109,20 @@ class Profiler:
                 self.skipped.append({"what": "host copies", "why": "the CPU has no host link"})
             else:
                 out += self._host_steps()
+        return out
+
+    def _gemm_steps(self) -> list[Step]:
+        """The dense GEMM grid: every (k, n) of the plan under GEMM_MAX_WEIGHT_ELEMS, at each token
+        count up to GEMM_MAX_FLOPS (the first token count always)."""
+        s = self.sizes
+        out = []
+        for k in s.gemm_k:
+            for n in s.gemm_n:
+                if k * n > GEMM_MAX_WEIGHT_ELEMS:
+                    continue
+                key = {"k": k, "n": n, "dtype": "bf16"}
+                tokens = [m for i, m in enumerate(s.gemm_tokens) if i == 0 or 2.0 * m * k * n <= GEMM_MAX_FLOPS]
+                out += [Step("gemm", f"gemm {k}→{n} @ {m} tok", "gemm", dict(key), m, key) for m in tokens]
         return out
 
     def _expert_shapes(self) -> dict[tuple[int, int], list[str]]:
@@ -217,7 +233,8 @@ class Profiler:
             params["impl"] = impl
         try:
             op = build_op(self.acc, step.kind, params, step.x)
-            timing = measure(self.acc, op, self.sizes.effort)
+            effort = self.sizes.gemm_effort if step.kind == "gemm" and self.sizes.gemm_effort else self.sizes.effort
+            timing = measure(self.acc, op, effort)
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:   # out of memory, an op this build lacks
             self.acc.empty_cache()
             skip = {"what": step.label, "why": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}

@@ -7,7 +7,10 @@
 2. **Warm-up**: every set runs at least once untimed (module load, handle creation, clocks up);
    the warm-up's wall-clock time per run sets how many repeats fit the time budget.
 3. **Device timers**: each repeat sits between two device events (perf_counter on the CPU);
-   one synchronisation at the end reads them all.
+   one synchronisation at the end reads them all. An op marked ``queue_ahead`` (the dense GEMM
+   grid) has the device kept busy just before each repeat (:meth:`Accelerator.queue_ahead`), so
+   its events time the device's work, not the host's launch latency: a GEMM of a few µs is
+   otherwise timed at the ~20–35 µs the host takes to launch it, a floor that moves with host load.
 4. **Every rank in step**: with a :class:`Sync` (collectives), the ranks agree on the number of
    warm-ups and repeats and meet at a barrier before each timed repeat; each repeat's time is the
    slowest rank's.
@@ -75,13 +78,15 @@ class Op:
     """One timed operation. ``make()`` returns a fresh input set (random data on the device);
     ``run(inputs)`` does the work once; ``set_bytes``: bytes of one input set; ``work``: what one run
     does (``flops``, ``bytes`` moved) for rates; ``impl``: which implementation runs (``make`` may
-    refine it once it sees the real inputs, e.g. the attention kernel torch picks)."""
+    refine it once it sees the real inputs, e.g. the attention kernel torch picks); ``queue_ahead``:
+    time it as device work (module docstring, step 3)."""
 
     make: Callable[[], Any]
     run: Callable[[Any], Any]
     set_bytes: int
     work: dict[str, float] = field(default_factory=dict)
     impl: str = ""
+    queue_ahead: bool = False
 
 
 class Sync(Protocol):
@@ -124,6 +129,8 @@ def measure(acc: Accelerator, op: Op, effort: Effort, sync: Sync | None = None) 
     for i in range(reps):
         if sync is not None:
             sync.barrier()
+        if op.queue_ahead:
+            acc.queue_ahead()
         timer.start()
         op.run(sets[i % n_sets])
         timer.stop()

@@ -2,6 +2,7 @@
 output-path mistakes are InputErrors naming the path, SIGTERM cleans up like Ctrl-C."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from moeplan.errors import InputError
-from moeplan.io import atomic_open, remove_stale_temporaries, write_json, write_npz, write_text
+from moeplan.io import atomic_open, read_json, remove_stale_temporaries, write_json, write_npz, write_text
 
 
 def _mode(path: Path) -> int:
@@ -126,3 +127,11 @@ def test_sigterm_during_a_write_removes_the_temporary(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert proc.returncode == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_json_reads_gzip_compressed_files(tmp_path: Path) -> None:
+    (tmp_path / "a.json.gz").write_bytes(gzip.compress(b'{"rows": [1, 2]}'))
+    assert read_json(tmp_path / "a.json.gz") == {"rows": [1, 2]}
+    (tmp_path / "bad.json.gz").write_bytes(b'{"rows": []}')
+    with pytest.raises(InputError, match="gzip"):
+        read_json(tmp_path / "bad.json.gz")

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from typer.testing import CliRunner  # noqa: E402
 
 from moeplan.cost import CostModel, CostOptions, attention_signature  # noqa: E402
+from moeplan.gemms import attention_gemms  # noqa: E402
 from moeplan.hardware import HardwareProfile, merge_profiles  # noqa: E402
 from moeplan.model import ModelSpec  # noqa: E402
 from moeplan.profiler import collectives  # noqa: E402
@@ -119,7 +120,12 @@ def test_cpu_run_curves_feed_the_cost_model(cpu_run: Path) -> None:
             assert curve is not None and curve.y_min and all(a <= b for a, b in zip(curve.y_min, curve.y_max))
         prefill = prof.find_curve("attention_prefill", signature=attention_signature(m))
         cm = CostModel(m, prof)
-        assert cm.attention_time(128, 128, "prefill") == pytest.approx(prefill.y[-1])
+        assert cm.attention_core_time(128, 128, "prefill") == pytest.approx(prefill.y[-1])
+        projections = float(cm.gemms_time(128, attention_gemms(m, 1)))       # from the run's gemm grid
+        assert cm.gemms_measured and projections > 0
+        assert cm.attention_time(128, 128, "prefill") == pytest.approx(prefill.y[-1] + projections)
+    grid = {(int(c.key["k"]), int(c.key["n"])) for c in prof.curves_of("gemm")}
+    assert grid == {(k, n) for k in (16, 64) for n in (16, 64)}
     ops = {c.key["op"] for c in prof.curves_of("collective")}
     assert ops == set(OPS)
     assert all(c.key["scope"] == "intra_node" and c.key["ranks"] == 2 for c in prof.curves_of("collective"))

@@ -226,6 +226,25 @@ def test_kernels_agree_including_empty_slots(hidden: int) -> None:
     torch.testing.assert_close(by_loop[5:14], want)
 
 
+@pytest.mark.parametrize("hidden", [16, 18])
+def test_groups_built_on_the_device_match_the_host_counts(hidden: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    counts = [3, 0, 7, 2, 0]                                 # an empty slot inside and one at the end
+    slot_sorted = torch.repeat_interleave(torch.arange(5), torch.tensor(counts))
+    x = torch.randn(sum(counts), hidden, generator=gen)
+    w13 = torch.randn(5, 2 * 12, hidden, generator=gen)
+    w2 = torch.randn(5, hidden, 12, generator=gen)
+    for kernel in ("grouped", "loop"):
+        k = ExpertKernel(kernel, CPU, torch.float32, hidden, 12)
+        on_device = k.sorted_groups(slot_sorted, 5)
+        assert on_device.rows == sum(counts)
+        if k.impl == "torch._grouped_mm":
+            assert on_device.counts is None and on_device.offs.tolist() == [3, 3, 10, 12, 12]
+        else:
+            assert on_device.counts == counts
+        torch.testing.assert_close(k(x, on_device, w13, w2), k(x, k.groups(counts), w13, w2))
+
+
 def test_replica_shares_split_tokens_deterministically() -> None:
     model = tiny_model()
     se = np.tile(np.array([[0, 1, 2, 3, 1], [4, 5, 6, 7, 0]]), (3, 1, 1))

@@ -56,17 +56,21 @@ def grouped_impl(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int
 
 @dataclass(frozen=True)
 class Groups:
-    """How slot-sorted rows split into slots: ``counts`` tokens per slot (host ints) plus what
-    the chosen implementation needs on the device (group ends for ``torch._grouped_mm``; each
-    row's slot and position for the padded bmm). Built once per batch, outside any timed kernel."""
+    """How slot-sorted rows split into slots: ``counts`` tokens per slot (host ints; None when
+    the grouping was built on the device by :meth:`ExpertKernel.sorted_groups`) plus what the
+    chosen implementation needs on the device (group ends for ``torch._grouped_mm``; each row's
+    slot and position for the padded bmm). Built once per batch, outside any timed kernel."""
 
-    counts: list[int]
+    counts: list[int] | None
     offs: torch.Tensor | None = None
     slot_of_row: torch.Tensor | None = None
     pos: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
+        """Rows of all slots (reads the last group end back from the device when ``counts`` is None)."""
+        if self.counts is None:
+            return int(self.offs[-1]) if self.offs is not None and len(self.offs) else 0
         return sum(self.counts)
 
 
@@ -94,6 +98,17 @@ class ExpertKernel:
             pos = torch.arange(rows, device=self.device) - starts[slot_of_row]
             return Groups(counts, slot_of_row=slot_of_row, pos=pos)
         return Groups(counts)
+
+    def sorted_groups(self, slot_sorted: torch.Tensor, slots: int) -> Groups:
+        """The grouping of rows whose slot ids ``slot_sorted`` [rows] (int64, on the device) are in
+        ascending order, over ``slots`` slots. For ``torch._grouped_mm`` the group ends are found on
+        the device (a binary search of each slot's last row), so the layer never waits for the
+        host and consecutive layers queue up on the GPU; the loop and the padded bmm need the
+        counts on the host, which costs one synchronisation, as :meth:`groups` always did."""
+        if self.impl == "torch._grouped_mm":
+            ids = torch.arange(slots, device=slot_sorted.device, dtype=slot_sorted.dtype)
+            return Groups(None, offs=torch.searchsorted(slot_sorted, ids, right=True, out_int32=True))
+        return self.groups(torch.bincount(slot_sorted, minlength=slots).tolist())
 
     def __call__(self, x: torch.Tensor, groups: Groups, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         """SwiGLU of every row of ``x`` [rows, hidden] with its slot's expert."""

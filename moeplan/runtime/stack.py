@@ -6,7 +6,10 @@ the replica the :class:`~moeplan.runtime.routing.ReplicaRouter` picks, and then
 
 1. sorts the token-choices by (device, slot), exchanges split sizes, dispatches rows and slot
    ids with variable-split all-to-alls;
-2. runs the local experts over the received rows sorted by slot (loop or grouped kernel);
+2. runs the local experts over the received rows sorted by slot (loop or grouped kernel); on one
+   rank with ``torch._grouped_mm`` the layer has no host synchronisation at all (group ends are
+   found on the device), so decode steps queue up on the GPU instead of waiting for the host at
+   every layer; across ranks the split sizes of the all-to-all still need one per layer;
 3. sends the results back (all-to-all with the reverse splits), puts them in choice order and
    sums ``gate_j · y_j`` over j = 0 … k−1 in that fixed order, in float32;
 4. adds the shared expert (replicated on every rank) when the model has one.
@@ -153,15 +156,18 @@ class MoEStack:
         slots = self.placement.slots_per_device
         dev, slot = self.router.route(layer, expert_ids, token_index)
         order = torch.argsort((dev * slots + slot).reshape(-1), stable=True)
-        send_counts_t = torch.bincount(dev.reshape(-1), minlength=self.comm.world)
-        recv_counts = self.comm.exchange_counts(send_counts_t)
-        send_counts = send_counts_t.tolist()
-        x_recv = self.comm.all_to_all(h[order // k], send_counts, recv_counts)
-        slot_recv = self.comm.all_to_all(slot.reshape(-1)[order], send_counts, recv_counts)
+        if self.comm.world == 1:
+            send_counts = recv_counts = []          # every choice stays here: no split sizes, no host wait
+            x_recv, slot_recv = h[order // k], slot.reshape(-1)[order]
+        else:
+            send_counts_t = torch.bincount(dev.reshape(-1), minlength=self.comm.world)
+            recv_counts = self.comm.exchange_counts(send_counts_t)
+            send_counts = send_counts_t.tolist()
+            x_recv = self.comm.all_to_all(h[order // k], send_counts, recv_counts)
+            slot_recv = self.comm.all_to_all(slot.reshape(-1)[order], send_counts, recv_counts)
         by_slot = torch.argsort(slot_recv, stable=True)
-        counts = torch.bincount(slot_recv, minlength=slots).tolist()
         ex = self.experts[layer]
-        y_sorted = self.kernel(x_recv[by_slot], self.kernel.groups(counts), ex.w13, ex.w2)
+        y_sorted = self.kernel(x_recv[by_slot], self.kernel.sorted_groups(slot_recv[by_slot], slots), ex.w13, ex.w2)
         y_recv = torch.empty_like(y_sorted)
         y_recv[by_slot] = y_sorted
         y_back = self.comm.all_to_all(y_recv, recv_counts, send_counts)
