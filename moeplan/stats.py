@@ -132,10 +132,9 @@ class TraceStats:
         one threshold shared by the given layers (default all: the model-level figure; ``[l]``: layer l).
         NaN when the trace is shorter than one window."""
         self._check_segment(segment)
-        hist = np.zeros(segment + 1, dtype=np.int64)
-        for layer in self._layers(layers):
-            hist += window_count_histogram(self.trace.expert_ids[:, layer, :], self.num_experts, segment)
-        return best_f1(hist, segment)
+        chosen = self._layers(layers)
+        ids = self.trace.expert_ids if layers is None else self.trace.expert_ids[:, chosen, :]
+        return best_f1(window_count_histogram(ids, self.num_experts, segment), segment)
 
     def sch(self, segment: int = 16, cache_size: int | None = None, layers: list[int] | None = None) -> float:
         """Segment cache best hit rate in [0, 1]: an online cache of ``cache_size`` experts per layer
