@@ -20,7 +20,7 @@ sequence and windows run over the whole of it.
 """
 from __future__ import annotations
 
-import heapq
+from heapq import heapify, heappop, heappush
 
 import numpy as np
 
@@ -160,6 +160,11 @@ def best_f1(hist: np.ndarray, segment: int) -> float:
 def lookahead_cache_hits(requests: np.ndarray, universe: int, cache_size: int, lookahead: int) -> int:
     """Hits of the look-ahead cache described in the module docstring.
 
+    The victim is the cached expert with the smallest (uses ahead, last use) in a heap of such entries, pushed
+    whenever either changes and checked when popped; the heap is rebuilt from its current entries when stale
+    ones make it 4 × ``cache_size`` long. Once ``cache_size`` distinct experts were seen, a token's hits are one
+    ``sum`` over the cached flags of its row.
+
     Args:
         requests: int [tokens, choices]: the experts each token asks for, in processing order, distinct per row.
         universe: number of distinct expert ids (ids lie in 0..universe-1).
@@ -173,33 +178,42 @@ def lookahead_cache_hits(requests: np.ndarray, universe: int, cache_size: int, l
             future[x] += 1
     last = [0] * universe
     cached = [False] * universe
+    is_cached = cached.__getitem__
     heap: list[tuple[int, int, int]] = []
     held = seen = hits = stamp = 0
+    longest = 4 * cache_size + 64
     for i, row in enumerate(rows):
-        for x in row:
-            if cached[x]:
-                hits += 1
-            elif last[x] == 0:
-                hits += seen < cache_size
-                seen += 1
+        if seen < cache_size:
+            for x in row:
+                if cached[x]:
+                    hits += 1
+                elif last[x] == 0:
+                    hits += seen < cache_size
+                    seen += 1
+        else:
+            hits += sum(map(is_cached, row))
         for x in row:
             if not cached[x]:
                 if held < cache_size:
                     held += 1
                 else:
                     while True:
-                        f, t, y = heapq.heappop(heap)
+                        f, t, y = heappop(heap)
                         if cached[y] and future[y] == f and last[y] == t:
                             break
                     cached[y] = False
                 cached[x] = True
-            future[x] -= 1
+            f = future[x] - 1
+            future[x] = f
             stamp += 1
             last[x] = stamp
-            heapq.heappush(heap, (future[x], stamp, x))
+            heappush(heap, (f, stamp, x))
         if i + lookahead < len(rows):
             for x in rows[i + lookahead]:
                 future[x] += 1
                 if cached[x]:
-                    heapq.heappush(heap, (future[x], last[x], x))
+                    heappush(heap, (future[x], last[x], x))
+        if len(heap) > longest:
+            heap = [(f, t, y) for f, t, y in heap if cached[y] and future[y] == f and last[y] == t]
+            heapify(heap)
     return hits
