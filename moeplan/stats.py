@@ -7,8 +7,9 @@
 * Local routing consistency, **SRP** and **SCH**, as the paper's current code defines them
   (sliding windows; an online look-ahead cache; model level pooled): see :mod:`moeplan.consistency`.
 
-All counts come from ``np.bincount`` over flattened indices, chunked so that 1M tokens × 58
-layers × top-8 stays within a few hundred MB.
+All counts come from ``np.bincount`` over flattened ``intp`` indices built in one pass from the int16 ids,
+a chunk of about :data:`CHUNK_INDICES` at a time, so the scratch stays in the CPU cache (a few MB) however long
+the trace.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from moeplan.consistency import best_f1, lookahead_cache_hits, window_count_hist
 from moeplan.errors import InputError
 from moeplan.trace import RoutingTrace
 
-CHUNK_TOKENS = 1 << 17
+CHUNK_INDICES = 1 << 18
+"""``intp`` indices (2 MiB) built per chunk of tokens before each ``np.bincount``."""
 SUMMARY_SCH_TOKENS = 8192
 """Tokens (from the start) over which :meth:`TraceStats.summary` runs the model-level SCH cache: the cache is an
 online simulation, one Python step per token-choice (≈ 1 s per 1,000 tokens × 58 layers × top-8); the paper's code
@@ -49,10 +51,9 @@ class TraceStats:
         e, nl = self.num_experts, self.trace.num_layers
         offsets = (np.arange(nl, dtype=np.intp) * e)[None, :, None]
         out = np.zeros(nl * e, dtype=np.int64)
-        for start in range(0, ids.shape[0], CHUNK_TOKENS):
-            # one pass: int16 + intp offsets straight into the intp indices bincount wants
-            flat = np.add(ids[start:start + CHUNK_TOKENS], offsets, dtype=np.intp)
-            out += np.bincount(flat.ravel(), minlength=nl * e)
+        step = _chunk(nl * self.trace.top_k)
+        for start in range(0, ids.shape[0], step):
+            out += np.bincount(np.add(ids[start:start + step], offsets, dtype=np.intp).ravel(), minlength=nl * e)
         return out.reshape(nl, e)
 
     @cached_property
@@ -70,10 +71,15 @@ class TraceStats:
         e, k = self.num_experts, self.trace.top_k
         a, b = np.triu_indices(k, 1)
         out = np.zeros(e * e, dtype=np.int64)
-        for start in range(0, ids.shape[0], CHUNK_TOKENS):
-            chunk = ids[start:start + CHUNK_TOKENS].astype(np.intp)
+        step = _chunk(a.size)
+        pairs = np.empty((step, a.size), dtype=np.intp)
+        for start in range(0, ids.shape[0], step):
+            chunk = ids[start:start + step]
             # every ordered pair (i at column a, j at column b): C[i, j] + C[j, i] is what is asked
-            out += np.bincount((chunk[:, a] * e + chunk[:, b]).ravel(), minlength=e * e)
+            key = pairs[:chunk.shape[0]]
+            np.take(np.multiply(chunk, e, dtype=np.intp), a, axis=1, out=key)
+            key += chunk[:, b]
+            out += np.bincount(key.ravel(), minlength=e * e)
         m = out.reshape(e, e)
         return m + m.T
 
@@ -82,12 +88,15 @@ class TraceStats:
         if not 0 <= layer < self.trace.num_layers - 1:
             raise IndexError(f"no layer after {layer}")
         ids = self.trace.expert_ids
-        e = self.num_experts
+        e, k = self.num_experts, self.trace.top_k
         out = np.zeros(e * e, dtype=np.int64)
-        for start in range(0, ids.shape[0], CHUNK_TOKENS):
-            src = ids[start:start + CHUNK_TOKENS, layer, :].astype(np.intp) * e
-            dst = ids[start:start + CHUNK_TOKENS, layer + 1, :].astype(np.intp)
-            out += np.bincount((src[:, :, None] + dst[:, None, :]).ravel(), minlength=e * e)
+        step = _chunk(k * k)
+        pairs = np.empty((step, k, k), dtype=np.intp)
+        for start in range(0, ids.shape[0], step):
+            src = np.multiply(ids[start:start + step, layer, :], e, dtype=np.intp)
+            key = pairs[:src.shape[0]]
+            np.add(src[:, :, None], ids[start:start + step, layer + 1, None, :], out=key)
+            out += np.bincount(key.ravel(), minlength=e * e)
         return out.reshape(e, e)
 
     def transitions(self, layer: int) -> np.ndarray:
@@ -108,13 +117,20 @@ class TraceStats:
     def affinity_strength(self) -> np.ndarray:
         """[layers-1]: share of top-1 → top-1 transitions that follow each expert's most common
         successor (1/experts for independent layers, 1 for fully determined paths)."""
-        top1 = np.ascontiguousarray(self.trace.expert_ids[:, :, 0].T).astype(np.intp)  # [layers, tokens]
-        e = self.num_experts
-        out = np.zeros(max(self.trace.num_layers - 1, 0))
-        for layer in range(self.trace.num_layers - 1):
-            c = np.bincount(top1[layer] * e + top1[layer + 1], minlength=e * e).reshape(e, e)
-            out[layer] = c.max(axis=1).sum() / max(c.sum(), 1)
-        return out
+        nl, e = self.trace.num_layers, self.num_experts
+        if nl < 2:
+            return np.zeros(0)
+        top1 = self.trace.expert_ids[:, :, 0]
+        offsets = (np.arange(nl - 1, dtype=np.intp) * e * e)[None, :]
+        counts = np.zeros((nl - 1) * e * e, dtype=np.int64)
+        step = max(_chunk(nl - 1), 1 << 16)  # the (layers-1) × experts² bins cost as much as that many indices
+        for start in range(0, top1.shape[0], step):
+            key = np.multiply(top1[start:start + step, :-1], e, dtype=np.intp)
+            key += top1[start:start + step, 1:]
+            key += offsets
+            counts += np.bincount(key.ravel(), minlength=counts.size)
+        c = counts.reshape(nl - 1, e, e)
+        return c.max(axis=2).sum(axis=1) / np.maximum(c.sum(axis=(1, 2)), 1)
 
     def _layers(self, layers: list[int] | None) -> list[int]:
         chosen = list(range(self.trace.num_layers)) if layers is None else list(layers)
@@ -132,10 +148,9 @@ class TraceStats:
         one threshold shared by the given layers (default all: the model-level figure; ``[l]``: layer l).
         NaN when the trace is shorter than one window."""
         self._check_segment(segment)
-        hist = np.zeros(segment + 1, dtype=np.int64)
-        for layer in self._layers(layers):
-            hist += window_count_histogram(self.trace.expert_ids[:, layer, :], self.num_experts, segment)
-        return best_f1(hist, segment)
+        chosen = self._layers(layers)
+        ids = self.trace.expert_ids if layers is None else self.trace.expert_ids[:, chosen, :]
+        return best_f1(window_count_histogram(ids, self.num_experts, segment), segment)
 
     def sch(self, segment: int = 16, cache_size: int | None = None, layers: list[int] | None = None) -> float:
         """Segment cache best hit rate in [0, 1]: an online cache of ``cache_size`` experts per layer
@@ -177,3 +192,8 @@ class TraceStats:
             "top1_affinity_mean": float(aff.mean()) if aff.size else float("nan"),
             "srp_16": srp, "sch_16_2k": sch,
         }
+
+
+def _chunk(per_token: int) -> int:
+    """Tokens per chunk when each token contributes ``per_token`` indices: about :data:`CHUNK_INDICES` in all."""
+    return max(1, CHUNK_INDICES // max(per_token, 1))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moeplan.consistency import window_count_histogram
 from moeplan.errors import InputError
 from moeplan.model import ModelSpec
 from moeplan.stats import TraceStats
@@ -202,6 +203,23 @@ def test_srp_and_sch_equal_the_paper_code(seed: int) -> None:
         assert st.srp(window, [layer]) == pytest.approx(srp_layers[layer], abs=1e-6)
     assert st.sch(window, k + 1) == pytest.approx(sch_model, abs=1e-6)
     assert st.srp(window) == pytest.approx(srp_model, abs=1e-6)
+
+
+@pytest.mark.parametrize("segment", [1, 2, 5, 16, 17, 18, 40])
+def test_window_count_histogram_counts_every_window(segment: int) -> None:
+    """Both paths (per-choice history up to 17 tokens, sorting beyond) against counting each window directly,
+    on traces longer than a history chunk with repeats, so context, chunk seams and both trace ends matter."""
+    rng = np.random.default_rng(segment)
+    tokens, layers, experts, k = 700, 3, 12, 3
+    pool = rng.random((20, layers, experts)).argsort(axis=2)[:, :, :k]
+    ids = pool[rng.integers(0, len(pool), tokens)].astype(np.int16)
+    expected = np.zeros(segment + 1, dtype=np.int64)
+    for start in range(tokens - segment + 1):
+        for layer in range(layers):
+            expected += np.bincount(np.bincount(ids[start:start + segment, layer].ravel(), minlength=experts),
+                                    minlength=segment + 1)
+    np.testing.assert_array_equal(window_count_histogram(ids, experts, segment), expected)
+    assert not window_count_histogram(ids[:segment - 1], experts, segment).any()
 
 
 @pytest.mark.parametrize("kwargs, field", [({"cache_size": 0}, "cache_size"), ({"cache_size": -2}, "cache_size"),
