@@ -32,7 +32,7 @@ CONTEXTS = 32
 RESOLUTION_BITS = 13
 RESOLUTION = 1 << RESOLUTION_BITS  # inverse-CDF buckets per row: probabilities kept to 1/8192
 CHUNK = 1 << 17  # tokens drawn together (bounds the scratch, keeps it in cache)
-REDRAWS = 16  # popularity redraws of a rejected choice before the uniform fallback
+REDRAWS = 16  # popularity redraws of a rejected choice, then as many uniform ones, then the exact fallback
 REDRAW_BATCH = 2  # redraws drawn at once for every rejected choice (the first valid one is kept)
 FULL_REDRAW_SHARE = 0.125  # above this share of rejected choices, every token draws a redraw
 FALLBACK_CELLS = 1 << 22  # tokens × experts of the uniform fallback's scratch, at most
@@ -123,13 +123,14 @@ def _inverse_cdf_tables(table: np.ndarray, resolution: int) -> np.ndarray:
 def synthesis_bytes(model: ModelSpec, traffic: SyntheticTraffic) -> int:
     """Peak bytes :func:`synthesize` needs: the trace (int16 ids + float16 gates), per-token state
     (context, previous first choice, group bookkeeping), one chunk's scratch, and one layer's tables
-    (the float64 [1 + contexts + experts, experts] probability rows, their inverse CDFs, the gate pool)."""
+    (the float64 [1 + contexts + experts, experts] probability rows with the Gumbel keys and
+    cumulative sums built from them, their inverse CDFs, the gate pool)."""
     t, nl, k, e = traffic.tokens, model.num_moe_layers, model.top_k, model.num_experts
     trace = t * nl * k * 4
     per_token = t * (8 + 8 + 4 + 4 + 2)
     n = min(t, CHUNK)
     chunk = n * k * (2 + 2 + 4 + 8 + 2 + 2) + n * 8 * 8 + min(n * e, FALLBACK_CELLS) * 13
-    tables = (1 + CONTEXTS + e) * e * 8 * 3 + (1 + CONTEXTS + e) * RESOLUTION * 2 * 2 + GATE_POOL * k * 14
+    tables = (1 + CONTEXTS + e) * (e * 8 * 5 + RESOLUTION * 2 * 3) + GATE_POOL * k * 14
     return trace + per_token + chunk + tables
 
 
@@ -140,8 +141,9 @@ def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
     one candidate from its source (a quantised inverse-CDF lookup, vectorised over tokens). A
     candidate that repeats one of the token's earlier choices, or, under grouped routing, lies
     outside the token's first ``topk_group`` groups, is redrawn from popularity (after
-    ``REDRAWS`` failed redraws, uniformly among the experts still allowed); only the tokens that
-    need it are redrawn. Gate weights: the softmax of ``top_k`` sorted standard normals, each
+    ``REDRAWS`` failed redraws, uniformly among the experts still allowed: uniform draws kept
+    when allowed, then one exact draw from the allowed set); only the tokens that need it are
+    redrawn. Gate weights: the softmax of ``top_k`` sorted standard normals, each
     (token, layer) taking a row of a pool of ``GATE_POOL`` such rows drawn for the trace.
     """
     traffic.validate()
@@ -166,11 +168,10 @@ def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
             prev[lo:hi] = chosen[0]
     gates = np.empty((t, nl, k), dtype=np.float16)
     row = np.dtype((np.void, 2 * k))  # one token-layer's k float16 gates as one item: a row copy is one move
-    pool, rows = _gate_pool(k, rng).view(row).reshape(GATE_POOL), gates.view(row).reshape(t, nl)
-    for layer in range(nl):
-        for lo in range(0, t, CHUNK):
-            hi = min(t, lo + CHUNK)
-            rows[lo:hi, layer] = pool[_uniform_u16(rng, hi - lo)]
+    pool, rows = _gate_pool(k, rng).view(row).reshape(GATE_POOL), gates.view(row).reshape(t * nl)
+    for lo in range(0, t * nl, CHUNK * k):  # in memory order: contiguous writes
+        hi = min(t * nl, lo + CHUNK * k)
+        rows[lo:hi] = pool[_uniform_u16(rng, hi - lo)]
     # Valid by construction (ids in range, distinct, inside the allowed groups; gates finite), so the
     # trace is not re-checked with RoutingTrace.validate's sort of every token's choices.
     return RoutingTrace(ids, e, model.name, gates,
@@ -247,14 +248,21 @@ class _ChoiceSampler:
             if todo.size > n * FULL_REDRAW_SHARE:  # cheaper to redraw every token and keep what is needed
                 y = self._redraw(allowed[None, :])[0]
                 x = np.where(bad, y, x)
-                todo = np.flatnonzero(bad & self._invalid(y, chosen[:s], allowed))
-            for attempt in range(REDRAWS // REDRAW_BATCH + 1):
+                todo = np.flatnonzero(bad & self._invalid(y, chosen[:s], self._unless_confined(allowed)))
+            for attempt in range(2 * REDRAWS // REDRAW_BATCH + 1):
                 if not todo.size:
                     break
                 earlier, sub_allowed = chosen[:s, todo], allowed[todo]
-                y = (self._redraw(np.broadcast_to(sub_allowed, (REDRAW_BATCH, todo.size)))
-                     if attempt < REDRAWS // REDRAW_BATCH else self._uniform_allowed(earlier, sub_allowed)[None, :])
-                ok = ~self._invalid(y, earlier, sub_allowed)
+                if attempt < REDRAWS // REDRAW_BATCH:
+                    y = self._redraw(np.broadcast_to(sub_allowed, (REDRAW_BATCH, todo.size)))
+                    ok = ~self._invalid(y, earlier, self._unless_confined(sub_allowed))
+                elif attempt < 2 * REDRAWS // REDRAW_BATCH:  # uniform draws, kept when allowed
+                    y = self.rng.integers(0, self.model.num_experts, size=(REDRAW_BATCH, todo.size),
+                                          dtype=self.id_dtype)
+                    ok = ~self._invalid(y, earlier, sub_allowed)
+                else:
+                    y = self._uniform_allowed(earlier, sub_allowed)[None, :]
+                    ok = np.ones(y.shape, dtype=bool)
                 pick, found = y[-1], ok[-1]
                 for row, row_ok in zip(y[-2::-1], ok[-2::-1]):  # the first valid redraw wins
                     pick = np.where(row_ok, row, pick)
@@ -266,7 +274,8 @@ class _ChoiceSampler:
                 bit = self.group_bit[x]
                 opened += (mask & bit) == 0
                 mask |= bit
-                allowed = np.where(opened >= self.model.topk_group, mask, self.all_groups)
+                if s + 1 >= self.model.topk_group:  # before that no token has opened all its groups
+                    allowed = np.where(opened >= self.model.topk_group, mask, self.all_groups)
         return chosen
 
     def _redraw(self, allowed: np.ndarray) -> np.ndarray:
@@ -275,10 +284,15 @@ class _ChoiceSampler:
         bucket = _uniform_u16(self.rng, allowed.size).reshape(allowed.shape) >> (16 - RESOLUTION_BITS)
         return self.redraw_inv[self.set_row[allowed] + bucket if self.confined_sets else bucket]
 
-    def _invalid(self, x: np.ndarray, earlier: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    def _unless_confined(self, allowed: np.ndarray) -> np.ndarray | None:
+        """``allowed`` where redraws can still fall outside the groups, None where they cannot."""
+        return None if self.confined_sets else allowed
+
+    def _invalid(self, x: np.ndarray, earlier: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
         """Whether each candidate ``x`` [..., n] repeats one of ``earlier`` [s, n] or lies outside
-        the groups ``allowed`` [n] (bit masks) to the token."""
-        bad = (self.group_bit[x] & allowed) == 0 if self.grouped else np.zeros(x.shape, dtype=bool)
+        the groups ``allowed`` [n] (bit masks; None: no group check) to the token."""
+        bad = ((self.group_bit[x] & allowed) == 0 if self.grouped and allowed is not None
+               else np.zeros(x.shape, dtype=bool))
         for row in earlier:
             bad |= row == x
         return bad
