@@ -1,7 +1,8 @@
 """Time TraceStats and the simulator on a 1M-token DeepSeek-V3-shaped trace (58 MoE layers, top-8).
 
-Usage: python bench/stats_speed.py [tokens | trace.npz]   → prints a table, writes bench/results/stats_speed.json
-(a saved trace skips synthesis, for timing the statistics again and again)
+Usage: python bench/stats_speed.py [tokens | trace.npz] [--only synth]   → prints a table, writes
+bench/results/stats_speed.json (a saved trace skips synthesis, for timing the statistics again and
+again; ``--only synth`` times the synthesis and the anchor alone, into bench/results/synth_speed.json)
 
 The anchor is a plain ``np.bincount`` over every choice of the same trace, measured in the same run:
 the floor for any statistic that has to look at each choice once. Peak memory is the process's
@@ -35,7 +36,9 @@ def timed(fn):  # noqa: ANN001, ANN201 - tiny bench helper
 
 
 def main() -> None:
-    arg = sys.argv[1] if len(sys.argv) > 1 else "1000000"
+    args = [a for a in sys.argv[1:] if a not in ("--only", "synth")]
+    only_synth = "--only" in sys.argv[1:]
+    arg = args[0] if args else "1000000"
     model = ModelSpec.preset("deepseek-v3")
     rows = {}
     if arg.endswith(".npz"):
@@ -43,12 +46,18 @@ def main() -> None:
     else:
         trace, rows["synthesise trace"] = timed(lambda: synthesize(model, SyntheticTraffic(tokens=int(arg), seed=1)))
     tokens = trace.num_tokens
-    st = TraceStats.of(trace)
     synth_peak = _peak_gib()
     flat = trace.expert_ids.reshape(-1)
     _, rows["anchor: one np.bincount over all choices"] = timed(
         lambda: sum(np.bincount(flat[i:i + (1 << 26)], minlength=model.num_experts)
                     for i in range(0, flat.size, 1 << 26)))
+    if only_synth:
+        _print(tokens, rows)
+        print(f"peak resident memory after synthesis: {synth_peak:.2f} GiB")
+        (Path(__file__).parent / "results" / "synth_speed.json").write_text(json.dumps(
+            {"tokens": tokens, "wall_cpu_seconds": rows, "peak_rss_gib_synthesis": synth_peak}, indent=1))
+        return
+    st = TraceStats.of(trace)
     _, rows["load [58×256]"] = timed(lambda: st.load)
     _, rows["co-activation, all 58 layers"] = timed(lambda: [st.coactivation(layer) for layer in range(trace.num_layers)])
     _, rows["transitions, all 57 layer pairs"] = timed(lambda: st.all_transition_counts)
@@ -60,15 +69,21 @@ def main() -> None:
     _, rows["simulate, prefill 4096 tok/device"] = timed(lambda: simulate(CostModel(model, hw), placement, trace))
     _, rows["simulate, decode 128 tok/device"] = timed(
         lambda: simulate(CostModel(model, hw), placement, trace, Workload("decode", 128, 4096)))
-    anchor = rows["anchor: one np.bincount over all choices"][0]
-    print(f"| step ({tokens:,} tokens × 58 layers × top-8) | wall s | CPU s | × anchor (wall) |\n| --- | ---: | ---: | ---: |")
-    for name, (wall, cpu) in rows.items():
-        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {wall / anchor:.1f} |")
+    _print(tokens, rows)
     peak = _peak_gib()
     print(f"peak resident memory: {synth_peak:.2f} GiB after synthesis, {peak:.2f} GiB after everything")
     out = Path(__file__).parent / "results" / "stats_speed.json"
     out.write_text(json.dumps({"tokens": tokens, "wall_cpu_seconds": rows, "peak_rss_gib_synthesis": synth_peak,
                                "peak_rss_gib": peak}, indent=1))
+
+
+def _print(tokens: int, rows: dict[str, tuple[float, float]]) -> None:
+    """The markdown table of ``rows`` (name → (wall s, CPU s)) with each row's ratio to the anchor."""
+    anchor = rows["anchor: one np.bincount over all choices"]
+    print(f"| step ({tokens:,} tokens × 58 layers × top-8) | wall s | CPU s | × anchor (wall) | × anchor (CPU) |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    for name, (wall, cpu) in rows.items():
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {wall / anchor[0]:.1f} | {cpu / anchor[1]:.1f} |")
 
 
 def _peak_gib() -> float:

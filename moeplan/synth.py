@@ -14,7 +14,9 @@ Each of a token's top-k expert choices at a MoE layer comes from one of three so
 
 Favoured sets are drawn in proportion to popularity, so the overall load stays Zipf-shaped.
 Grouped routing (DeepSeek-V3's ``n_group``/``topk_group``) is respected: a token's experts lie
-in at most ``topk_group`` groups. A token never picks the same expert twice in a layer.
+in at most ``topk_group`` groups (the first groups its choices open, in choice order). A token
+never picks the same expert twice in a layer: a choice that repeats an earlier one, or falls
+outside the token's groups, is redrawn from popularity within the groups it may still use.
 """
 from __future__ import annotations
 
@@ -27,9 +29,15 @@ from moeplan.model import ModelSpec
 from moeplan.trace import RoutingTrace
 
 CONTEXTS = 32
-OVERSAMPLE = 2
-RESOLUTION = 8192
-MAX_FILL_ROUNDS = 10_000
+RESOLUTION_BITS = 13
+RESOLUTION = 1 << RESOLUTION_BITS  # inverse-CDF buckets per row: probabilities kept to 1/8192
+CHUNK = 1 << 17  # tokens drawn together (bounds the scratch, keeps it in cache)
+REDRAWS = 16  # popularity redraws of a rejected choice, then as many uniform ones, then the exact fallback
+REDRAW_BATCH = 2  # redraws drawn at once for every rejected choice (the first valid one is kept)
+FULL_REDRAW_SHARE = 0.125  # above this share of rejected choices, every token draws a redraw
+FALLBACK_CELLS = 1 << 22  # tokens × experts of the uniform fallback's scratch, at most
+GATE_POOL = 1 << 16  # gate rows drawn per trace, indexed by a uint16
+MAX_GROUPS = 64  # group bookkeeping is one uint64 bit mask per token
 MAX_ZIPF = 20.0  # rank^-20 stays above float64's smallest normal for 10^15 experts
 
 
@@ -113,96 +121,196 @@ def _inverse_cdf_tables(table: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def synthesis_bytes(model: ModelSpec, traffic: SyntheticTraffic) -> int:
-    """Peak bytes :func:`synthesize` needs: the trace (int16 ids + float16 gates) plus one layer's
-    scratch (candidate arrays per token, and the [experts, experts] successor tables)."""
+    """Peak bytes :func:`synthesize` needs: the trace (int16 ids + float16 gates), per-token state
+    (context, previous first choice, group bookkeeping), one chunk's scratch, and one layer's tables
+    (the float64 [1 + contexts + experts, experts] probability rows with the Gumbel keys and
+    cumulative sums built from them, their inverse CDFs, the gate pool)."""
     t, nl, k, e = traffic.tokens, model.num_moe_layers, model.top_k, model.num_experts
     trace = t * nl * k * 4
-    per_token = t * OVERSAMPLE * k * (8 + 8 + 2 + 8) + t * k * 8 + t * 8 * 3
-    tables = (1 + CONTEXTS + e) * e * 8 * 3 + (1 + CONTEXTS + e) * RESOLUTION * 2
-    return trace + per_token + tables
+    per_token = t * (8 + 8 + 4 + 4 + 2)
+    n = min(t, CHUNK)
+    chunk = n * k * (2 + 2 + 4 + 8 + 2 + 2) + n * 8 * 8 + min(n * e, FALLBACK_CELLS) * 13
+    tables = (1 + CONTEXTS + e) * (e * 8 * 5 + RESOLUTION * 2 * 3) + GATE_POOL * k * 14
+    return trace + per_token + chunk + tables
 
 
 def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
     """Generate a RoutingTrace for ``model`` with the given knobs (deterministic for a seed).
 
-    Per layer, every token draws ``OVERSAMPLE × top_k`` candidates (the first ``top_k`` from the
-    mixture, the rest from popularity) and keeps the first ``top_k`` that are new to it and, for
-    grouped routing, inside its first ``topk_group`` groups. Vectorised over tokens.
+    Per layer and chunk of ``CHUNK`` tokens, each of a token's ``top_k`` choices (in order) draws
+    one candidate from its source (a quantised inverse-CDF lookup, vectorised over tokens). A
+    candidate that repeats one of the token's earlier choices, or, under grouped routing, lies
+    outside the token's first ``topk_group`` groups, is redrawn from popularity (after
+    ``REDRAWS`` failed redraws, uniformly among the experts still allowed: uniform draws kept
+    when allowed, then one exact draw from the allowed set); only the tokens that need it are
+    redrawn. Gate weights: the softmax of ``top_k`` sorted standard normals, each
+    (token, layer) taking a row of a pool of ``GATE_POOL`` such rows drawn for the trace.
     """
     traffic.validate()
+    if model.n_group > MAX_GROUPS:
+        raise InputError(f"synthesis handles at most {MAX_GROUPS} routing groups, the model has {model.n_group}",
+                         field="n_group", fix="synthesise for a model with fewer groups, or import a trace")
     check_memory(synthesis_bytes(model, traffic), f"synthesising {traffic.tokens:,} tokens for {model.name}",
                  "synthesise fewer tokens (--tokens), or on a host with more memory")
     rng = np.random.default_rng(traffic.seed)
     t, nl, k, e = traffic.tokens, model.num_moe_layers, model.top_k, model.num_experts
-    group_size = model.experts_per_group
+    id_dtype = np.uint8 if e <= 256 else np.uint16
     ids = np.empty((t, nl, k), dtype=np.int16)
-    contexts = _context_ids(t, traffic.segment, rng)
-    ctx_row0, succ_row0 = 1, 1 + CONTEXTS  # row 0 = popularity, then contexts, then successors
-    probs = np.array([1.0 - traffic.locality - traffic.affinity, traffic.locality, traffic.affinity])
+    context_base = ((1 + _context_ids(t, traffic.segment, rng)) * RESOLUTION).astype(np.int32)
+    prev = np.zeros(t, dtype=id_dtype)  # every token's first choice at the previous layer
+    sampler = _ChoiceSampler(model, traffic, rng, id_dtype)
     for layer in range(nl):
-        pop = zipf_popularity(e, traffic.zipf, rng, traffic.shuffle)
-        table = np.vstack([pop[None, :], _favoured_rows(CONTEXTS, 2 * k, pop, rng), _favoured_rows(e, k, pop, rng)])
-        inv = _inverse_cdf_tables(table, RESOLUTION)
-        p = probs if layer else np.array([probs[0] + probs[2], probs[1], 0.0])
-        comp = rng.choice(3, size=(t, k), p=p)
-        row = np.zeros((t, OVERSAMPLE * k), dtype=np.int64)
-        row[:, :k] = np.where(comp == 1, ctx_row0 + contexts[:, None], 0)
-        if layer:
-            prev = ids[:, layer - 1, 0].astype(np.int64)
-            row[:, :k] = np.where(comp == 2, succ_row0 + prev[:, None], row[:, :k])
-        bucket = (rng.random(row.shape) * RESOLUTION).astype(np.int64)
-        cand = inv[row, bucket]
-        chosen, complete = _first_k_valid(cand, k, group_size, model.n_group, model.topk_group)
-        todo = np.flatnonzero(~complete)
-        cand = cand[todo]
-        while todo.size:  # extend unfinished rows with popularity draws, then uniform ones
-            extra = (inv[0][(rng.random((todo.size, OVERSAMPLE * k)) * RESOLUTION).astype(np.int64)]
-                     if cand.shape[1] < 8 * k else rng.integers(0, e, size=(todo.size, OVERSAMPLE * k)))
-            cand = np.concatenate([cand, extra.astype(cand.dtype)], axis=1)
-            more, done = _first_k_valid(cand, k, group_size, model.n_group, model.topk_group)
-            chosen[todo[done]] = more[done]
-            todo, cand = todo[~done], cand[~done]
-        ids[:, layer, :] = chosen
+        sampler.new_layer(layer)
+        for lo in range(0, t, CHUNK):
+            hi = min(t, lo + CHUNK)
+            chosen = sampler.draw(context_base[lo:hi], prev[lo:hi])
+            ids[lo:hi, layer, :] = chosen.astype(np.int16).T
+            prev[lo:hi] = chosen[0]
     gates = np.empty((t, nl, k), dtype=np.float16)
-    for layer in range(nl):  # layer by layer: float32 scratch of one layer, never of the whole trace
-        g = -np.sort(-rng.standard_normal((t, k), dtype=np.float32), axis=1)
-        g = np.exp(g - g[:, :1])
-        gates[:, layer, :] = g / g.sum(axis=1, keepdims=True)
+    row = np.dtype((np.void, 2 * k))  # one token-layer's k float16 gates as one item: a row copy is one move
+    pool, rows = _gate_pool(k, rng).view(row).reshape(GATE_POOL), gates.view(row).reshape(t * nl)
+    for lo in range(0, t * nl, CHUNK * k):  # in memory order: contiguous writes
+        hi = min(t * nl, lo + CHUNK * k)
+        rows[lo:hi] = pool[_uniform_u16(rng, hi - lo)]
+    # Valid by construction (ids in range, distinct, inside the allowed groups; gates finite), so the
+    # trace is not re-checked with RoutingTrace.validate's sort of every token's choices.
     return RoutingTrace(ids, e, model.name, gates,
-                        {"source": "synthetic", "generator": "moeplan.synth", **asdict(traffic)}).validate()
+                        {"source": "synthetic", "generator": "moeplan.synth", **asdict(traffic)})
 
 
-def _first_k_valid(cand: np.ndarray, k: int, group_size: int, n_group: int,
-                   topk_group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``cand`` [rows, M], the first ``k`` candidates that are not repeats and lie in
-    the row's first ``topk_group`` distinct groups (in candidate order). Returns the chosen ids
-    [rows, k] and whether each row found ``k``.
+def _uniform_u16(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` independent uniform uint16 values (four per raw 64-bit draw of the generator)."""
+    return rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
 
-    Works column against column on the transposed [M, rows] array (M is small: 2-8 × top_k), so
-    every comparison runs over contiguous memory and nothing of size rows × num_experts is built.
-    """
-    rows, m = cand.shape
-    cols = np.ascontiguousarray(cand.T)
-    valid = np.ones((m, rows), dtype=bool)
-    for j in range(1, m):
-        for i in range(j):
-            valid[j] &= cols[i] != cols[j]
-    if n_group > 1:
-        groups = cols // group_size
-        new_group = valid.copy()  # the first valid candidate of its group in this row
-        for j in range(1, m):
-            for i in range(j):
-                new_group[j] &= ~((groups[i] == groups[j]) & valid[i])
-        opens_allowed = new_group & (np.cumsum(new_group, axis=0) <= topk_group)
-        inside = opens_allowed.copy()
-        for j in range(1, m):
-            for i in range(j):
-                inside[j] |= (groups[i] == groups[j]) & opens_allowed[i]
-        valid &= inside
-    position = np.cumsum(valid, axis=0, dtype=np.int16)
-    keep = valid & (position <= k)
-    complete = position[-1] >= k
-    chosen = np.zeros((rows, k), dtype=cand.dtype)
-    c, r = np.nonzero(keep)
-    chosen[r, position[c, r] - 1] = cols[c, r]
-    return chosen, complete
+
+def _gate_pool(k: int, rng: np.random.Generator) -> np.ndarray:
+    """``GATE_POOL`` rows [GATE_POOL, k] float16: softmax of k standard normals, sorted decreasing."""
+    g = -np.sort(-rng.standard_normal((GATE_POOL, k)), axis=1)
+    g = np.exp(g - g[:, :1])
+    return (g / g.sum(axis=1, keepdims=True)).astype(np.float16)
+
+
+class _ChoiceSampler:
+    """One layer's tables and the per-chunk draw of every token's ``top_k`` distinct choices."""
+
+    def __init__(self, model: ModelSpec, traffic: SyntheticTraffic, rng: np.random.Generator,
+                 id_dtype: type) -> None:
+        self.model, self.traffic, self.rng, self.id_dtype = model, traffic, rng, id_dtype
+        e = model.num_experts
+        self.grouped = model.n_group > 1
+        group_of = np.arange(e) // model.experts_per_group
+        self.mask_dtype = next(d for d in (np.uint8, np.uint16, np.uint32, np.uint64)
+                               if np.iinfo(d).bits >= model.n_group)
+        self.group_bit = np.left_shift(1, group_of.astype(np.uint64)).astype(self.mask_dtype)
+        self.all_groups = self.mask_dtype(np.iinfo(self.mask_dtype).max)
+        # Redraws come from popularity inside the token's allowed groups: one inverse CDF per group
+        # set a token can be confined to (every ``topk_group``-subset, plus all groups), looked up
+        # by the token's bit mask, where the masks fit a uint8; with more groups, from popularity
+        # over all experts, redrawn when outside (the same distribution, more redraws).
+        self.confined_sets = ([m for m in range(1 << model.n_group) if bin(m).count("1") == model.topk_group]
+                              if self.grouped and model.n_group <= 8 else [])
+        self.set_row = np.zeros(256 if self.confined_sets else 1, dtype=np.int32)
+        for row, m in enumerate(self.confined_sets, start=1):
+            self.set_row[m] = row * RESOLUTION
+        self.set_members = np.array([(m >> group_of) & 1 for m in self.confined_sets], dtype=bool).reshape(-1, e)
+        self.inv = self.redraw_inv = np.empty(0, dtype=id_dtype)
+        self.thresholds = (0, 0)
+
+    def new_layer(self, layer: int) -> None:
+        """Draw the layer's popularity, context and successor rows and their inverse CDFs."""
+        m, tr, rng = self.model, self.traffic, self.rng
+        k, e = m.top_k, m.num_experts
+        pop = zipf_popularity(e, tr.zipf, rng, tr.shuffle)
+        table = np.vstack([pop[None, :], _favoured_rows(CONTEXTS, 2 * k, pop, rng), _favoured_rows(e, k, pop, rng)])
+        self.inv = _inverse_cdf_tables(table, RESOLUTION).astype(self.id_dtype).ravel()
+        confined = np.vstack([pop[None, :], np.where(self.set_members, pop[None, :], 0.0)])
+        self.redraw_inv = _inverse_cdf_tables(confined, RESOLUTION).astype(self.id_dtype).ravel()
+        affinity = tr.affinity if layer else 0.0
+        popularity = 1.0 - tr.locality - affinity
+        self.thresholds = (int(round(popularity * 65536)), int(round((popularity + tr.locality) * 65536)))
+
+    def draw(self, context_base: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """The chosen experts [top_k, n] of ``n`` tokens (column order = choice order), given each
+        token's context row offset (int32) and first choice at the previous layer."""
+        k, n = self.model.top_k, context_base.size
+        bits = _uniform_u16(self.rng, 2 * k * n).reshape(2, k, n)
+        pop_end, ctx_end = self.thresholds
+        succ_minus_ctx = (1 + CONTEXTS + prev.astype(np.int32)) * RESOLUTION - context_base
+        chosen = np.empty((k, n), dtype=self.id_dtype)
+        mask = np.zeros(n, dtype=self.mask_dtype)  # bit g set: the token opened group g
+        opened = np.zeros(n, dtype=np.uint8)
+        allowed = np.full(n, self.all_groups, dtype=self.mask_dtype)  # groups the next choice may lie in
+        for s in range(k):
+            source, bucket = bits[0, s], bits[1, s] >> (16 - RESOLUTION_BITS)
+            x = self.inv[(source >= pop_end) * context_base + (source >= ctx_end) * succ_minus_ctx + bucket]
+            bad = self._invalid(x, chosen[:s], allowed)
+            todo = np.flatnonzero(bad)
+            if todo.size > n * FULL_REDRAW_SHARE:  # cheaper to redraw every token and keep what is needed
+                y = self._redraw(allowed[None, :])[0]
+                x = np.where(bad, y, x)
+                todo = np.flatnonzero(bad & self._invalid(y, chosen[:s], self._unless_confined(allowed)))
+            for attempt in range(2 * REDRAWS // REDRAW_BATCH + 1):
+                if not todo.size:
+                    break
+                earlier, sub_allowed = chosen[:s, todo], allowed[todo]
+                if attempt < REDRAWS // REDRAW_BATCH:
+                    y = self._redraw(np.broadcast_to(sub_allowed, (REDRAW_BATCH, todo.size)))
+                    ok = ~self._invalid(y, earlier, self._unless_confined(sub_allowed))
+                elif attempt < 2 * REDRAWS // REDRAW_BATCH:  # uniform draws, kept when allowed
+                    y = self.rng.integers(0, self.model.num_experts, size=(REDRAW_BATCH, todo.size),
+                                          dtype=self.id_dtype)
+                    ok = ~self._invalid(y, earlier, sub_allowed)
+                else:
+                    y = self._uniform_allowed(earlier, sub_allowed)[None, :]
+                    ok = np.ones(y.shape, dtype=bool)
+                pick, found = y[-1], ok[-1]
+                for row, row_ok in zip(y[-2::-1], ok[-2::-1]):  # the first valid redraw wins
+                    pick = np.where(row_ok, row, pick)
+                    found = found | row_ok
+                x[todo[found]] = pick[found]
+                todo = todo[~found]
+            chosen[s] = x
+            if self.grouped and s < k - 1:
+                bit = self.group_bit[x]
+                opened += (mask & bit) == 0
+                mask |= bit
+                if s + 1 >= self.model.topk_group:  # before that no token has opened all its groups
+                    allowed = np.where(opened >= self.model.topk_group, mask, self.all_groups)
+        return chosen
+
+    def _redraw(self, allowed: np.ndarray) -> np.ndarray:
+        """One popularity draw per entry of ``allowed`` [..., n] (group bit masks), inside those
+        groups where :attr:`confined_sets` tabulates them."""
+        bucket = _uniform_u16(self.rng, allowed.size).reshape(allowed.shape) >> (16 - RESOLUTION_BITS)
+        return self.redraw_inv[self.set_row[allowed] + bucket if self.confined_sets else bucket]
+
+    def _unless_confined(self, allowed: np.ndarray) -> np.ndarray | None:
+        """``allowed`` where redraws can still fall outside the groups, None where they cannot."""
+        return None if self.confined_sets else allowed
+
+    def _invalid(self, x: np.ndarray, earlier: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+        """Whether each candidate ``x`` [..., n] repeats one of ``earlier`` [s, n] or lies outside
+        the groups ``allowed`` [n] (bit masks; None: no group check) to the token."""
+        bad = ((self.group_bit[x] & allowed) == 0 if self.grouped and allowed is not None
+               else np.zeros(x.shape, dtype=bool))
+        for row in earlier:
+            bad |= row == x
+        return bad
+
+    def _uniform_allowed(self, earlier: np.ndarray, allowed_groups: np.ndarray) -> np.ndarray:
+        """One expert per token, uniform among those it may still choose (not in ``earlier``
+        [s, n], inside its ``allowed_groups`` [n]); in blocks of ``FALLBACK_CELLS`` cells."""
+        e, n = self.model.num_experts, allowed_groups.size
+        out = np.empty(n, dtype=self.id_dtype)
+        block = max(1, FALLBACK_CELLS // e)
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            allowed = np.ones((hi - lo, e), dtype=bool)
+            rows = np.arange(hi - lo)
+            for row in earlier[:, lo:hi]:
+                allowed[rows, row] = False
+            if self.grouped:
+                allowed &= (allowed_groups[lo:hi, None] & self.group_bit[None, :]) != 0
+            keys = self.rng.random((hi - lo, e), dtype=np.float32) + allowed
+            out[lo:hi] = np.argmax(keys, axis=1)
+        return out
