@@ -92,6 +92,7 @@ def leave_one_out(cost: CostModel, w: Workloads) -> dict[str, Any]:
             r = solve(PlacementProblem.from_loads(cost, rest.loads, 9, dispatch=dispatch), "even", SolverOptions())
             row[f"moeplan {dispatch}"] = balancedness(realise(r.placement, dispatch, cost.model), w.loads[i])
             row[f"moeplan {dispatch} seconds"] = time.perf_counter() - t0
+            row[f"moeplan {dispatch} extrapolate"] = r.extra["extrapolate"]
             row[f"moeplan {dispatch} fitted mean"] = float(np.mean([balancedness(realise(r.placement, dispatch,
                                                                                          cost.model), x)
                                                                     for x in rest.loads]))

@@ -42,6 +42,8 @@ def placement(
                                               f"sglang-static: SGLang; weighted: moeplan's runtime only)."),
     robust: str = typer.Option("mean", help=f"With several workloads: minimise the {' or the '.join(ROBUST_MODES)} "
                                             "workload's max device load."),
+    extrapolate: float = typer.Option(None, help="With 3+ workloads: also fit each one's deviation from their mean "
+                                                 "× (1 + this); default: chosen by leave-one-out within them."),
     leave_one_out: bool = typer.Option(False, help="With several --load files: also plan on all but each one and "
                                                    "judge on it."),
     solver: str = typer.Option("ilp", help=f"Placement solver: {' | '.join(SOLVERS)}."),
@@ -94,7 +96,7 @@ def placement(
     if (current is None) != (move_budget is None):
         raise InputError("--current and --move-budget go together", field="current",
                          fix="give both to re-place incrementally, or neither to solve from scratch")
-    options = SolverOptions(time_limit=time_limit, gap=gap, milp=milp, robust=robust,
+    options = SolverOptions(time_limit=time_limit, gap=gap, milp=milp, robust=robust, extrapolate=extrapolate,
                             balance_cap=balance_cap or None).validate()
     cost = CostModel(spec, hw)
     per_device = default_slots(cost, slots, tokens_per_device)

@@ -11,6 +11,16 @@ with ``agg`` the mean over workloads (``robust="mean"``, expected Σ max device 
 worst (``"worst"``), and ``unit_cost`` the inter-layer traffic with the neighbours fixed
 (:func:`.layer.unit_costs`; zero when planning from loads alone).
 
+**Extrapolated workloads.** A workload the plan will serve differs from the fitted ones' mean by
+more than they do themselves (the mean was fitted on them; a held-out workload often lies
+outside their hull, e.g. a decode workload against mostly prefill ones). With ``W ≥ 3``
+workloads the objective's workloads are the fitted ones plus, for each, its deviation from their
+mean amplified: ``max(0, mean + (1 + α)·(load_w − mean))``, renormalised to the same total
+(:func:`extrapolated`). ``α`` is an option, or (default) chosen by leave-one-out *within* the
+fitted workloads (:func:`choose_extrapolation`: plan on all but one, score the left-out one,
+for α in ``EXTRAPOLATIONS`` on every ``SELECT_STRIDE``-th layer, balance terms only), so it is
+never tuned on the traffic the plan is judged on.
+
 Per layer:
 
 1. **Replicas** (:func:`robust_counts`): every expert once, each extra slot to the expert whose
@@ -19,7 +29,9 @@ Per layer:
 2. **Packing**, heaviest replica first, onto the device of least traffic cost among those whose
    load stays within (1 + slack) × mean in every workload (else the least loaded one); replicas
    of one expert on distinct devices.
-3. **Swaps** of two replicas between devices: first those that lower the balance term, then
+3. **Swaps** of two replicas between devices: first those that lower the balance term (or keep it
+   and lower the sum of squared device loads, weighted ``SQUARES_WEIGHT``: the way off a plateau
+   where several devices share the max), then
    those that lower the whole layer objective while every workload's max/mean stays within
    ``balance_cap`` (or where it already was), trying the replicas with the most traffic to save;
    at most ``MAX_SWAPS`` per layer.
@@ -55,7 +67,10 @@ from .options import SolverOptions
 from .problem import PlacementProblem, lower_bound
 from .result import SolveResult, finish
 
+EXTRAPOLATIONS = (0.0, 0.5, 1.0)   # α candidates of choose_extrapolation
+SELECT_STRIDE = 6                  # choose_extrapolation scores every 6th layer
 MAX_SWAPS = 400
+SQUARES_WEIGHT = 1e-3   # balance swaps: weight of the sum of squared device loads beside the max
 TRAFFIC_SOURCES = 32   # replicas tried per traffic swap (those with the most traffic to save)
 UNITS_PER_DEVICE = 1000
 COST_SCALE = 1000
@@ -156,8 +171,10 @@ class LayerPacking:
         new_peak = np.maximum(other, np.maximum(new_a, new_b))                    # [w, pairs]
         agg = (lambda x: x.mean(axis=0)) if robust == "mean" else (lambda x: x.max(axis=0))
         gain_balance = compute * (agg(peak[:, None]) - agg(new_peak))
-        if balance_only:
-            gain = gain_balance
+        if balance_only:   # the max first; on its plateaus (several devices at the max) the sum of squares
+            old_sq = self.dev_load[:, da] ** 2 + self.dev_load[:, db] ** 2
+            gain_sq = ((old_sq - new_a ** 2 - new_b ** 2) / np.maximum(mean, 1e-300)[:, None]).mean(axis=0)
+            gain = np.where(gain_balance >= 0, gain_balance + SQUARES_WEIGHT * compute * gain_sq, -np.inf)
         else:
             gain_traffic = (item_cost[a, da] + item_cost[b, db]) - (item_cost[a, db] + item_cost[b, da])
             gain = gain_balance + gain_traffic
@@ -188,11 +205,79 @@ def workload_loads(problem: PlacementProblem) -> np.ndarray:
                          where=totals > 0)
 
 
-def _heuristic(problem: PlacementProblem, options: SolverOptions, dispatch: str) -> tuple[np.ndarray, int]:
-    """Steps 1-3 over all layers: ([layers, devices, slots] experts, swaps made)."""
+def extrapolated(loads: np.ndarray, alpha: float) -> np.ndarray:
+    """[workloads (× 2 when α > 0 and workloads ≥ 3), layers, experts]: ``loads`` [workloads, layers,
+    experts] and each one's deviation from their mean amplified by 1 + α (module docstring)."""
+    if alpha == 0 or loads.shape[0] < 3:
+        return loads
+    mean = loads.mean(axis=0, keepdims=True)
+    ext = np.maximum(mean + (1 + alpha) * (loads - mean), 0.0)
+    totals = ext.sum(axis=2, keepdims=True)
+    ext *= np.divide(loads.sum(axis=2, keepdims=True), totals, out=np.zeros_like(totals), where=totals > 0)
+    return np.concatenate([loads, ext])
+
+
+def balance_layer(loads: np.ndarray, devices: int, slots: int, allowed: np.ndarray, robust: str,
+                  slack: float) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-3 of one layer on balance alone: ([devices, slots] experts, [experts] replicas) for
+    ``loads`` [workloads, experts]."""
+    counts = robust_counts(loads, devices * slots, allowed)
+    pk = LayerPacking(loads, counts, devices, slots)
+    no_cost = np.zeros((pk.expert.shape[0], devices))
+    pk.pack(no_cost, slack)
+    pk.improve(no_cost, 1.0, robust, None)
+    return pk.slot_expert(), counts
+
+
+def choose_extrapolation(loads: np.ndarray, devices: int, slots: int, dispatch: str, robust: str,
+                         slack: float) -> tuple[float, dict[str, float]]:
+    """(α, {α: leave-one-out balancedness}) for ``loads`` [workloads, layers, experts]: for each α
+    of ``EXTRAPOLATIONS``, plan on all workloads but one (:func:`balance_layer` on every
+    ``SELECT_STRIDE``-th layer of :func:`extrapolated` loads) and score the one left out (Σ max
+    / Σ mean device load, equal split); the α of the lowest mean (the smallest on a tie). 0
+    with fewer than 4 workloads (each inner plan needs 3 to extrapolate)."""
+    w = loads.shape[0]
+    if w < 4:
+        return 0.0, {}
+    allowed = allowed_counts(devices, dispatch)
+    layers = range(0, loads.shape[1], SELECT_STRIDE)
+    scores: dict[str, float] = {}
+    for alpha in EXTRAPOLATIONS:
+        held = []
+        for k in range(w):
+            fit = extrapolated(np.delete(loads, k, axis=0), alpha)
+            peak = mean = 0.0
+            for layer in layers:
+                slot_expert, counts = balance_layer(fit[:, layer], devices, slots, allowed, robust, slack)
+                per_device = (loads[k, layer] / counts)[slot_expert].sum(axis=1)
+                peak, mean = peak + per_device.max(), mean + per_device.mean()
+            held.append(peak / max(mean, 1e-300))
+        scores[f"{alpha:g}"] = float(np.mean(held))
+    best = min(EXTRAPOLATIONS, key=lambda a: (round(scores[f"{a:g}"], 12), a))
+    return float(best), scores
+
+
+def robust_loads(problem: PlacementProblem, options: SolverOptions, dispatch: str) -> tuple[np.ndarray, dict]:
+    """The objective's workloads [workloads', layers, experts] (:func:`workload_loads`,
+    :func:`extrapolated` by ``options.extrapolate`` or, when None, by :func:`choose_extrapolation`)
+    and what was chosen, for the report."""
+    loads = workload_loads(problem)
+    alpha, scores = ((options.extrapolate, {}) if options.extrapolate is not None else
+                     choose_extrapolation(loads, problem.num_devices, problem.slots_per_device, dispatch,
+                                          options.robust, options.slack))
+    report = {"extrapolate": alpha, "extrapolate_chosen_by": "option" if options.extrapolate is not None
+              else "leave-one-out within the fitted workloads"}
+    if scores:
+        report["extrapolate_scores"] = scores
+    return extrapolated(loads, alpha), report
+
+
+def _heuristic(problem: PlacementProblem, options: SolverOptions, dispatch: str,
+               loads: np.ndarray) -> tuple[np.ndarray, int]:
+    """Steps 1-3 over all layers for the objective's workloads ``loads`` [workloads, layers,
+    experts]: ([layers, devices, slots] experts, swaps made)."""
     p = problem
     nl, e, d, s = p.num_layers, p.num_experts, p.num_devices, p.slots_per_device
-    loads = workload_loads(p)
     allowed = allowed_counts(d, dispatch)
     traffic = bool(p.flows.any())
     slot_expert = np.zeros((nl, d, s), dtype=np.int32)
@@ -228,9 +313,12 @@ def _dispatch_of(problem: PlacementProblem) -> str:
     return problem.dispatch if problem.dispatch != "weighted" else "even"
 
 
-def _notes(problem: PlacementProblem, options: SolverOptions, dispatch: str) -> list[str]:
+def _notes(problem: PlacementProblem, options: SolverOptions, dispatch: str, chosen: dict) -> list[str]:
     workloads = 1 if problem.workloads is None else problem.workloads.shape[0]
-    return [f"{dispatch} dispatch: replicas share their expert's tokens equally"
+    extra = ([f"objective also over each workload's deviation from their mean × {1 + chosen['extrapolate']:g} "
+              f"(α = {chosen['extrapolate']:g}, {chosen['extrapolate_chosen_by']})"]
+             if workloads >= 3 and chosen["extrapolate"] > 0 else [])
+    return extra + [f"{dispatch} dispatch: replicas share their expert's tokens equally"
             + (" (replica counts divide the device count, where SGLang's static rule is exactly even)"
                if dispatch == "sglang-static" else ""),
             f"robust over {workloads} workloads: {options.robust} of the max device load per layer" if workloads > 1
@@ -242,10 +330,11 @@ def solve_even(problem: PlacementProblem, options: SolverOptions) -> SolveResult
     the problem says ``sglang-static``)."""
     t0 = time.perf_counter()
     dispatch = _dispatch_of(problem)
-    slot_expert, swaps = _heuristic(problem, options, dispatch)
+    loads, chosen = robust_loads(problem, options, dispatch)
+    slot_expert, swaps = _heuristic(problem, options, dispatch, loads)
     placement = Placement.from_slots(slot_expert, problem.num_experts, problem.devices_per_node, dispatch=dispatch)
-    return finish(problem, placement, "even", t0, _notes(problem, options, dispatch),
-                  {"swaps": swaps, "dispatch": dispatch, "robust": options.robust})
+    return finish(problem, placement, "even", t0, _notes(problem, options, dispatch, chosen),
+                  {"swaps": swaps, "dispatch": dispatch, "robust": options.robust, **chosen})
 
 
 def solve_even_ilp(problem: PlacementProblem, options: SolverOptions) -> SolveResult:
@@ -255,9 +344,9 @@ def solve_even_ilp(problem: PlacementProblem, options: SolverOptions) -> SolveRe
     p = problem
     nl, e, d, s = p.num_layers, p.num_experts, p.num_devices, p.slots_per_device
     dispatch = _dispatch_of(p)
-    slot_expert, swaps = _heuristic(p, options, dispatch)
+    loads, chosen = robust_loads(p, options, dispatch)
+    slot_expert, swaps = _heuristic(p, options, dispatch, loads)
     warm = Placement.from_slots(slot_expert, e, p.devices_per_node, dispatch=dispatch)
-    loads = workload_loads(p)
     allowed = allowed_counts(d, dispatch)
     shares: list[np.ndarray | None] = [_device_share(slot_expert[layer], e) for layer in range(nl)]
     records: list[dict[str, float]] = []
@@ -276,14 +365,14 @@ def solve_even_ilp(problem: PlacementProblem, options: SolverOptions) -> SolveRe
     placement = Placement.from_slots(slot_expert, e, p.devices_per_node, dispatch=dispatch)
     gaps = [r["gap"] for r in records if "gap" in r]
     backend = "OR-Tools CP-SAT" if options.milp == "cpsat" else "PuLP + HiGHS"
-    notes = _notes(p, options, dispatch) + [
+    notes = _notes(p, options, dispatch, chosen) + [
         f"{backend}: each layer re-solved with its replica counts fixed, warm start the equal-split heuristic",
         "the bound is the whole problem's proved bound"]
     if len(records) < nl:
         notes.append(f"time limit reached after {len(records)} of {nl} layer solves")
     from .problem import objective
     extra = {"warm_start": "even", "warm_objective": objective(p, warm).total, "swaps": swaps, "dispatch": dispatch,
-             "robust": options.robust, "layer_solves": len(records),
+             "robust": options.robust, **chosen, "layer_solves": len(records),
              "layers_improved": sum(1 for r in records if r.get("accepted")),
              "subproblem_gap_max": max(gaps) if gaps else 0.0,
              "subproblem_gap_mean": float(np.mean(gaps)) if gaps else 0.0, "milp": options.milp}

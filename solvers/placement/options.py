@@ -33,6 +33,9 @@ class SolverOptions:
         workers: solver threads.
         robust: with several workloads, minimise the ``"mean"`` or the ``"worst"`` workload's
             max device load per layer (:mod:`.even`).
+        extrapolate: with three or more workloads, also fit each one's deviation from their mean
+            amplified by 1 + extrapolate (:func:`.even.extrapolated`); None chooses it by
+            leave-one-out within the fitted workloads (:func:`.even.choose_extrapolation`).
     """
 
     time_limit: float = 60.0
@@ -47,6 +50,7 @@ class SolverOptions:
     full_pairs: int = 4096
     workers: int = 2
     robust: str = "mean"
+    extrapolate: float | None = None
 
     def validate(self) -> "SolverOptions":
         if self.time_limit <= 0:
@@ -63,6 +67,8 @@ class SolverOptions:
         if self.robust not in ROBUST_MODES:
             raise InputError(f"unknown robust mode {self.robust!r}", field="robust",
                              fix=f"use one of: {', '.join(ROBUST_MODES)}")
+        if self.extrapolate is not None and not self.extrapolate >= 0:
+            raise InputError(f"must be ≥ 0, got {self.extrapolate}", field="extrapolate")
         if self.balance_cap is not None and self.balance_cap < 1:
             raise InputError(f"balance cap must be ≥ 1, got {self.balance_cap}", field="balance-cap")
         return self
