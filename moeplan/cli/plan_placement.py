@@ -164,7 +164,7 @@ def _plan_from_loads(cost: CostModel, workloads: Workloads, per_device: int, tok
              ("gap", f"{100 * result.gap:.2f}%"), ("solver time", human_seconds(result.seconds))]
     print_table(f"{plan.model.name}: expert placement from recorded loads", ["quantity", "value"], rows)
     for note in result.notes:
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"note: {note}", style="dim", highlight=False)
     console.print(objective_explained(problem), style="dim", highlight=False, markup=False)
     console.print(f"wrote {output}")
 

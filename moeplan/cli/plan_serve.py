@@ -51,5 +51,5 @@ def serve(
     best = front[-1]
     console.print(f"best throughput: {best.layout.label()} at concurrency {best.concurrency}")
     console.print(launch_command(backend, model, best.layout), highlight=False, soft_wrap=True)
-    console.print("[dim]TTFT/TPOT from moeplan.serving (fitted on aiconfigurator-core's H100/B200 silicon rows; "
-                  "bench/RESULTS.md gives its held-out error)[/]")
+    console.print("TTFT/TPOT from moeplan.serving (fitted on aiconfigurator-core's H100/B200 silicon rows; "
+                  "bench/RESULTS.md gives its held-out error)", style="dim")
