@@ -19,9 +19,23 @@ profile, starting from moeplan's bundled datasheet profile of the same GPU:
   distribution is read: AIConfigurator's own default (``sdk/config.py`` workload_distribution
   "power_law" with ``_power_law_alpha = 1.01`` in ``sdk/models/deepseek.py``), the imbalance of
   real routing. Where a table holds several kernels for one shape, the fastest at each token
-  count is kept (the backends pick their MoE kernel by shape).
+  count is kept (the backends pick their MoE kernel by shape);
+- ``gemm/<framework>/<version>/gemm_perf.parquet`` (with ``framework`` given): the backend's dense
+  GEMM latency by m (tokens), n (output features), k (input features) and gemm_dtype, into ``gemm``
+  curves {k, n, dtype} (x = m) — the grid :meth:`moeplan.cost.CostModel.gemm_time` prices every
+  dense GEMM from. Only the ``bfloat16`` rows are read (dtype ``bf16``): :class:`moeplan.gemms.GemmCurves`
+  prices from the bf16 grid alone, so the tables' fp8 / fp8_block rows would go unused. Where
+  several kernels timed one point the fastest is kept.
 
-The newest version folder of each collective table is used; for the MoE tables every version
+The attention tables (``attention/<framework>/<version>/{context,generation}_attention_perf.parquet``)
+are not imported: moeplan's ``attention_prefill`` / ``attention_decode`` curves are keyed by a whole
+model's attention signature (:func:`moeplan.cost.attention_signature`: hidden size and the model's
+total head counts) with x = context for a fixed batch, while the tables are keyed by the per-GPU
+heads after TP, KV heads, head dim, batch, sequence length, KV-cache dtype and sliding window, with
+no hidden size and MLA in separate ``mla`` tables; mapping one onto the other needs a curve per
+model and TP degree, not a table import.
+
+The newest version folder of each collective and GEMM table is used; for the MoE tables every version
 folder is read and, per shape, the newest that measured it wins (TRT-LLM's newest folders hold
 only a few shapes). Every curve is tagged measured, with the package
 version, the table's path and its ``collection_meta.yaml`` runtime in the run record ``aiconfigurator``.
@@ -142,10 +156,35 @@ def _moe_curves(folder: Path, system: str, framework: str, version: str,
     return list(found.values())
 
 
+GEMM_DTYPES = {"bfloat16": "bf16"}   # table gemm_dtype -> gemm curve dtype (the one GemmCurves prices from)
+
+
+def _gemm_curves(folder: Path, system: str, framework: str, version: str,
+                 tables: dict[str, Any]) -> list[Curve]:
+    """``gemm`` curves (x tokens m, y seconds) of every (k, n) the framework's newest GEMM table
+    holds in :data:`GEMM_DTYPES`; the table read is added to ``tables``."""
+    import pandas as pd
+
+    vdir = _newest(folder, "gemm_perf.parquet")
+    if vdir is None:
+        return []
+    rel = f"systems/data/{system}/gemm/{framework}/{vdir.name}/gemm_perf.parquet"
+    df = pd.read_parquet(vdir / "gemm_perf.parquet", columns=["gemm_dtype", "m", "n", "k", "latency"])
+    df = df[df["gemm_dtype"].isin(list(GEMM_DTYPES)) & (df["latency"] > 0) & (df["m"] > 0)]
+    if df.empty:
+        return []
+    tables[rel] = _meta(vdir)
+    best = df.groupby(["gemm_dtype", "k", "n", "m"], as_index=False)["latency"].min()
+    prov = Provenance("measured", f"aiconfigurator-core {version} {rel}", RUN)
+    return [Curve("gemm", {"k": int(k), "n": int(n), "dtype": GEMM_DTYPES[dtype]},
+                  tuple(float(v) for v in g["m"]), tuple(float(v) / 1e3 for v in g["latency"]), prov)
+            for (dtype, k, n), g in best.sort_values("m").groupby(["gemm_dtype", "k", "n"])]
+
+
 def import_profile(system: str, framework: str | None = None, path: str | None = None) -> HardwareProfile:
     """A profile of ``system`` (an aiconfigurator system name, e.g. ``h200_sxm``): moeplan's
     bundled datasheet profile of that GPU plus the package's measured collective curves and,
-    with ``framework``, that backend's measured fused-MoE kernel curves."""
+    with ``framework``, that backend's measured fused-MoE kernel and bf16 dense-GEMM curves."""
     if system not in SYSTEM_PROFILE:
         raise InputError(f"no moeplan profile for aiconfigurator system {system!r}", field="--aiconfigurator",
                          fix=f"use one of {', '.join(SYSTEM_PROFILE)}")
@@ -170,9 +209,10 @@ def import_profile(system: str, framework: str | None = None, path: str | None =
             curves = [c for c in curves if not (c.key["op"] == "all_reduce" and c.key["ranks"] in ranks)] + graph
             tables[crel] = _meta(custom)
         curves += _moe_curves(pkg / "systems" / "data" / system / "moe" / framework, system, framework, version, tables)
+        curves += _gemm_curves(pkg / "systems" / "data" / system / "gemm" / framework, system, framework, version, tables)
     base = HardwareProfile.resolve(SYSTEM_PROFILE[system])
     run = {"tool": f"aiconfigurator-core {version}", "system": system, "framework": framework or "nccl",
            "tables": tables, "license": "Apache-2.0 (NVIDIA aiconfigurator-core)"}
-    return replace(base, description=f"{base.description}; collectives{' and fused-MoE kernels' if framework else ''} measured by "
+    return replace(base, description=f"{base.description}; collectives{', fused-MoE kernels and bf16 GEMMs' if framework else ''} measured by "
                                f"NVIDIA aiconfigurator-core {version}",
                    curves=tuple(base.curves) + tuple(curves), runs={**base.runs, RUN: run}).validate()

@@ -105,3 +105,35 @@ def test_framework_fused_moe_tables_become_curves_the_serving_model_uses(tmp_pat
     assert pred.decode_step(64, 2048).experts == pytest.approx(cm.model.num_moe_layers * 3e-4)
     # MoE TP × EP splits the table lacks price as pure EP over the same GPUs
     assert ServePredictor(cm, ServeLayout(8, 1, 2, 4), pred.precision, "sglang").moe_curve is curve
+
+
+def test_framework_bf16_gemm_table_becomes_the_grid_gemm_time_prices_from(tmp_path: Path) -> None:
+    # systems/data/<system>/gemm/<framework>/<version>/gemm_perf.parquet: latency (ms) by m, n, k, gemm_dtype;
+    # only bfloat16 rows are read, the fastest kernel at each point kept
+    root = fake_package(tmp_path / "pkg")
+    folder = root / "aiconfigurator_core" / "systems" / "data" / "h200_sxm" / "gemm" / "sglang" / "0.5.14"
+    folder.mkdir(parents=True)
+    rows = [{"gemm_dtype": dt, "kernel_source": ks, "m": m, "n": n, "k": k, "latency": lat * f * (0.5 if dt == "fp8" else 1.0)}
+            for k in (1024, 4096) for n in (1024, 4096) for m, lat in ((1, 0.01), (64, 0.012), (4096, 0.2 * k * n / 4096 ** 2))
+            for dt in ("bfloat16", "fp8") for ks, f in (("torch_linear", 1.0), ("other", 1.3))]
+    pd.DataFrame(rows).to_parquet(folder / "gemm_perf.parquet")
+    (folder / "collection_meta.yaml").write_text("runtime: {framework: sglang, version: 0.5.14}\n")
+    out = tmp_path / "h200.yaml"
+    res = CliRunner().invoke(app, ["hardware-import", "--aiconfigurator", "h200_sxm", "--framework", "sglang",
+                                   "--aiconfigurator-path", str(root), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    hw = HardwareProfile.load(out)
+    gemms = hw.curves_of("gemm")
+    assert len(gemms) == 4 and {c.key["dtype"] for c in gemms} == {"bf16"}
+    curve = hw.curve_for("gemm", k=4096, n=4096, dtype="bf16")
+    assert curve.prov.measured and "aiconfigurator-core 0.12.0" in curve.prov.ref and "gemm/sglang/0.5.14" in curve.prov.ref
+    assert curve.x == (1.0, 64.0, 4096.0) and curve.y == pytest.approx((1e-5, 1.2e-5, 2e-4))
+    assert hw.runs["aiconfigurator"]["tables"]["systems/data/h200_sxm/gemm/sglang/0.5.14/gemm_perf.parquet"]["runtime"]
+    model = ModelSpec.preset("deepseek-v3")
+    measured, roofline = CostModel(model, hw), CostModel(model, HardwareProfile.resolve("h200-sxm"))
+    assert measured.gemms_measured and not roofline.gemms_measured
+    assert float(measured.gemm_time(64, 4096, 4096)) == pytest.approx(1.2e-5)
+    assert float(measured.gemm_time(4096, 1024, 4096)) == pytest.approx(0.2e-3 / 4)
+    assert float(measured.gemm_time(64, 4096, 4096)) != pytest.approx(float(roofline.gemm_time(64, 4096, 4096)), rel=0.1)
+    shown = CliRunner().invoke(app, ["hardware", str(out)])
+    assert "curve gemm" in shown.output and "gemm_perf.parquet" in shown.output
