@@ -476,36 +476,43 @@ class CostModel:
         the projections from the measured ``gemm`` grid when the profile has one (a measured core
         without a grid leaves them out, as before); else the roofline of both together."""
         m = self.model
-        a = m.attention
-        kind = "attention_prefill" if phase == "prefill" else "attention_decode"
-        curve = self.hw.find_curve(kind, signature=attention_signature(m))
-        if curve is not None:
-            seqs = float(curve.key.get("batch", 1))
-            per_seq = float(curve(max(context, 1.0)))
-            core = per_seq * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
-            return core + (float(self.gemms_time(tokens, attention_gemms(m, 1))) if self._gemms is not None else 0.0)
         if self._gemms is not None:
             return self.attention_core_time(tokens, context, phase) + float(self.gemms_time(tokens, attention_gemms(m, 1)))
-        proj_flops = 2.0 * a.params(m.hidden_size) * tokens
-        score_flops = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * context * (0.5 if phase == "prefill" else 1.0)
-        kv_bytes = a.kv_cache_elems_per_token() * m.weight_bytes * context * (tokens if phase == "decode" else 1.0)
-        nbytes = a.params(m.hidden_size) * m.weight_bytes + kv_bytes
+        core = self._measured_attention_core(tokens, context, phase)
+        if core is not None:
+            return core
+        score_flops, kv_bytes = self._attention_core_work(tokens, context, phase)
+        proj_flops = 2.0 * m.attention.params(m.hidden_size) * tokens
+        nbytes = m.attention.params(m.hidden_size) * m.weight_bytes + kv_bytes
         return float(self.dense_time(proj_flops + score_flops, nbytes, 6))
 
     def attention_core_time(self, tokens: float, context: float, phase: str) -> float:
         """One layer's attention without its projections (scores, softmax, values: what the
         profiler's attention curves time through SDPA): the measured curve, else the roofline
         of the score FLOPs and the KV-cache bytes."""
+        core = self._measured_attention_core(tokens, context, phase)
+        if core is not None:
+            return core
+        score_flops, kv_bytes = self._attention_core_work(tokens, context, phase)
+        return float(self.dense_time(score_flops, kv_bytes, 4))
+
+    def _measured_attention_core(self, tokens: float, context: float, phase: str) -> float | None:
+        """Seconds of the attention core from the profile's measured curve of this model's
+        attention shape (per sequence at ``context``, scaled to ``tokens``); None without one."""
+        kind = "attention_prefill" if phase == "prefill" else "attention_decode"
+        curve = self.hw.find_curve(kind, signature=attention_signature(self.model))
+        if curve is None:
+            return None
+        seqs = float(curve.key.get("batch", 1))
+        return float(curve(max(context, 1.0))) * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
+
+    def _attention_core_work(self, tokens: float, context: float, phase: str) -> tuple[float, float]:
+        """(score FLOPs, KV-cache bytes read) of one layer's attention core on one device."""
         m = self.model
         a = m.attention
-        kind = "attention_prefill" if phase == "prefill" else "attention_decode"
-        curve = self.hw.find_curve(kind, signature=attention_signature(m))
-        if curve is not None:
-            seqs = float(curve.key.get("batch", 1))
-            return float(curve(max(context, 1.0))) * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
         score_flops = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * context * (0.5 if phase == "prefill" else 1.0)
         kv_bytes = a.kv_cache_elems_per_token() * m.weight_bytes * context * (tokens if phase == "decode" else 1.0)
-        return float(self.dense_time(score_flops, kv_bytes, 4))
+        return score_flops, kv_bytes
 
     def dense_ffn_time(self, tokens: float, shards: int = 1) -> float:
         """A dense (non-MoE) layer's FFN on one device, split ``shards`` ways (TP)."""
