@@ -11,7 +11,8 @@ Shapes (:class:`AttentionShape`, from a ModelSpec):
 
 Prefill: ``batch`` sequences of S tokens, causal. Decode: ``batch`` sequences, one new token each
 against a KV cache of C tokens; the query heads that share a KV head ride in the query-length
-axis, so each KV head is read once (as GQA decode kernels do).
+axis, so each KV head is read once (as GQA decode kernels do). Both are timed as device work
+(``Op.queue_ahead``), as a CUDA-graph replay runs them.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def prefill_op(acc: Accelerator, shape: AttentionShape, seq: int, batch: int, im
             return F.scaled_dot_product_attention(t[0], t[1], t[2], is_causal=True)
     flops = 2.0 * batch * h * seq * seq * (dq + dv) * 0.5
     nbytes = 2.0 * batch * seq * (h * dq + kv_store * (dq + dv_store) + h * dv_store)
-    op = Op(make=make, run=run, set_bytes=int(nbytes), work={"flops": flops, "bytes": nbytes}, impl=what)
+    op = Op(make=make, run=run, set_bytes=int(nbytes), work={"flops": flops, "bytes": nbytes}, impl=what,
+            queue_ahead=True)
     return op
 
 
@@ -141,5 +143,6 @@ def decode_op(acc: Accelerator, shape: AttentionShape, context: int, batch: int)
     cache = batch * kv * context * (dq if shape.shared_kv else dq + dv)
     nbytes = 2.0 * (cache + batch * h * (dq + dv))
     flops = 2.0 * batch * h * context * (dq + dv)
-    op = Op(make=make, run=run, set_bytes=int(nbytes), work={"flops": flops, "bytes": nbytes}, impl=what)
+    op = Op(make=make, run=run, set_bytes=int(nbytes), work={"flops": flops, "bytes": nbytes}, impl=what,
+            queue_ahead=True)
     return op

@@ -88,7 +88,8 @@ def expert_op(acc: Accelerator, hidden: int, ffn: int, tokens: int, experts: int
     (:class:`moeplan.runtime.kernels.ExpertKernel`, ``kernel`` "loop" or "grouped"): the very
     code ``moeplan run`` and the runtime execute, so a profile prices what runs. The token
     grouping (:meth:`ExpertKernel.groups`) is built once per input set, outside the timed run,
-    as the runtime builds it once per batch."""
+    as the runtime builds it once per batch. Timed as device work (``queue_ahead``), as a
+    CUDA-graph replay of the layer runs it."""
     expert_kernel = ExpertKernel(kernel, acc.device, BF16, hidden, ffn)
     s = 1.0 / hidden ** 0.5
 
@@ -99,15 +100,17 @@ def expert_op(acc: Accelerator, hidden: int, ffn: int, tokens: int, experts: int
     def run(t: tuple[Any, ...]) -> torch.Tensor:
         return expert_kernel(*t)
     return Op(make=make, run=run, set_bytes=2 * experts * (tokens * hidden + 3 * hidden * ffn),
-              work=_expert_work(hidden, ffn, tokens, experts), impl=f"moeplan.runtime.kernels {kernel}: "
-                                                                   f"{expert_kernel.impl}")
+              work=_expert_work(hidden, ffn, tokens, experts),
+              impl=f"moeplan.runtime.kernels {kernel}: {expert_kernel.impl}, device time (queued ahead)",
+              queue_ahead=True)
 
 
 def routing_op(acc: Accelerator, hidden: int, experts: int, top_k: int, tokens: int) -> Op:
     """Everything a MoE layer does on one device besides the expert GEMMs, at ``tokens`` tokens:
-    router logits, softmax, top-k, the stable sort of token-choices by expert, the split sizes
-    copied to the host (runtimes need them), the gather of rows into expert order and the
-    weighted scatter-add back (the experts themselves are left out)."""
+    router logits, softmax, top-k, the stable sort of token-choices by expert, each expert's
+    group end found on the device (:meth:`moeplan.runtime.kernels.ExpertKernel.sorted_groups`:
+    the sync-free layer that CUDA graphs capture), the gather of rows into expert order and the
+    weighted scatter-add back (the experts themselves are left out). Timed as device work."""
     def make() -> tuple[torch.Tensor, ...]:
         return randn(acc, tokens, hidden), randn(acc, experts, hidden, scale=1.0 / hidden ** 0.5)
 
@@ -116,7 +119,7 @@ def routing_op(acc: Accelerator, hidden: int, experts: int, top_k: int, tokens: 
         weights, ids = torch.topk(torch.softmax(F.linear(x, wr).float(), dim=-1), top_k, dim=-1)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        torch.bincount(flat, minlength=experts).tolist()
+        torch.searchsorted(flat[order], torch.arange(experts, device=flat.device), right=True, out_int32=True)
         rows = order // top_k
         gathered = x[rows]
         out = torch.zeros_like(x)
@@ -125,7 +128,8 @@ def routing_op(acc: Accelerator, hidden: int, experts: int, top_k: int, tokens: 
     nbytes = 2.0 * (tokens * hidden + experts * hidden + 3 * tokens * top_k * hidden)
     return Op(make=make, run=run, set_bytes=2 * (tokens * hidden + experts * hidden),
               work={"flops": 2.0 * tokens * hidden * experts, "bytes": nbytes},
-              impl="router + softmax + top-k + stable sort + split sizes to host + gather + weighted index_add")
+              impl="router + softmax + top-k + stable sort + group ends on the device + gather + weighted index_add,"
+                   " device time (queued ahead)", queue_ahead=True)
 
 
 def _expert_work(hidden: int, ffn: int, tokens: int, experts: int) -> dict[str, float]:

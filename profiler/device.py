@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from moeplan.runtime.timing import queue_ahead
+
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 DEFAULT_CACHE_BYTES = 64 * 2**20     # when the device does not report its last-level cache
-QUEUE_AHEAD_CYCLES = 200_000         # ~100 µs at 2 GHz: longer than the host takes to enqueue events + one op
 
 
 class Timer:
@@ -138,13 +139,13 @@ class Accelerator:
     def timer(self) -> Timer:
         return Timer(self.module)
 
-    def queue_ahead(self) -> None:
-        """Keep the device busy for about QUEUE_AHEAD_CYCLES clock cycles (``torch.cuda._sleep``,
-        CUDA only; nothing elsewhere), so that what the host enqueues next (a start event, the op,
+    def queue_ahead(self, seconds: float) -> None:
+        """Keep the device busy for at least ``seconds`` (:func:`moeplan.runtime.timing.queue_ahead`;
+        CUDA only, nothing elsewhere), so that what the host enqueues next (a start event, the op,
         a stop event) waits in the queue and the events time the device's work alone, not the
         host's launch latency."""
         if self.kind == "cuda":
-            torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
+            queue_ahead(self.device, seconds)
 
     def empty_cache(self) -> None:
         """Return cached device memory (after a failed or large measurement)."""

@@ -8,9 +8,13 @@
    the warm-up's wall-clock time per run sets how many repeats fit the time budget.
 3. **Device timers**: each repeat sits between two device events (perf_counter on the CPU);
    one synchronisation at the end reads them all. An op marked ``queue_ahead`` (the dense GEMM
-   grid) has the device kept busy just before each repeat (:meth:`Accelerator.queue_ahead`), so
-   its events time the device's work, not the host's launch latency: a GEMM of a few µs is
-   otherwise timed at the ~20–35 µs the host takes to launch it, a floor that moves with host load.
+   grid, the expert kernels, routing and attention) has the device kept busy just before each
+   repeat (:meth:`Accelerator.queue_ahead`) for twice as long as the host took to enqueue one run
+   (:func:`moeplan.runtime.timing.queue_ahead_seconds`, measured after the warm-up), so its events
+   time the device's work, not the host's launch latency: a GEMM of a few µs is otherwise timed at
+   the ~20–35 µs the host takes to launch it, a floor that moves with host load, and a loop over
+   experts at decode at the host's launch rate. That is what a CUDA-graph replay of the same
+   kernels costs (decode in vLLM and SGLang); an eager run pays the host's launches on top.
 4. **Every rank in step**: with a :class:`Sync` (collectives), the ranks agree on the number of
    warm-ups and repeats and meet at a barrier before each timed repeat; each repeat's time is the
    slowest rank's.
@@ -25,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+from moeplan.runtime.timing import MIN_QUEUE_AHEAD_S, enqueue_seconds, queue_ahead_seconds
 
 if TYPE_CHECKING:
     from moeplan.profiler.device import Accelerator
@@ -122,7 +128,12 @@ def measure(acc: Accelerator, op: Op, effort: Effort, sync: Sync | None = None) 
         op.run(sets[i % n_sets])
     acc.synchronize()
     per_run = (time.perf_counter() - t0) / warm
-    reps = effort.repeats_for(per_run)
+    wait_s = 0.0
+    if op.queue_ahead:
+        acc.queue_ahead(MIN_QUEUE_AHEAD_S)
+        wait_s = queue_ahead_seconds(enqueue_seconds(lambda: op.run(sets[0])))
+        acc.synchronize()
+    reps = effort.repeats_for(per_run + wait_s)
     if sync is not None:
         reps = int(sync.agree_max(reps))
     timer = acc.timer()
@@ -130,7 +141,7 @@ def measure(acc: Accelerator, op: Op, effort: Effort, sync: Sync | None = None) 
         if sync is not None:
             sync.barrier()
         if op.queue_ahead:
-            acc.queue_ahead()
+            acc.queue_ahead(wait_s)
         timer.start()
         op.run(sets[i % n_sets])
         timer.stop()

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from moeplan.profiler.compute_ops import expert_op, matmul_op  # noqa: E402
 from moeplan.profiler.device import Accelerator  # noqa: E402
 from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures  # noqa: E402
 from moeplan.profiler.timing import Effort, Op, measure, rotation_sets  # noqa: E402
+from moeplan.runtime.timing import MIN_QUEUE_AHEAD_S, queue_ahead_seconds  # noqa: E402
+from moeplan.runtime.timing import measure as runtime_measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GQA = {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -382,6 +385,32 @@ def test_measure_syncs_every_repeat_and_takes_the_slowest_rank() -> None:
     assert sync.barriers == len(runs)                 # one barrier before every run, warm-up included
     assert all(s > 1.0 for s in timing.samples)       # the slowest rank's times were taken
     assert len(set(runs)) > 1                         # rotated sets of fresh random data
+
+
+class _RecordingAccelerator(Accelerator):
+    """A CPU accelerator that records each busy wait it is asked for."""
+
+    waits: list[float]
+
+    def queue_ahead(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def test_queued_ahead_ops_wait_twice_the_host_enqueue_time_before_every_repeat() -> None:
+    acc = _RecordingAccelerator("cpu")
+    object.__setattr__(acc, "waits", [])
+    op = Op(make=lambda: torch.randn(4), run=lambda t: time.sleep(0.002), set_bytes=16, queue_ahead=True)
+    timing = measure(acc, op, Effort(warmup=1, min_reps=3, max_reps=3, target_s=1e-9, max_sets=1))
+    probe, *before_repeats = acc.waits
+    assert probe == MIN_QUEUE_AHEAD_S and len(before_repeats) == timing.repeats == 3
+    assert len(set(before_repeats)) == 1 and before_repeats[0] >= 2 * 0.002
+    assert queue_ahead_seconds(0.0) == MIN_QUEUE_AHEAD_S and queue_ahead_seconds(1e-3) == 2e-3
+
+
+def test_runtime_measure_in_device_time_times_every_repeat_on_a_cpu() -> None:
+    runs: list[int] = []
+    timing = runtime_measure(runs.append, torch.device("cpu"), warmup=2, repeats=4, device_time=True)
+    assert timing.repeats == 4 and runs == [0, 1, 2, 3, 4, 5]     # no probe run where nothing is queued
 
 
 def test_rotation_sets_exceed_the_cache_within_memory() -> None:

@@ -4,7 +4,9 @@ For a batch of ``tokens_per_device × devices`` trace tokens, the replica router
 token-choices of every slot of every device (exactly as the distributed runtime would route
 them). Then, for each chosen MoE layer and each device of the plan in turn, this device
 materialises that device's experts and times the expert kernel over that many tokens with fresh
-random activations (warm-up, median of repeats, inputs rotated between repeats). The result is
+random activations (warm-up, median of repeats, inputs rotated between repeats), as device work
+(:func:`moeplan.runtime.timing.measure` with ``device_time``: what a CUDA-graph replay of the
+layer costs, without the host's launch latency, as the profiler times its points). The result is
 the measured expert compute of every device and of the straggler, to set beside the cost
 model's :meth:`~moeplan.cost.CostModel.device_compute` on the same slot token counts.
 """
@@ -123,4 +125,5 @@ def _time_device(run: ExpertKernel, experts: LocalExperts, counts: list[int], ge
     groups = run.groups(counts)
     inputs = [torch.randn(groups.rows, experts.w13.shape[-1], generator=gen, device=device,
                           dtype=torch.float32).to(dtype) for _ in range(ROTATE)]
-    return measure(lambda i: run(inputs[i % ROTATE], groups, experts.w13, experts.w2), device, warmup, repeats)
+    return measure(lambda i: run(inputs[i % ROTATE], groups, experts.w13, experts.w2), device, warmup, repeats,
+                   device_time=True)

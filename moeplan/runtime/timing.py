@@ -3,9 +3,17 @@ with min and max kept, and a synchronisation before any number is read.
 
 :func:`measure` times ``fn(i)`` for repeat ``i`` (so callers rotate fresh inputs by ``i``);
 :class:`Clock` stamps points inside one run (per-layer times of a stack).
+
+Device time: with ``device_time=True`` the device is kept busy just before each repeat
+(:func:`queue_ahead`) for longer than the host takes to enqueue the repeat, so the start event,
+the work and the stop event wait in the queue and the events time the device's work alone — what
+a CUDA-graph replay of the same kernels costs (vLLM's and SGLang's decode) — not the host's
+launch latency, which moves with host load. The profiler times its points the same way
+(:mod:`moeplan.profiler.timing`).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,16 +67,49 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats: int) -> Timing:
-    """Run ``fn(i)`` ``warmup`` times untimed, then ``repeats`` times, each between two stamps."""
+MIN_QUEUE_AHEAD_S = 100e-6     # the shortest busy wait: longer than enqueueing two events and one kernel
+QUEUE_AHEAD_MARGIN = 2.0       # the busy wait lasts this many times the host's measured enqueue time
+SLEEP_CYCLES_PER_S = 2.0e9     # torch.cuda._sleep counts clock cycles; Hopper's boost clock is ≤ 2 GHz
+
+
+def queue_ahead_seconds(enqueue_s: float) -> float:
+    """How long to keep the device busy before a repeat whose host enqueue took ``enqueue_s`` seconds."""
+    return max(MIN_QUEUE_AHEAD_S, QUEUE_AHEAD_MARGIN * enqueue_s)
+
+
+def queue_ahead(device: torch.device, seconds: float) -> None:
+    """Keep a CUDA device busy for at least ``seconds`` (``torch.cuda._sleep`` of that many cycles
+    at a ≤ 2 GHz clock); nothing elsewhere, where every op is synchronous anyway."""
+    if device.type == "cuda":
+        torch.cuda._sleep(int(math.ceil(seconds * SLEEP_CYCLES_PER_S)))
+
+
+def enqueue_seconds(fn: Callable[[], Any]) -> float:
+    """Host seconds to enqueue ``fn()`` while the device is still busy (no synchronisation)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats: int,
+            device_time: bool = False) -> Timing:
+    """Run ``fn(i)`` ``warmup`` times untimed, then ``repeats`` times, each between two stamps;
+    with ``device_time`` each repeat is queued behind a busy wait (module docstring)."""
     if repeats < 1:
         raise ValueError("repeats must be ≥ 1")
     for i in range(warmup):
         fn(i)
     synchronize(device)
+    wait_s = 0.0
+    if device_time and device.type == "cuda":
+        queue_ahead(device, MIN_QUEUE_AHEAD_S)
+        wait_s = queue_ahead_seconds(enqueue_seconds(lambda: fn(warmup)))
+        synchronize(device)
     clock = Clock(device)
     pairs = []
     for i in range(repeats):
+        if wait_s:
+            queue_ahead(device, wait_s)
         start = clock.stamp()
         fn(warmup + i)
         pairs.append((start, clock.stamp()))
