@@ -181,10 +181,10 @@ def fit_compute(observations: Sequence[ComputeObservation], hw: HardwareProfile,
         slots = np.zeros((len(obs), max(len(o.slot_tokens) for o in obs)))
         for i, o in enumerate(obs):
             slots[i, :len(o.slot_tokens)] = o.slot_tokens
-        unit = ExpertTerms(1.0, 0.0, 0.0, 0.0)
-        a = unit.features(predictions(obs, hw), slots) / measured[:, None]
+        predicted = predictions(obs, hw)
+        a = ExpertTerms.features(predicted, slots) / measured[:, None]
         terms = ExpertTerms(*(float(c) for c in _nonnegative_lstsq(a, np.ones_like(measured))))
-        resid = np.abs(terms.apply(a[:, 0] * measured, slots) / measured - 1.0)
+        resid = np.abs(terms.apply(predicted, slots) / measured - 1.0)
         out.append(Correction("expert_compute", {"hidden": hidden, "ffn": ffn, "kernel": kernel}, prov, len(obs),
                               float(np.median(resid)), terms=terms))
     return out

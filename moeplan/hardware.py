@@ -138,10 +138,11 @@ class ExpertTerms:
     fixed_s: float
     tile_rows: int = TILE_ROWS
 
-    def features(self, predicted: np.ndarray, slot_tokens: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def features(predicted: np.ndarray, slot_tokens: np.ndarray, tile_rows: int = TILE_ROWS) -> np.ndarray:
         """[..., 4]: prediction (s), weight passes, active slots, 1 for ``slot_tokens`` [..., slots]."""
         n = np.asarray(slot_tokens, dtype=np.float64)
-        return np.stack([np.asarray(predicted, dtype=np.float64), np.ceil(n / self.tile_rows).sum(axis=-1),
+        return np.stack([np.asarray(predicted, dtype=np.float64), np.ceil(n / tile_rows).sum(axis=-1),
                          (n > 0).sum(axis=-1).astype(np.float64), np.ones(n.shape[:-1])], axis=-1)
 
     def apply(self, predicted: np.ndarray, slot_tokens: np.ndarray) -> np.ndarray:
@@ -149,7 +150,7 @@ class ExpertTerms:
         (0 where a device has no tokens)."""
         coef = np.array([self.scale, self.per_pass_s, self.per_slot_s, self.fixed_s])
         busy = np.asarray(slot_tokens).sum(axis=-1) > 0
-        return np.where(busy, self.features(predicted, slot_tokens) @ coef, 0.0)
+        return np.where(busy, self.features(predicted, slot_tokens, self.tile_rows) @ coef, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "per_pass_s": self.per_pass_s, "per_slot_s": self.per_slot_s,
