@@ -148,10 +148,10 @@ def existing(prefix: str, *names: str) -> Path:
 def load_profiles(m: str) -> tuple[HardwareProfile, HardwareProfile | RawProfile]:
     """Machine ``m``'s profile and what its second pass is checked against: the second profiler run
     (machines h200a–c) or the raw two-pass measurements of its one run."""
-    if (GPU / f"{m}-profile.yaml").exists():
-        return (HardwareProfile.load(GPU / f"{m}-profile.yaml"),
-                RawProfile.load(existing(m, "-profile.json.gz", "-profile.json")))
-    return HardwareProfile.load(GPU / f"{m}-profile-pass1.yaml"), HardwareProfile.load(GPU / f"{m}-profile-pass2.yaml")
+    profile = existing(m, "-profile.yaml", "-profile-pass1.yaml")
+    if profile.name.endswith("-pass1.yaml"):
+        return HardwareProfile.load(profile), HardwareProfile.load(existing(m, "-profile-pass2.yaml"))
+    return HardwareProfile.load(profile), RawProfile.load(existing(m, "-profile.json.gz", "-profile.json"))
 
 
 def main(argv: list[str]) -> int:
