@@ -1,11 +1,12 @@
 """Calibration judged on runs it never saw (issue 26), from the committed JSON of several H200 machines.
 
-Inputs (bench/results/gpu/): per machine M, ``h200M-forward.json`` (forward steps: "calibration" and
-"judged" sets), ``h200M-runtime.json[.gz]`` (per-device replay) and its profile: ``h200M-profile-pass1.yaml``
-and ``-pass2.yaml`` (machines a, b, c: bench/gpu_session4.sh, two profiler runs) or ``h200M-profile.yaml``
-with its raw ``h200M-profile.json.gz`` (machines f, g: bench/gpu_session5.sh, one profiler run that
-measures every point in two passes; sync-free MoE layers, decode replayed from a CUDA graph).
-The first machine named (``--machines``, default ``fg``) is the one corrections are fitted on.
+Inputs (bench/results/gpu/): per machine, named by its file prefix P (``--machines h200f,h200g`` or
+``h100i,h200j``; a run of single letters such as ``fg`` means ``h200f,h200g``): ``P-forward.json``
+(forward steps: "calibration" and "judged" sets), ``P-runtime.json[.gz]`` (per-device replay) and its
+profile: ``P-profile-pass1.yaml`` and ``-pass2.yaml`` (machines h200a–c: bench/gpu_session4.sh, two
+profiler runs) or ``P-profile.yaml`` with its raw ``P-profile.json[.gz]`` (machines h200f, g:
+bench/gpu_session5.sh, one profiler run that measures every point in two passes; sync-free MoE layers,
+decode replayed from a CUDA graph). The first machine named is the one corrections are fitted on.
 
 What is fitted and what is judged:
 
@@ -22,7 +23,9 @@ What is fitted and what is judged:
 * **Profile agreement**: each expert / routing / attention point of one pass against the other
   pass's [min, max] over repeats, on each machine and across machines.
 
-    python bench/calibration.py [--machines fg] [--out bench/results/calibration-fg.json]
+Each judged replay configuration's error is also written per configuration (``replay_configs_after``).
+
+    python bench/calibration.py [--machines fg | --machines h100i,h200j] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -81,6 +84,10 @@ def replay_errors(configs: list[tuple[dict[str, Any], str]], hw: HardwareProfile
     return np.array(out)
 
 
+def config_name(row: dict[str, Any], placement: str) -> str:
+    return f"{row['model']} {row['devices']} dev {row['batch']} {row['kernel']} {placement}"
+
+
 def train_replay(path: Path) -> RunFile:
     run = load_run(path)
     return replace(run, compute=tuple(o for o in run.compute if o.tags["traffic"] != JUDGED_TRAFFIC))
@@ -123,29 +130,43 @@ def two_pass_agreement(raw: RawProfile) -> dict[str, Any]:
             "p90_gap": float(np.quantile(g, 0.9)), "worst_gap": float(g.max())}
 
 
+def machine_prefixes(spec: str) -> list[str]:
+    """File prefixes of ``--machines``: comma-separated prefixes, or single letters of H200 machines."""
+    if spec.isalpha():
+        return [f"h200{m}" for m in spec]
+    return [p for p in spec.split(",") if p]
+
+
+def existing(prefix: str, *names: str) -> Path:
+    """The first of ``prefix + name`` present in bench/results/gpu/ (SystemExit naming them otherwise)."""
+    for name in names:
+        if (GPU / f"{prefix}{name}").exists():
+            return GPU / f"{prefix}{name}"
+    raise SystemExit(f"none of {', '.join(prefix + n for n in names)} in {GPU}")
+
+
 def load_profiles(m: str) -> tuple[HardwareProfile, HardwareProfile | RawProfile]:
     """Machine ``m``'s profile and what its second pass is checked against: the second profiler run
-    (machines a–c) or the raw two-pass measurements of its one run."""
-    one = GPU / f"h200{m}-profile.yaml"
-    if one.exists():
-        return HardwareProfile.load(one), RawProfile.load(GPU / f"h200{m}-profile.json.gz")
-    return (HardwareProfile.load(GPU / f"h200{m}-profile-pass1.yaml"),
-            HardwareProfile.load(GPU / f"h200{m}-profile-pass2.yaml"))
+    (machines h200a–c) or the raw two-pass measurements of its one run."""
+    profile = existing(m, "-profile.yaml", "-profile-pass1.yaml")
+    if profile.name.endswith("-pass1.yaml"):
+        return HardwareProfile.load(profile), HardwareProfile.load(existing(m, "-profile-pass2.yaml"))
+    return HardwareProfile.load(profile), RawProfile.load(existing(m, "-profile.json.gz", "-profile.json"))
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--machines", default="fg", help="machine letters; the first is fitted on")
+    p.add_argument("--machines", default="fg", help="file prefixes, comma-separated (h100i,h200j), or H200 "
+                                                    "machine letters (fg); the first is fitted on")
     p.add_argument("--out", help="JSON written (default bench/results/calibration-<machines>.json)")
     args = p.parse_args(argv)
-    machines = args.machines
-    out = args.out or str(Path(__file__).parent / "results" / f"calibration-{machines}.json")
+    machines = machine_prefixes(args.machines)
+    out = args.out or str(Path(__file__).parent / "results" / f"calibration-{'-'.join(machines)}.json")
     loaded = {m: load_profiles(m) for m in machines}
     prof = {m: loaded[m][0] for m in machines}
     prof2 = {m: loaded[m][1] for m in machines}
-    fwd = {m: GPU / f"h200{m}-forward.json" for m in machines}
-    rt = {m: next(p for p in (GPU / f"h200{m}-runtime.json", GPU / f"h200{m}-runtime.json.gz") if p.exists())
-          for m in machines}
+    fwd = {m: existing(m, "-forward.json") for m in machines}
+    rt = {m: existing(m, "-runtime.json", "-runtime.json.gz") for m in machines}
     fit = machines[0]
     base = prof[fit]
     own = {m: calibrate(prof[m], [load_run(fwd[m]), train_replay(rt[m])]) for m in machines}
@@ -171,11 +192,15 @@ def main(argv: list[str]) -> int:
                  "replay_after_own_machine_calibration": summary(replay_errors(replay_configs(rt[m], True), own[m])),
                  "replay_per_cell_after": summary(relative_errors(
                      [o for o in load_run(rt[m]).compute if o.tags["traffic"] == JUDGED_TRAFFIC], cal))}
+        configs = replay_configs(rt[m], True)
+        entry["replay_configs_after"] = {config_name(r, p): float(e)
+                                         for (r, p), e in zip(configs, replay_errors(configs, cal))}
         if m == fit:
             entry["replay_fitted_configs_after"] = summary(replay_errors(replay_configs(rt[m], False), cal))
         res[f"judged_on_{m}"] = entry
         for name, s in entry.items():
-            table.append((m.upper(), name, s))
+            if "n" in s:
+                table.append((m.upper(), name, s))
     res["profile_agreement"] = {
         **{f"{m}_pass2_vs_pass1": (two_pass_agreement(prof2[m]) if isinstance(prof2[m], RawProfile)
                                    else agreement(prof[m], prof2[m])) for m in machines},

@@ -12,8 +12,13 @@ Observations it reads (every field typed here, nothing parsed by its consumers):
 * :class:`ComputeObservation` — one device of one MoE layer of a per-device replay: tokens per
   slot [slots] and measured seconds of the expert kernel. From ``moeplan run --replay -o``
   reports and the ``replay`` rows of ``bench/gpu_runtime.py``. Fitted into an
-  ``expert_compute`` correction per (hidden, ffn, kernel): measured / predicted by token-choices
-  per active slot, the median of each of up to :data:`MAX_BINS` quantile bins.
+  ``expert_compute`` correction per (hidden, ffn, kernel): measured ≈ a · predicted + b · weight
+  passes + c · active slots + d (:class:`~moeplan.hardware.ExpertTerms`), every coefficient ≥ 0,
+  least squares on relative error. The replays showed why (bench/RESULTS.md, issue 26): the
+  grouped kernel's time steps with 128-row tiles per expert (Mixtral's expert: ~157 µs up to 128
+  tokens, ~280 µs from 129 to 256), the loop kernel pays a per-expert launch cost the profile's
+  single-expert points price at another floor, and one factor per tokens-per-slot bin follows
+  neither.
 * :class:`StepObservation` — one whole forward step on one device: phase, tokens, context, the
   expert token counts per MoE layer and measured seconds. From ``bench/gpu_forward.py``
   (``"kind": "forward_step"``); rows marked ``"set": "judged"`` are held out and never fitted.
@@ -38,12 +43,10 @@ import numpy as np
 
 from moeplan.cost import CostModel, CostOptions
 from moeplan.errors import InputError
-from moeplan.hardware import Correction, HardwareProfile, Provenance
+from moeplan.hardware import Correction, ExpertTerms, HardwareProfile, Provenance
 from moeplan.io import Fields, guarded_load, read_json
 from moeplan.model import ModelSpec
 
-MAX_BINS = 8          # quantile bins of the expert correction's x (token-choices per active slot)
-MIN_PER_BIN = 4       # observations a bin holds at least
 SCOPES = ("model", "all")
 
 
@@ -57,11 +60,6 @@ class ComputeObservation:
     slot_tokens: tuple[int, ...]
     measured_s: float
     tags: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def per_active_slot(self) -> float:
-        active = sum(1 for n in self.slot_tokens if n > 0)
-        return sum(self.slot_tokens) / max(active, 1)
 
     def predicted_s(self, cost: CostModel) -> float:
         """The prediction of ``cost`` (this observation's model and kernel) for this device."""
@@ -179,22 +177,32 @@ def fit_compute(observations: Sequence[ComputeObservation], hw: HardwareProfile,
         groups.setdefault((o.model.hidden_size, o.model.expert_ffn, o.kernel), []).append(o)
     out = []
     for (hidden, ffn, kernel), obs in groups.items():
-        x = np.array([o.per_active_slot for o in obs])
-        ratio = np.array([o.measured_s for o in obs]) / predictions(obs, hw)
-        order = np.argsort(x, kind="stable")
-        bins = [b for b in np.array_split(order, max(1, min(MAX_BINS, len(obs) // MIN_PER_BIN))) if len(b)]
-        xs, fs = [], []
-        for b in bins:
-            xb, fb = float(np.exp(np.median(np.log(x[b])))), float(np.median(ratio[b]))
-            if xs and xb <= xs[-1]:
-                continue
-            xs.append(xb)
-            fs.append(fb)
-        corr = Correction("expert_compute", {"hidden": hidden, "ffn": ffn, "kernel": kernel}, prov, len(obs), 0.0,
-                          x=tuple(xs), factor=tuple(fs))
-        resid = np.abs(1.0 - ratio / corr.factor_at(x))
-        out.append(replace(corr, residual=float(np.median(resid))))
+        measured = np.array([o.measured_s for o in obs])
+        slots = np.zeros((len(obs), max(len(o.slot_tokens) for o in obs)))
+        for i, o in enumerate(obs):
+            slots[i, :len(o.slot_tokens)] = o.slot_tokens
+        predicted = predictions(obs, hw)
+        a = ExpertTerms.features(predicted, slots) / measured[:, None]
+        terms = ExpertTerms(*(float(c) for c in _nonnegative_lstsq(a, np.ones_like(measured))))
+        resid = np.abs(terms.apply(predicted, slots) / measured - 1.0)
+        out.append(Correction("expert_compute", {"hidden": hidden, "ffn": ffn, "kernel": kernel}, prov, len(obs),
+                              float(np.median(resid)), terms=terms))
     return out
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ‖a·c − b‖ over c ≥ 0 for a [rows, k] with few columns: the best unconstrained fit on
+    every subset of columns whose coefficients are all ≥ 0 (exact; 2^k small solves)."""
+    k = a.shape[1]
+    best, best_err = np.zeros(k), float(np.sum(b ** 2))
+    for mask in range(1, 2 ** k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        c, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+        err = float(np.sum((a[:, cols] @ c - b) ** 2))
+        if (c >= 0).all() and err < best_err:
+            best, best_err = np.zeros(k), err
+            best[cols] = c
+    return best
 
 
 def fit_steps(observations: Sequence[StepObservation], hw: HardwareProfile, prov: Provenance,

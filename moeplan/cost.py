@@ -282,14 +282,13 @@ class CostModel:
 
     def device_compute(self, slot_tokens: np.ndarray) -> np.ndarray:
         """Expert compute per device for tokens per slot [..., devices, slots], with the chosen kernel;
-        times the profile's ``expert_compute`` correction at the device's token-choices per active
-        slot when ``moeplan calibrate`` fitted one for this expert shape and kernel."""
+        corrected by the profile's ``expert_compute`` correction (:meth:`Correction.expert_time`)
+        when ``moeplan calibrate`` fitted one for this expert shape and kernel."""
         n = np.asarray(slot_tokens, dtype=np.float64)
         t = self.grouped_time(n) if self.opt.kernel == "grouped" else self.expert_time(n).sum(axis=-1)
         if self._compute_correction is None:
             return t
-        per_slot = n.sum(axis=-1) / np.maximum((n > 0).sum(axis=-1), 1)
-        return t * self._compute_correction.factor_at(np.maximum(per_slot, 1.0))
+        return self._compute_correction.expert_time(t, n)
 
     def step_correction(self, phase: str) -> Correction | None:
         """The profile's ``forward_step`` correction for this model and phase (one fitted for this

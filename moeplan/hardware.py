@@ -119,6 +119,42 @@ class Curve:
 
 
 CORRECTION_TARGETS = ("expert_compute", "forward_step")
+TILE_ROWS = 128   # rows of one M tile of the grouped GEMM (torch._grouped_mm's CUTLASS kernel on Hopper)
+
+
+@dataclass(frozen=True)
+class ExpertTerms:
+    """One device's expert kernel time, corrected: ``scale`` × the cost model's prediction +
+    ``per_pass_s`` × weight passes + ``per_slot_s`` × active slots + ``fixed_s`` (seconds; every
+    term ≥ 0). A weight pass is one ``tile_rows``-row tile of one slot's tokens: a memory-bound
+    GEMM reads its expert's weights once per tile, so at decode sizes time steps with
+    ⌈tokens / tile_rows⌉ rather than with tokens (the grouped kernel at 128 tokens per expert takes
+    one pass, at 129 two). Active slots carry the per-expert launch cost the runtime pays;
+    ``fixed_s`` the layer's own fixed cost."""
+
+    scale: float
+    per_pass_s: float
+    per_slot_s: float
+    fixed_s: float
+    tile_rows: int = TILE_ROWS
+
+    @staticmethod
+    def features(predicted: np.ndarray, slot_tokens: np.ndarray, tile_rows: int = TILE_ROWS) -> np.ndarray:
+        """[..., 4]: prediction (s), weight passes, active slots, 1 for ``slot_tokens`` [..., slots]."""
+        n = np.asarray(slot_tokens, dtype=np.float64)
+        return np.stack([np.asarray(predicted, dtype=np.float64), np.ceil(n / tile_rows).sum(axis=-1),
+                         (n > 0).sum(axis=-1).astype(np.float64), np.ones(n.shape[:-1])], axis=-1)
+
+    def apply(self, predicted: np.ndarray, slot_tokens: np.ndarray) -> np.ndarray:
+        """Corrected seconds [...] for predictions [...] of devices with ``slot_tokens`` [..., slots]
+        (0 where a device has no tokens)."""
+        coef = np.array([self.scale, self.per_pass_s, self.per_slot_s, self.fixed_s])
+        busy = np.asarray(slot_tokens).sum(axis=-1) > 0
+        return np.where(busy, self.features(predicted, slot_tokens, self.tile_rows) @ coef, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "per_pass_s": self.per_pass_s, "per_slot_s": self.per_slot_s,
+                "fixed_s": self.fixed_s, "tile_rows": self.tile_rows}
 
 
 @dataclass(frozen=True)
@@ -126,9 +162,11 @@ class Correction:
     """A measured correction of one cost-model prediction, fitted by ``moeplan calibrate`` on
     runtime measurements (:mod:`moeplan.calibration`).
 
-    target ``expert_compute``: key {hidden, ffn, kernel}; ``x`` token-choices per active slot of a
-        device (rows per expert), ``factor`` measured / predicted there: it multiplies
-        :meth:`CostModel.device_compute` (log-log interpolation in x, the end values held beyond).
+    target ``expert_compute``: key {hidden, ffn, kernel}; ``terms`` (:class:`ExpertTerms`) replace
+        :meth:`CostModel.device_compute`'s prediction. Profiles calibrated before the terms hold the
+        earlier binned form instead, still read and applied: ``x`` token-choices per active slot of
+        a device, ``factor`` measured / predicted there, multiplying the prediction (log-log
+        interpolation in x, the end values held beyond).
     target ``forward_step``: key {model, phase} (model "*" for every model); a whole step is
         ``scale`` × the predicted step (attention, dense, routing, experts, head, norms) plus
         ``offset_per_layer_s`` × layers (the per-layer host and launch time the parts miss).
@@ -145,6 +183,16 @@ class Correction:
     factor: tuple[float, ...] = ()
     scale: float = 1.0
     offset_per_layer_s: float = 0.0
+    terms: ExpertTerms | None = None
+
+    def expert_time(self, predicted: np.ndarray, slot_tokens: np.ndarray) -> np.ndarray:
+        """Corrected expert compute [...] (expert_compute) of devices with ``slot_tokens``
+        [..., slots] whose uncorrected prediction is ``predicted`` [...] seconds."""
+        if self.terms is not None:
+            return self.terms.apply(predicted, slot_tokens)
+        n = np.asarray(slot_tokens, dtype=np.float64)
+        per_slot = n.sum(axis=-1) / np.maximum((n > 0).sum(axis=-1), 1)
+        return predicted * self.factor_at(np.maximum(per_slot, 1.0))
 
     def factor_at(self, x: float | np.ndarray) -> np.ndarray:
         """``factor`` at ``x`` (expert_compute): log-log interpolation, end values held."""
@@ -157,7 +205,9 @@ class Correction:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"target": self.target, "key": dict(self.key), "observations": self.observations,
                              "residual": self.residual}
-        if self.target == "expert_compute":
+        if self.terms is not None:
+            d.update(terms=self.terms.to_dict())
+        elif self.target == "expert_compute":
             d.update(x=list(self.x), factor=list(self.factor))
         else:
             d.update(scale=self.scale, offset_per_layer_s=self.offset_per_layer_s)
@@ -509,6 +559,14 @@ def _correction(data: Any, source: str, index: int) -> Correction:
         raise f.fail("source", "a correction is fitted on measurements", "use source: measured")
     common = {"target": target, "key": key, "prov": prov, "observations": f.int("observations", minimum=1),
               "residual": f.float("residual", minimum=0.0, positive=False)}
+    if target == "expert_compute" and f.has("terms"):
+        t = f.sub("terms")
+        terms = ExpertTerms(*(t.float(k, minimum=0.0, positive=False) for k in
+                              ("scale", "per_pass_s", "per_slot_s", "fixed_s")),
+                            tile_rows=t.int("tile_rows", minimum=1))
+        if not any(terms.to_dict()[k] > 0 for k in ("scale", "per_pass_s", "per_slot_s", "fixed_s")):
+            raise f.fail("terms", "every term is 0: the corrected time would be 0", "re-run moeplan calibrate")
+        return Correction(**common, terms=terms)
     if target == "expert_compute":
         x = f.numbers("x", positive=True)
         factor = f.numbers("factor", positive=True)

@@ -16,7 +16,7 @@ from moeplan.calibration import (ComputeObservation, StepObservation, calibrate,
 from moeplan.cli import app
 from moeplan.cost import CostModel, CostOptions
 from moeplan.errors import InputError
-from moeplan.hardware import Correction, HardwareProfile, Provenance, merge_profiles
+from moeplan.hardware import Correction, ExpertTerms, HardwareProfile, Provenance, merge_profiles
 from moeplan.model import ModelSpec
 
 RUN = "calibration-test"
@@ -73,24 +73,63 @@ def test_one_step_gives_a_ratio_and_scope_all_fits_every_model() -> None:
         fit_steps([], hw(), PROV, scope="layer")
 
 
-def test_compute_correction_bins_by_rows_per_slot_and_multiplies_device_compute() -> None:
+def compute_obs(m: ModelSpec, kernel: str, loads: list[list[int]], truth: ExpertTerms) -> list[ComputeObservation]:
+    """Devices whose 'measured' expert time is ``truth`` applied to the uncorrected prediction."""
+    cost = CostModel(m, hw(), CostOptions(kernel=kernel))
+    out = []
+    for load in loads:
+        slots = np.array(load, dtype=float)[None, :]
+        measured = float(truth.apply(cost.device_compute(slots), slots)[0])
+        out.append(ComputeObservation(m, kernel, tuple(load), measured))
+    return out
+
+
+def test_compute_correction_recovers_passes_slots_and_scale_and_judges_unseen_loads() -> None:
     m = model()
-    cost = CostModel(m, hw(), CostOptions(kernel="grouped"))
-    obs = []
-    for rows in (2, 4, 8, 512, 1024, 2048, 4096, 8192):
-        slots = np.zeros(8, dtype=int)
-        slots[:4] = rows
-        truth = 2.0 if rows < 100 else 0.8
-        pred = float(cost.device_compute(slots[None, :].astype(float))[0])
-        obs += [ComputeObservation(m, "grouped", tuple(int(s) for s in slots), truth * pred)] * 4
-    (corr,) = fit_compute(obs, hw(), PROV)
+    truth = ExpertTerms(0.8, 20e-6, 5e-6, 30e-6)
+    fitted = [[rows] * active + [0] * (8 - active) for rows in (3, 100, 128, 129, 700, 4096) for active in (1, 4, 8)]
+    (corr,) = fit_compute(compute_obs(m, "grouped", fitted, truth), hw(), PROV)
     assert corr.key == {"hidden": m.hidden_size, "ffn": m.expert_ffn, "kernel": "grouped"}
-    assert corr.factor_at(3.0) == pytest.approx(2.0) and corr.factor_at(5000.0) == pytest.approx(0.8)
+    got = corr.terms
+    assert (got.scale, got.per_pass_s, got.per_slot_s, got.fixed_s) == pytest.approx(
+        (0.8, 20e-6, 5e-6, 30e-6), rel=1e-6) and corr.residual < 1e-9
+    judged = compute_obs(m, "grouped", [[5000, 1, 0, 0, 300, 0, 0, 2], [129, 128, 127, 0, 0, 0, 0, 0]], truth)
+    assert np.abs(relative_errors(judged, hw())).min() > 0.05            # uncorrected: off
+    assert np.abs(relative_errors(judged, replace(hw(), corrections=(corr,)))).max() < 1e-9
     calibrated = CostModel(m, replace(hw(), corrections=(corr,)), CostOptions(kernel="grouped"))
+    one, two = calibrated.device_compute(np.array([[128.0] + [0] * 7, [129.0] + [0] * 7]))
+    raw_one, raw_two = CostModel(m, hw(), CostOptions(kernel="grouped")).device_compute(
+        np.array([[128.0] + [0] * 7, [129.0] + [0] * 7]))
+    assert two - one == pytest.approx(20e-6 + 0.8 * (raw_two - raw_one))   # the 129th token opens a second pass
+    assert calibrated.device_compute(np.zeros((1, 8)))[0] == 0.0            # an idle device stays idle
     slots = np.array([[4, 4, 4, 4, 0, 0, 0, 0]], dtype=float)
-    assert calibrated.device_compute(slots)[0] == pytest.approx(2.0 * cost.device_compute(slots)[0])
     assert CostModel(m, replace(hw(), corrections=(corr,)), CostOptions(kernel="loop")).device_compute(slots)[0] == \
         pytest.approx(CostModel(m, hw(), CostOptions(kernel="loop")).device_compute(slots)[0])   # other kernel
+
+
+def test_coefficients_stay_nonnegative() -> None:
+    m = model()
+    # measured is a constant: no negative scale may trade against a positive per-pass cost
+    obs = [replace(o, measured_s=1e-4) for o in compute_obs(m, "loop", [[n] * 4 + [0] * 4 for n in (1, 64, 512, 4096)],
+                                                              ExpertTerms(1.0, 0.0, 0.0, 0.0))]
+    (corr,) = fit_compute(obs, hw(), PROV)
+    t = corr.terms
+    assert min(t.scale, t.per_pass_s, t.per_slot_s, t.fixed_s) >= 0.0
+    assert corr.residual < 0.5
+
+
+def test_profiles_with_the_binned_form_are_still_read_and_applied(tmp_path: Path) -> None:
+    m = model()
+    legacy = Correction("expert_compute", {"hidden": m.hidden_size, "ffn": m.expert_ffn, "kernel": "grouped"}, PROV,
+                        8, 0.0, x=(4.0, 5000.0), factor=(2.0, 0.8))
+    data = replace(hw(), corrections=(legacy,)).to_dict()
+    assert "terms" not in data["corrections"][0] and data["corrections"][0]["factor"] == [2.0, 0.8]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(data))
+    back = HardwareProfile.load(tmp_path / "old.yaml")
+    assert back.corrections == (legacy,)
+    slots = np.array([[4, 4, 4, 4, 0, 0, 0, 0]], dtype=float)
+    base = CostModel(m, hw(), CostOptions(kernel="grouped")).device_compute(slots)[0]
+    assert CostModel(m, back, CostOptions(kernel="grouped")).device_compute(slots)[0] == pytest.approx(2.0 * base)
 
 
 def forward_file(tmp: Path, rows: list[StepObservation], judged: list[StepObservation]) -> Path:
@@ -134,6 +173,16 @@ def test_bad_corrections_and_files_are_refused(tmp_path: Path) -> None:
     data["runs"][RUN] = {"tool": "test"}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(InputError, match="increasing"):
+        HardwareProfile.load(tmp_path / "bad.yaml")
+    data["corrections"] = [Correction("expert_compute", {"hidden": 1}, PROV, 1, 0.0,
+                                      terms=ExpertTerms(1.0, 0.0, 0.0, 0.0)).to_dict()]
+    data["corrections"][0]["terms"]["per_pass_s"] = -1e-6
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="per_pass_s"):
+        HardwareProfile.load(tmp_path / "bad.yaml")
+    data["corrections"][0]["terms"].update(scale=0.0, per_pass_s=0.0)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="terms"):
         HardwareProfile.load(tmp_path / "bad.yaml")
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(InputError, match="not a measurement file"):

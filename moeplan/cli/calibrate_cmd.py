@@ -37,8 +37,10 @@ def calibrate_cmd(
     rows = []
     for c in calibrated.corrections:
         key = ", ".join(f"{k}={v}" for k, v in c.key.items())
-        if c.target == "expert_compute":
-            form = f"×{min(c.factor):.2f}…{max(c.factor):.2f} over {min(c.x):.0f}–{max(c.x):.0f} rows/slot"
+        if c.terms is not None:
+            t = c.terms
+            form = (f"×{t.scale:.3f} + {1e6 * t.per_pass_s:.1f} µs/weight pass + {1e6 * t.per_slot_s:.1f} µs/slot "
+                    f"+ {1e6 * t.fixed_s:.1f} µs")
         else:
             form = f"×{c.scale:.3f} + {1e6 * c.offset_per_layer_s:.0f} µs/layer"
         rows.append((c.target, key, c.observations, form, f"{100 * c.residual:.1f}%"))
