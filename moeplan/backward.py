@@ -35,9 +35,11 @@ def gemm_backward_time(cm: CostModel, tokens: np.ndarray | float, gemm: Gemm) ->
     allowed, elementwise): dgrad at (m rows, n → k) plus wgrad at (n rows, m → k); 0 at 0 tokens."""
     m = np.asarray(tokens, dtype=np.float64)
     dgrad = cm.gemm_time(m, gemm.n, gemm.k)
-    inner, index = np.unique(m.ravel(), return_inverse=True)
-    wgrad = np.array([float(cm.gemm_time(gemm.n, float(t), gemm.k)) if t > 0 else 0.0 for t in inner])
-    return dgrad + wgrad[index].reshape(m.shape)
+    if m.ndim == 0:
+        return dgrad + (cm.gemm_time(gemm.n, float(m), gemm.k) if m > 0 else 0.0)
+    inner, index = np.unique(m, return_inverse=True)
+    wgrad = [float(cm.gemm_time(gemm.n, float(t), gemm.k)) if t > 0 else 0.0 for t in inner]
+    return dgrad + np.asarray(wgrad)[index].reshape(m.shape)
 
 
 def gemms_backward_time(cm: CostModel, tokens: np.ndarray | float, gemms: list[Gemm]) -> np.ndarray:

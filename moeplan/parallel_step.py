@@ -227,6 +227,19 @@ def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context
         ep_all_to_all=m.num_moe_layers * a2a * stage, etp_comm=m.num_moe_layers * etp * stage)
 
 
+@lru_cache(maxsize=1024)
+def _layer_backward(cm: CostModel, shard: ParallelMapping, tokens: float, context: float) -> tuple[float, ...]:
+    """Backward seconds of one layer's pieces on one GPU under ``shard`` (only its TP, ETP and EP
+    matter): attention, routed experts, router, shared expert, dense FFN. Cached: a search prices
+    the same shards under many layouts."""
+    m, h = cm.model, cm.model.hidden_size
+    return (attention_shard_backward_time(cm, shard, tokens, context), expert_shard_backward_time(cm, shard, tokens),
+            float(gemm_backward_time(cm, tokens / shard.tp, Gemm("router", h, m.num_experts))),
+            float(swiglu_backward_time(cm, tokens, m.shared_ffn, shard.tp, "shared")) if m.shared_ffn else 0.0,
+            float(swiglu_backward_time(cm, tokens, m.dense_ffn, shard.tp, "dense"))
+            if m.num_layers > m.num_moe_layers else 0.0)
+
+
 def backward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float,
                   spans: dict[str, GroupSpan], head_tokens: float, forward: PassCost) -> PassCost:
     """The backward of :func:`forward_pass` (same arguments; ``forward`` is that pass): every
@@ -234,15 +247,11 @@ def backward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, contex
     exposed as the forward's (the same collectives on gradients); the CP ring moves K/V and
     their gradients (twice the forward's bytes) behind the attention backward."""
     m, t = cm.model, mapping
-    h = m.hidden_size
     stage = 1.0 / t.pp
-    attention = attention_shard_backward_time(cm, t, tokens, context)
-    experts = expert_shard_backward_time(cm, t, tokens)
-    router = float(gemm_backward_time(cm, tokens / t.tp, Gemm("router", h, m.num_experts)))
-    shared = float(swiglu_backward_time(cm, tokens, m.shared_ffn, t.tp, "shared")) if m.shared_ffn else 0.0
+    attention, experts, router, shared, dense_ffn = _layer_backward(cm, ParallelMapping(t.tp, 1, 1, 1, t.etp, t.ep, 1),
+                                                                    tokens, context)
     dense_layers = m.num_layers - m.num_moe_layers
-    dense_ffn = float(swiglu_backward_time(cm, tokens, m.dense_ffn, t.tp, "dense")) if dense_layers else 0.0
-    head = float(gemm_backward_time(cm, head_tokens, Gemm("lm_head", h, max(m.vocab_size // t.tp, 1))))
+    head = float(gemm_backward_time(cm, head_tokens, Gemm("lm_head", m.hidden_size, max(m.vocab_size // t.tp, 1))))
     ring = m.num_layers * max(0.0, 2.0 * _cp_ring_time(cm, t, tokens, spans) - attention)
     return PassCost(
         attention=m.num_layers * attention * stage,
