@@ -12,10 +12,11 @@ primitives (:class:`moeplan.cost.CostModel`). The folding solver's training step
   gate/up and down, plus the activation's backward at HBM bandwidth: it reads gate, up and the
   product's gradient and writes the gradients of gate and up, 5 × ffn elements per token (the
   forward moves 3). Routed experts launch twice the forward's kernels (four GEMMs instead of two).
-- The attention core as flash attention's backward: :data:`FLASH_BACKWARD_RATIO` × the forward
-  core (measured curve when the profile has one, else its roofline): FlashAttention-2 (Dao 2023,
-  §3.2) runs 5 matmuls backward against 2 forward over the same tiles, with the softmax
-  recomputed inside them.
+- The attention core as flash attention's backward: measured when the profile has an
+  ``attention_train`` curve (forward + backward, the profiler's ``train_op``) for the model's
+  attention shape, else :data:`FLASH_BACKWARD_RATIO` × the forward core (its measured curve, else
+  its roofline): FlashAttention-2 (Dao 2023, §3.2) runs 5 matmuls backward against 2 forward over
+  the same tiles, with the softmax recomputed inside them.
 
 Units: seconds, tokens, elements.
 """
@@ -74,5 +75,11 @@ def experts_backward_time(cm: CostModel, slot_tokens: np.ndarray, ways: int) -> 
 
 def attention_core_backward_time(cm: CostModel, tokens: float, context: float) -> float:
     """Backward of one layer's attention core (all heads) in training: ``tokens`` queries each
-    attending to ``context`` tokens causally, :data:`FLASH_BACKWARD_RATIO` × the forward core."""
-    return FLASH_BACKWARD_RATIO * cm.attention_core_time(tokens, context, "prefill")
+    attending to ``context`` tokens causally. The profile's measured forward + backward
+    (``attention_train``) less the forward when it has one, else :data:`FLASH_BACKWARD_RATIO` ×
+    the forward core."""
+    forward = cm.attention_core_time(tokens, context, "prefill")
+    train = cm.attention_train_core_time(tokens, context)
+    if train is not None:
+        return max(train - forward, 0.0)
+    return FLASH_BACKWARD_RATIO * forward

@@ -1,15 +1,17 @@
 """The backward pass priced piece by piece (moeplan.backward) and the training step built on it."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from test_gemms import law, profile_with_grid
 
 from moeplan.backward import (FLASH_BACKWARD_RATIO, attention_core_backward_time, experts_backward_time,
                               gemm_backward_time, swiglu_backward_time)
-from moeplan.cost import LAUNCHES_PER_EXPERT, CostModel, CostOptions
+from moeplan.cost import LAUNCHES_PER_EXPERT, CostModel, CostOptions, attention_signature
 from moeplan.gemms import Gemm, swiglu_gemms
-from moeplan.hardware import HardwareProfile
+from moeplan.hardware import Curve, HardwareProfile, Provenance
 from moeplan.model import ModelSpec
 from moeplan.parallel import ParallelMapping
 from moeplan.parallel_step import (TrainSetup, attention_shard_backward_time, expert_shard_backward_time,
@@ -65,6 +67,19 @@ def test_attention_core_backward_is_flash_attentions_ratio_of_the_forward() -> N
     cm = grid_model()
     fwd = cm.attention_core_time(4096.0, 4096.0, "prefill")
     assert attention_core_backward_time(cm, 4096.0, 4096.0) == pytest.approx(FLASH_BACKWARD_RATIO * fwd)
+
+
+def test_a_measured_train_curve_gives_the_attention_backward() -> None:
+    """With attention_prefill and attention_train curves for the model's shape the core's
+    backward is their difference, not the FLOP ratio."""
+    cm = grid_model()
+    sig, prov = attention_signature(cm.model), Provenance("assumed", "synthetic")
+    seqs = (1024.0, 4096.0)
+    curves = (Curve("attention_prefill", {"signature": sig, "batch": 1}, seqs, (1e-4, 1e-3), prov),
+              Curve("attention_train", {"signature": sig, "batch": 1}, seqs, (5e-4, 4e-3), prov))
+    measured = CostModel(cm.model, replace(cm.hw, curves=cm.hw.curves + curves))
+    assert attention_core_backward_time(measured, 4096.0, 4096.0) == pytest.approx(3e-3)
+    assert attention_core_backward_time(measured, 2048.0, 4096.0) == pytest.approx(1.5e-3)   # half the queries
 
 
 def test_shard_backward_splits_heads_and_experts() -> None:
