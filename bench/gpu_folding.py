@@ -127,8 +127,10 @@ def time_fwd_bwd(step: Callable[[], None], device: torch.device, warmup: int, it
     ``host_ahead`` (GPU only) a spin kernel longer than the host's enqueue time of one step runs
     before the start event, so the host has queued the whole step when the GPU reaches it and the
     events time the GPU's work alone — as in a training step, where the host runs ahead of the
-    GPU by layers (nvbench's blocking_kernel, NVIDIA/nvbench nvbench/blocking_kernel.cuh, with a
-    spin of fixed length for its host flag; the queue holds the step's few hundred launches).
+    GPU by layers (the profiler's GEMM grid does the same, ``Accelerator.queue_ahead``; nvbench's
+    blocking_kernel, NVIDIA/nvbench nvbench/blocking_kernel.cuh, holds the queue with a host flag
+    instead). The spin is sized from the host's slowest warm-up step; the queue holds the step's
+    few hundred launches.
     Without it the host's launch and autograd time is inside the window."""
     host = 0.0
     for _ in range(warmup):
