@@ -47,6 +47,7 @@ from moeplan.parallel_step import (attention_shard_backward_time, attention_shar
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import AttentionSpec, ModelSpec
+from moeplan.profiler.attention_ops import sdpa_kernel_name
 
 SEQ = 4096
 
@@ -158,8 +159,9 @@ def time_fwd_bwd(step: Callable[[], None], device: torch.device, warmup: int, it
     return out
 
 
-def attention_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device) -> Callable[[], None]:
-    """QKV projection, attention of s/CP queries, output projection; forward + backward."""
+def attention_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device) -> tuple[Callable[[], None], str]:
+    """QKV projection, attention of s/CP queries, output projection; forward + backward. Returns
+    (step, the SDPA kernel torch picks for these shapes, as the profiler names it)."""
     a, h = model.attention, model.hidden_size
     heads, kv_heads, d = a.num_heads // shard.tp, max(a.num_kv_heads // shard.tp, 1), a.head_dim
     q_len = seq // shard.cp
@@ -184,7 +186,8 @@ def attention_step(model: ModelSpec, shard: Shard, seq: int, device: torch.devic
         o = F.scaled_dot_product_attention(q, k, v, is_causal=shard.cp == 1, enable_gqa=True)
         (o.transpose(1, 2).reshape(q_len, heads * d) @ w_o).backward(grad)
 
-    return step
+    q, k = (torch.empty(1, n, length, d, **bf, requires_grad=True) for n, length in ((heads, q_len), (kv_heads, k_len)))
+    return step, sdpa_kernel_name(q, k, k, shard.cp == 1, heads != kv_heads)
 
 
 def expert_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device,
@@ -244,12 +247,12 @@ def run(profile: str, device: torch.device, use_tiny: bool, warmup: int, iters: 
         for kernel in (["sdpa"] if shard.kind == "attention" else kernels):
             cm = CostModel(model, hw, CostOptions(kernel="grouped" if kernel == "grouped_mm" else "loop"))
             if shard.kind == "attention":
-                step = attention_step(model, shard, seq, device)
+                step, backend = attention_step(model, shard, seq, device)
                 work = seq / shard.cp
                 forward = attention_shard_time(cm, shard.mapping(), work, seq, "prefill")
                 backward = attention_shard_backward_time(cm, shard.mapping(), work, seq)
             else:
-                step, work = expert_step(model, shard, seq, device, kernel)
+                (step, work), backend = expert_step(model, shard, seq, device, kernel), ""
                 forward = expert_shard(cm, shard.mapping(), seq)[1]
                 backward = expert_shard_backward_time(cm, shard.mapping(), seq)
             timed = measure(step, device, warmup, iters)
@@ -257,7 +260,8 @@ def run(profile: str, device: torch.device, use_tiny: bool, warmup: int, iters: 
             rows.append({"name": shard.name, "kind": shard.kind, "model": model.name, "tp": shard.tp, "cp": shard.cp,
                          "ep": shard.ep, "etp": shard.etp, "tokens_or_choices": work, **timed,
                          "predicted_s": predicted, "predicted_forward_s": forward, "predicted_backward_s": backward,
-                         "predicted_over_measured": predicted / timed["measured_s"], "kernel": kernel})
+                         "predicted_over_measured": predicted / timed["measured_s"], "kernel": kernel,
+                         "sdpa_backend": backend})
             del step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -288,7 +292,7 @@ def main() -> int:
     print(f"{'shard':48s} {'kernel':>10s} {'measured':>11s} {'(synced)':>11s} {'predicted':>11s} {'(fwd':>10s} "
           f"{'+ bwd)':>10s} {'pred/meas':>9s}")
     for r in result["rows"]:
-        print(f"{r['name']:48s} {r['kernel']:>10s} {r['measured_s'] * 1e3:9.3f}ms {r['measured_synced_s'] * 1e3:9.3f}ms "
+        print(f"{r['name']:48s} {r['kernel'] + (' ' + r['sdpa_backend'][:5] if r['sdpa_backend'] else ''):>10s} {r['measured_s'] * 1e3:9.3f}ms {r['measured_synced_s'] * 1e3:9.3f}ms "
               f"{r['predicted_s'] * 1e3:9.3f}ms "
               f"{r['predicted_forward_s'] * 1e3:8.3f}ms {r['predicted_backward_s'] * 1e3:8.3f}ms "
               f"{r['predicted_over_measured']:9.2f}")
