@@ -130,14 +130,14 @@ def time_fwd_bwd(step: Callable[[], None], device: torch.device, warmup: int, it
     events time the GPU's work alone — as in a training step, where the host runs ahead of the
     GPU by layers (the profiler's GEMM grid does the same, ``Accelerator.queue_ahead``; nvbench's
     blocking_kernel, NVIDIA/nvbench nvbench/blocking_kernel.cuh, holds the queue with a host flag
-    instead). The spin is sized from the host's slowest warm-up step; the queue holds the step's
-    few hundred launches.
-    Without it the host's launch and autograd time is inside the window."""
+    instead). The spin lasts twice the host's last warm-up step plus 1 ms (the first steps pay
+    one-off set-up); the queue holds the step's few hundred launches. Without it the host's launch
+    and autograd time is inside the window."""
     host = 0.0
     for _ in range(warmup):
         t0 = time.perf_counter()
         step()
-        host = max(host, time.perf_counter() - t0)
+        host = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     spin = int((2.0 * host + 1e-3) / spin_seconds_per_cycle(device)) if host_ahead and device.type == "cuda" else 0
