@@ -4,13 +4,21 @@ A mapping's per-GPU compute is one layer's attention shard (heads / TP, sequence
 MoE layer's expert shard (E / EP experts at FFN / ETP width, tokens / TP × top-k × ETP choices).
 This script builds those shards for Mixtral-8x22B-like and Qwen2-57B-A14B-like layers at
 TP ∈ {1, 2, 4}, CP ∈ {1, 2}, EP ∈ {1, 2, 8}, times forward + backward with CUDA events, and
-prints predicted (moeplan.cost.attention_shard_time / expert_shard, × 3 for forward + backward,
-from the profile given) against measured. Communication is not measured here (one GPU).
+prints predicted against measured: the forward from moeplan.parallel_step.attention_shard_time /
+expert_shard, the backward from attention_shard_backward_time / expert_shard_backward_time (the
+pricing of moeplan.backward, which the folding solver's training step uses), from the profile
+given. Communication is not measured here (one GPU).
 
-A CP shard runs its s/CP local queries against s/2 keys without a mask — the FLOPs a
+What runs is what a training framework runs. Attention: the fused QKV projection, SDPA with
+native GQA (``enable_gqa``: no K/V copy per query head; flash attention on Hopper), the output
+projection. A CP shard runs its s/CP local queries against s/2 keys without a mask — the FLOPs a
 load-balanced causal ring gives each rank — with K/V beyond the local chunk standing in for the
-ring's arrivals. The expert shard uses torch's grouped GEMM when the build has it, else a loop
-over experts, and the prediction uses the matching kernel.
+ring's arrivals. Experts, with each kernel this torch can run, a row per kernel: "loop" — one
+weight tensor per expert and a GEMM pair per expert (Megatron-Core's SequentialMLP,
+megatron/core/transformer/moe/experts.py; one stacked parameter indexed per expert would make
+autograd write a whole-stack zero gradient per expert), and "grouped_mm" — torch._grouped_mm over
+stacked weights (GroupedMLP / TEGroupedMLP) when it runs forward and backward here; the JSON's
+``grouped_mm`` says whether it did and why not.
 
 Usage (one call, < 3 min on an H100):
     python bench/gpu_folding.py [--profile hardware_profiles/measured/<gpu>.yaml] [--out DIR]
@@ -34,10 +42,12 @@ import torch.nn.functional as F
 
 from moeplan.cost import CostModel, CostOptions
 from moeplan.parallel import ParallelMapping
-from moeplan.parallel_step import attention_shard_time, expert_shard
+from moeplan.parallel_step import (attention_shard_backward_time, attention_shard_time, expert_shard,
+                                   expert_shard_backward_time)
 from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import AttentionSpec, ModelSpec
+from moeplan.profiler.attention_ops import sdpa_kernel_name
 
 SEQ = 4096
 
@@ -81,29 +91,62 @@ def tiny(model: ModelSpec) -> ModelSpec:
                    shared_ffn=64 if model.shared_ffn else 0).validate()
 
 
-def grouped_mm_available(device: torch.device) -> bool:
-    """True when torch's grouped GEMM runs forward and backward here (Hopper+, recent torch)."""
-    if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
-        return False
+def grouped_mm_probe(device: torch.device) -> str:
+    """Why torch's grouped GEMM cannot run forward and backward here, or "" when it can. The
+    output gradient must be a real tensor: ``.sum().backward()`` hands _grouped_mm's backward an
+    expanded (stride 0) gradient, which its stride check (check_valid_strides_and_return_transposed,
+    aten/src/ATen/native/GroupedMMUtils.h) rejects on every device."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
     try:
         x = torch.randn(32, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(2, 64, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
         offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
-        torch._grouped_mm(x, w, offs=offs).sum().backward()
-        torch.cuda.synchronize(device)
-        return True
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
+        y = torch._grouped_mm(x, w, offs=offs)
+        y.backward(torch.ones_like(y))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return ""
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0]}"
 
 
-def time_fwd_bwd(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Seconds of ``step`` (forward + backward), CUDA events on GPU, perf_counter on CPU."""
+def spin_seconds_per_cycle(device: torch.device) -> float:
+    """Seconds one cycle of ``torch.cuda._sleep`` (a GPU spin kernel) lasts on ``device``."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000)
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3 / 1_000_000
+
+
+def time_fwd_bwd(step: Callable[[], None], device: torch.device, warmup: int, iters: int,
+                 host_ahead: bool) -> list[float]:
+    """Seconds of ``step`` (forward + backward): CUDA events on GPU, perf_counter on CPU. With
+    ``host_ahead`` (GPU only) a spin kernel longer than the host's enqueue time of one step runs
+    before the start event, so the host has queued the whole step when the GPU reaches it and the
+    events time the GPU's work alone — as in a training step, where the host runs ahead of the
+    GPU by layers (the profiler's GEMM grid does the same, ``Accelerator.queue_ahead``; nvbench's
+    blocking_kernel, NVIDIA/nvbench nvbench/blocking_kernel.cuh, holds the queue with a host flag
+    instead). The spin lasts twice the host's last warm-up step plus 1 ms (the first steps pay
+    one-off set-up); the queue holds the step's few hundred launches. Without it the host's launch
+    and autograd time is inside the window."""
+    host = 0.0
     for _ in range(warmup):
+        t0 = time.perf_counter()
         step()
+        host = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    spin = int((2.0 * host + 1e-3) / spin_seconds_per_cycle(device)) if host_ahead and device.type == "cuda" else 0
     out = []
     for _ in range(iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if spin:
+                torch.cuda._sleep(spin)
             start.record()
             step()
             end.record()
@@ -116,8 +159,9 @@ def time_fwd_bwd(step: Callable[[], None], device: torch.device, warmup: int, it
     return out
 
 
-def attention_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device) -> Callable[[], None]:
-    """QKV projection, attention of s/CP queries, output projection; forward + backward."""
+def attention_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device) -> tuple[Callable[[], None], str]:
+    """QKV projection, attention of s/CP queries, output projection; forward + backward. Returns
+    (step, the SDPA kernel torch picks for these shapes, as the profiler names it)."""
     a, h = model.attention, model.hidden_size
     heads, kv_heads, d = a.num_heads // shard.tp, max(a.num_kv_heads // shard.tp, 1), a.head_dim
     q_len = seq // shard.cp
@@ -139,72 +183,92 @@ def attention_step(model: ModelSpec, shard: Shard, seq: int, device: torch.devic
         v = v.view(1, q_len, kv_heads, d).transpose(1, 2)[:, :, :k_len]
         if extra:
             k, v = torch.cat([k, remote_k], dim=2), torch.cat([v, remote_v], dim=2)
-        k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=shard.cp == 1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=shard.cp == 1, enable_gqa=True)
         (o.transpose(1, 2).reshape(q_len, heads * d) @ w_o).backward(grad)
 
-    return step
+    q, k = (torch.empty(1, n, length, d, **bf, requires_grad=True) for n, length in ((heads, q_len), (kv_heads, k_len)))
+    return step, sdpa_kernel_name(q, k, k, shard.cp == 1, heads != kv_heads)
 
 
 def expert_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device,
-                grouped: bool) -> tuple[Callable[[], None], float]:
+                kernel: str) -> tuple[Callable[[], None], float]:
     """E/EP SwiGLU experts at FFN/ETP width over tokens/TP × top-k × ETP choices, balanced;
-    forward + backward. Returns (step, choices)."""
+    forward + backward with ``kernel`` ("loop": a weight tensor per expert; "grouped_mm":
+    stacked weights, one grouped GEMM per projection). Returns (step, choices)."""
     h, f = model.hidden_size, model.expert_ffn // shard.etp
     local = model.num_experts // shard.ep
     choices = seq / shard.tp * model.top_k * shard.etp
     per = max(round(choices / local), 1)
     bf = dict(device=device, dtype=torch.bfloat16)
     x = torch.randn(local * per, h, **bf, requires_grad=True)
-    w13 = (torch.randn(local, h, 2 * f, **bf) * h ** -0.5).requires_grad_()
-    w2 = (torch.randn(local, f, h, **bf) * f ** -0.5).requires_grad_()
-    offsets = torch.arange(1, local + 1, device=device, dtype=torch.int32) * per
     grad = torch.randn(local * per, h, **bf)
 
     def swiglu(u: torch.Tensor) -> torch.Tensor:
         gate, up = u.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def step() -> None:
-        if grouped:
-            y = torch._grouped_mm(swiglu(torch._grouped_mm(x, w13, offs=offsets)), w2, offs=offsets)
-        else:
-            y = torch.cat([swiglu(xe @ w13[e]) @ w2[e] for e, xe in enumerate(x.split(per))])
-        y.backward(grad)
+    if kernel == "grouped_mm":
+        w13 = (torch.randn(local, h, 2 * f, **bf) * h ** -0.5).requires_grad_()
+        w2 = (torch.randn(local, f, h, **bf) * f ** -0.5).requires_grad_()
+        offsets = torch.arange(1, local + 1, device=device, dtype=torch.int32) * per
+
+        def step() -> None:
+            torch._grouped_mm(swiglu(torch._grouped_mm(x, w13, offs=offsets)), w2, offs=offsets).backward(grad)
+    else:
+        w13s = [(torch.randn(h, 2 * f, **bf) * h ** -0.5).requires_grad_() for _ in range(local)]
+        w2s = [(torch.randn(f, h, **bf) * f ** -0.5).requires_grad_() for _ in range(local)]
+
+        def step() -> None:
+            torch.cat([swiglu(xe @ w13) @ w2 for xe, w13, w2 in zip(x.split(per), w13s, w2s)]).backward(grad)
 
     return step, float(local * per)
 
 
+def measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median, fastest and slowest seconds of ``step`` over ``iters`` timed runs with the host
+    ahead of the GPU (the GPU's work: what the prediction prices), and the median with the host's
+    enqueue time inside the window (``measured_synced_s``; on the CPU the two are one timing)."""
+    times = time_fwd_bwd(step, device, warmup, iters, host_ahead=True)
+    median = statistics.median(times)
+    synced = statistics.median(time_fwd_bwd(step, device, 0, iters, host_ahead=False)) if device.type == "cuda" else median
+    return {"measured_s": median, "measured_min_s": min(times), "measured_max_s": max(times),
+            "measured_synced_s": synced}
+
+
 def run(profile: str, device: torch.device, use_tiny: bool, warmup: int, iters: int) -> dict[str, Any]:
     hw = HardwareProfile.resolve(profile)
-    grouped = grouped_mm_available(device)
+    grouped_why_not = grouped_mm_probe(device)
+    kernels = ["loop"] + ([] if grouped_why_not else ["grouped_mm"])
     seq = 64 if use_tiny else SEQ
     rows = []
     for shard in SHARDS:
         model = ModelSpec.preset(shard.model)
         model = tiny(model) if use_tiny else model
-        cm = CostModel(model, hw, CostOptions(kernel="grouped" if grouped else "loop"))
-        if shard.kind == "attention":
-            step = attention_step(model, shard, seq, device)
-            predicted = 3 * attention_shard_time(cm, shard.mapping(), seq / shard.cp, seq, "prefill")
-            work = seq / shard.cp
-        else:
-            step, work = expert_step(model, shard, seq, device, grouped)
-            predicted = 3 * expert_shard(cm, shard.mapping(), seq)[1]
-        times = time_fwd_bwd(step, device, warmup, iters)
-        measured = statistics.median(times)
-        rows.append({"name": shard.name, "kind": shard.kind, "model": model.name, "tp": shard.tp, "cp": shard.cp,
-                     "ep": shard.ep, "etp": shard.etp, "tokens_or_choices": work, "measured_s": measured,
-                     "measured_min_s": min(times), "measured_max_s": max(times), "predicted_s": predicted,
-                     "predicted_over_measured": predicted / measured,
-                     "kernel": ("grouped_mm" if grouped else "loop") if shard.kind == "experts" else "sdpa"})
-        del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for kernel in (["sdpa"] if shard.kind == "attention" else kernels):
+            cm = CostModel(model, hw, CostOptions(kernel="grouped" if kernel == "grouped_mm" else "loop"))
+            if shard.kind == "attention":
+                step, backend = attention_step(model, shard, seq, device)
+                work = seq / shard.cp
+                forward = attention_shard_time(cm, shard.mapping(), work, seq, "prefill")
+                backward = attention_shard_backward_time(cm, shard.mapping(), work, seq)
+            else:
+                (step, work), backend = expert_step(model, shard, seq, device, kernel), ""
+                forward = expert_shard(cm, shard.mapping(), seq)[1]
+                backward = expert_shard_backward_time(cm, shard.mapping(), seq)
+            timed = measure(step, device, warmup, iters)
+            predicted = forward + backward
+            rows.append({"name": shard.name, "kind": shard.kind, "model": model.name, "tp": shard.tp, "cp": shard.cp,
+                         "ep": shard.ep, "etp": shard.etp, "tokens_or_choices": work, **timed,
+                         "predicted_s": predicted, "predicted_forward_s": forward, "predicted_backward_s": backward,
+                         "predicted_over_measured": predicted / timed["measured_s"], "kernel": kernel,
+                         "sdpa_backend": backend})
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "profile": profile,
             "profile_note": hw.provenance_note(), "seq": seq, "tiny": use_tiny, "warmup": warmup, "iters": iters,
-            "rows": rows}
+            "grouped_mm": {"ran": not grouped_why_not, "why_not": grouped_why_not}, "rows": rows}
 
 
 def main() -> int:
@@ -223,9 +287,14 @@ def main() -> int:
     torch.manual_seed(0)
     result = run(args.profile, device, args.tiny, args.warmup, args.iters)
     print(f"{result['device']}, torch {result['torch']}; profile {args.profile}: {result['profile_note']}")
-    print(f"{'shard':48s} {'measured':>11s} {'predicted':>11s} {'pred/meas':>9s}")
+    grouped = result["grouped_mm"]
+    print("torch._grouped_mm: " + ("ran" if grouped["ran"] else f"not run ({grouped['why_not']})"))
+    print(f"{'shard':48s} {'kernel':>10s} {'measured':>11s} {'(synced)':>11s} {'predicted':>11s} {'(fwd':>10s} "
+          f"{'+ bwd)':>10s} {'pred/meas':>9s}")
     for r in result["rows"]:
-        print(f"{r['name']:48s} {r['measured_s'] * 1e3:9.3f}ms {r['predicted_s'] * 1e3:9.3f}ms "
+        print(f"{r['name']:48s} {r['kernel'] + (' ' + r['sdpa_backend'][:5] if r['sdpa_backend'] else ''):>10s} {r['measured_s'] * 1e3:9.3f}ms {r['measured_synced_s'] * 1e3:9.3f}ms "
+              f"{r['predicted_s'] * 1e3:9.3f}ms "
+              f"{r['predicted_forward_s'] * 1e3:8.3f}ms {r['predicted_backward_s'] * 1e3:8.3f}ms "
               f"{r['predicted_over_measured']:9.2f}")
     out = args.out / "gpu_folding.json"
     write_json(out, result)

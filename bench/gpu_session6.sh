@@ -4,8 +4,11 @@
 # twice the host's enqueue time: what a CUDA-graph replay costs): a two-pass profile with the dense
 # GEMM grid (merged onto the committed measured profile of this GPU kind), the GEMM shard check
 # (bench/gpu_shapes.py), the folding shard check (bench/gpu_folding.py), the whole-forward-step
-# check and the per-device replay check, all predicted from this machine's new profile.
-# SECTIONS (first argument, default all) picks a subset: profile,shapes,folding,forward,replay.
+# check and the per-device replay check, all predicted from this machine's new profile. The profile
+# also covers the folding shards' models (Mixtral-8x22B, Qwen2-57B-A14B: expert curves and the
+# attention forward + backward curve that prices the attention backward).
+# SECTIONS (first argument, default all) picks a subset: profile,shapes,folding,forward,replay;
+# PROFILE names the profile to predict from when this call does not profile.
 # bench/calibration.py then runs on the CPU.
 #   device: run(command="bash bench/gpu_session6.sh", kind="nvidia-h100-x1", timeout_s=600)
 set -uo pipefail
@@ -19,11 +22,11 @@ want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
 tag=$(python3 -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'h100')")
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-models=olmoe-1b-7b,qwen1.5-moe-a2.7b,deepseek-v2-lite,mixtral-8x7b
+models=olmoe-1b-7b,qwen1.5-moe-a2.7b,deepseek-v2-lite,mixtral-8x7b,mixtral-8x22b,qwen2-57b-a14b
 profile="$OUT/$tag-profile.yaml"
 if want profile; then
     echo "== profile (two passes) $(( $(date +%s) - t0 )) s"
-    timeout 240 python3 -m moeplan.profiler --only device,gemm,experts,routing,attention --models "$models" \
+    timeout 270 python3 -m moeplan.profiler --only device,gemm,experts,routing,attention --models "$models" \
         --merge "hardware_profiles/measured/$tag-sxm.yaml" --out "$profile" --json "$OUT/$tag-profile.json" \
         > "$OUT/profile.log" 2>&1 || echo "profile ended with $?"
     tail -2 "$OUT/profile.log"
@@ -37,8 +40,8 @@ if want shapes; then
 fi
 if want folding; then
     echo "== folding shards $(( $(date +%s) - t0 )) s"
-    timeout 90 python3 bench/gpu_folding.py --profile "$profile" --out "$OUT" > "$OUT/folding.log" 2>&1 || echo "folding ended with $?"
-    tail -16 "$OUT/folding.log"
+    timeout 150 python3 bench/gpu_folding.py --profile "$profile" --out "$OUT" > "$OUT/folding.log" 2>&1 || echo "folding ended with $?"
+    tail -24 "$OUT/folding.log"
 fi
 if want forward; then
     echo "== forward step $(( $(date +%s) - t0 )) s"

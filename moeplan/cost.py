@@ -477,7 +477,7 @@ class CostModel:
         m = self.model
         if self._gemms is not None:
             return self.attention_core_time(tokens, context, phase) + float(self.gemms_time(tokens, attention_gemms(m, 1)))
-        core = self._measured_attention_core(tokens, context, phase)
+        core = self._measured_attention_core(tokens, context, f"attention_{phase}")
         if core is not None:
             return core
         score_flops, kv_bytes = self._attention_core_work(tokens, context, phase)
@@ -489,21 +489,28 @@ class CostModel:
         """One layer's attention without its projections (scores, softmax, values: what the
         profiler's attention curves time through SDPA): the measured curve, else the roofline
         of the score FLOPs and the KV-cache bytes."""
-        core = self._measured_attention_core(tokens, context, phase)
+        core = self._measured_attention_core(tokens, context, f"attention_{phase}")
         if core is not None:
             return core
         score_flops, kv_bytes = self._attention_core_work(tokens, context, phase)
         return float(self.dense_time(score_flops, kv_bytes, 4))
 
-    def _measured_attention_core(self, tokens: float, context: float, phase: str) -> float | None:
-        """Seconds of the attention core from the profile's measured curve of this model's
-        attention shape (per sequence at ``context``, scaled to ``tokens``); None without one."""
-        kind = "attention_prefill" if phase == "prefill" else "attention_decode"
+    def attention_train_core_time(self, tokens: float, context: float) -> float | None:
+        """Forward + backward of one layer's attention core in training (causal, ``tokens``
+        queries each attending to ``context`` tokens) from the profile's measured
+        ``attention_train`` curve of this model's attention shape; None without one."""
+        return self._measured_attention_core(tokens, context, "attention_train")
+
+    def _measured_attention_core(self, tokens: float, context: float, kind: str) -> float | None:
+        """Seconds of the attention core from the profile's measured ``kind`` curve
+        (attention_prefill, attention_decode or attention_train) of this model's attention shape,
+        per sequence at ``context``, scaled to ``tokens``; None without one."""
         curve = self.hw.find_curve(kind, signature=attention_signature(self.model))
         if curve is None:
             return None
         seqs = float(curve.key.get("batch", 1))
-        return float(curve(max(context, 1.0))) * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
+        per_sequence = context if kind != "attention_decode" else 1.0
+        return float(curve(max(context, 1.0))) * max(tokens / per_sequence, 1e-9) / seqs
 
     def _attention_core_work(self, tokens: float, context: float, phase: str) -> tuple[float, float]:
         """(score FLOPs, KV-cache bytes read) of one layer's attention core on one device."""

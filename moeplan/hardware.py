@@ -69,7 +69,8 @@ class Quantity:
 class Curve:
     """y(x) measured at a few points; evaluated by log-log interpolation.
 
-    kind: expert_ffn | moe_routing | fused_moe | attention_prefill | attention_decode | collective | host_copy | gemm.
+    kind: expert_ffn | moe_routing | fused_moe | attention_prefill | attention_train (prefill forward +
+        backward) | attention_decode | collective | host_copy | gemm.
     key: what the curve is for, e.g. {hidden, ffn, dtype, kernel, experts} for expert_ffn,
         {k, n, dtype} for gemm (x = tokens m of one dense GEMM x[m, k]·W[n, k]ᵀ; see moeplan.gemms),
         {hidden, experts, top_k} for moe_routing (x = tokens a device routes),
@@ -543,8 +544,8 @@ def _curve(data: Any, source: str, index: int) -> Curve:
     key = f.raw("key", {})
     if not isinstance(key, dict):
         raise f.fail("key", "expected a mapping")
-    kind = f.str("kind", choices=("expert_ffn", "moe_routing", "fused_moe", "attention_prefill", "attention_decode", "collective",
-                                    "host_copy", "gemm"))
+    kind = f.str("kind", choices=("expert_ffn", "moe_routing", "fused_moe", "attention_prefill", "attention_train",
+                                    "attention_decode", "collective", "host_copy", "gemm"))
     return Curve(kind, key, tuple(x), tuple(y), _prov(f), y_min, y_max)
 
 

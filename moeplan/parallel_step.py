@@ -9,7 +9,9 @@ folding solver and the dashboard call these functions. Group placement follows M
 order (:mod:`moeplan.parallel`).
 
 Assumptions, stated once: balanced routing (the paper benchmarks with capacity factor 1);
-backward = 2 × forward compute and the same collectives as forward; collectives are not
+backward compute priced piece by piece by :mod:`moeplan.backward` (dgrad and wgrad GEMMs at their
+own shapes, flash attention's backward, the activations' backward bytes) with the same TP, EP and
+ETP collectives as forward and the CP ring moving K/V and their gradients; collectives are not
 overlapped with compute except the CP ring (overlapped with attention), TP collectives when
 Megatron's --tp-comm-overlap is on (hidden behind the attention and FFN GEMMs of the same layer
 as far as they last; the backward exposes what the forward does) and the distributed
@@ -27,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from moeplan.backward import (attention_core_backward_time, experts_backward_time, gemm_backward_time,
+                              gemms_backward_time, swiglu_backward_time)
 from moeplan.cost import CostModel, MemoryReport
-from moeplan.gemms import attention_gemms
+from moeplan.gemms import Gemm, attention_gemms
 from moeplan.model import ModelSpec
 from moeplan.parallel import GroupSpan, ParallelMapping, group_spans
 from moeplan.precision import Precision
@@ -102,17 +106,22 @@ class PassCost:
                 "tp_comm": self.tp_comm, "cp_ring": self.cp_ring, "ep_all_to_all": self.ep_all_to_all,
                 "etp_comm": self.etp_comm}
 
-    def scaled(self, compute: float, comm: float) -> "PassCost":
-        """This pass with compute times × ``compute`` and communication × ``comm`` (the exposed
-        CP ring follows compute: it hides behind attention)."""
-        return PassCost(self.attention * compute, self.moe_compute * compute, self.other_compute * compute,
-                        self.tp_comm * comm, self.cp_ring * compute, self.ep_all_to_all * comm, self.etp_comm * comm)
-
 
 def kv_split(model: ModelSpec, tp: int) -> int:
     """How many ways TP splits the KV cache: GQA heads split up to their count (beyond it
     they are replicated); MLA's latent cache is replicated on every TP rank."""
     return min(tp, model.attention.num_kv_heads) if model.attention.kind == "gqa" else 1
+
+
+def _kv_replication_time(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float, phase: str) -> float:
+    """Seconds one GPU spends reading the KV cache beyond its 1/TP share when TP exceeds the KV
+    heads (or for MLA's latent cache, replicated on every TP rank)."""
+    m = cm.model
+    split = kv_split(m, mapping.tp)
+    if split >= mapping.tp:
+        return 0.0
+    kv_read = m.attention.kv_cache_elems_per_token() * m.weight_bytes * context * (tokens if phase == "decode" else 1.0)
+    return kv_read * (1.0 / split - 1.0 / mapping.tp) / cm.hbm
 
 
 def attention_shard_time(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float, phase: str) -> float:
@@ -121,17 +130,23 @@ def attention_shard_time(cm: CostModel, mapping: ParallelMapping, tokens: float,
     the KV cache is replicated, so each GPU reads more of it than 1/TP. With a measured
     ``gemm`` grid the projections are priced at their own shard shapes (heads / TP wide) and only
     the attention core is divided by TP; without one the whole layer's time is."""
-    m, a = cm.model, cm.model.attention
+    m = cm.model
     if cm.gemms_measured:
         time = (cm.attention_core_time(tokens, context, phase) / mapping.tp
                 + float(cm.gemms_time(tokens, attention_gemms(m, mapping.tp))))
     else:
         time = cm.attention_time(tokens, context, phase) / mapping.tp
-    split = kv_split(m, mapping.tp)
-    if split < mapping.tp:
-        kv_read = a.kv_cache_elems_per_token() * m.weight_bytes * context * (tokens if phase == "decode" else 1.0)
-        time += kv_read * (1.0 / split - 1.0 / mapping.tp) / cm.hbm
-    return time
+    return time + _kv_replication_time(cm, mapping, tokens, context, phase)
+
+
+def attention_shard_backward_time(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float) -> float:
+    """One layer's attention backward in training on one GPU (the shard of
+    :func:`attention_shard_time`): flash attention's backward of the core / TP, the projections'
+    dgrad and wgrad GEMMs at their shard shapes, and the replicated K/V read again with their
+    gradients written (:mod:`moeplan.backward`)."""
+    return (attention_core_backward_time(cm, tokens, context) / mapping.tp
+            + float(gemms_backward_time(cm, tokens, attention_gemms(cm.model, mapping.tp)))
+            + 2.0 * _kv_replication_time(cm, mapping, tokens, context, "prefill"))
 
 
 def expert_shard(cm: CostModel, mapping: ParallelMapping, tokens: float) -> tuple[float, float]:
@@ -147,6 +162,25 @@ def expert_shard(cm: CostModel, mapping: ParallelMapping, tokens: float) -> tupl
     return choices, kernel
 
 
+def expert_shard_backward_time(cm: CostModel, mapping: ParallelMapping, tokens: float) -> float:
+    """Backward (seconds) of the routed-expert shard of :func:`expert_shard`: E/EP experts at 1/ETP
+    width, each at tokens/TP × top_k × ETP / (E/EP) token-choices (:mod:`moeplan.backward`)."""
+    m = cm.model
+    choices = tokens / mapping.tp * m.top_k * mapping.etp
+    local = m.num_experts // mapping.ep
+    return float(experts_backward_time(cm, np.full(local, choices / local), mapping.etp))
+
+
+def _cp_ring_time(cm: CostModel, mapping: ParallelMapping, tokens: float, spans: dict[str, GroupSpan]) -> float:
+    """Seconds of one layer's CP ring in the forward: the whole sequence's K and V of this TP
+    rank gathered around the CP group (``tokens`` per CP chunk); 0 without CP."""
+    t, a = mapping, cm.model.attention
+    if t.cp <= 1:
+        return 0.0
+    kv_elems = 2 * a.num_kv_heads * a.head_dim if a.kind == "gqa" else a.num_heads * (a.qk_head_dim + a.v_dim)
+    return _ring_time(cm, "all_gather", kv_elems / t.tp * cm.opt.act_bytes * tokens * t.cp, spans["cp"])
+
+
 def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float,
                  spans: dict[str, GroupSpan], head_tokens: float, sequence_parallel: bool,
                  tp_comm_overlap: bool = False) -> PassCost:
@@ -156,7 +190,6 @@ def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context
     it one all-reduce (with ``tp_comm_overlap`` only the part longer than the layer's attention
     and FFN GEMMs shows); the EP all-to-all moves ``tokens / tp × top_k`` token copies per GPU."""
     m, t = cm.model, mapping
-    a = m.attention
     row = m.hidden_size * cm.opt.act_bytes
     sp_tokens = tokens / t.tp
     stage = 1.0 / t.pp
@@ -181,11 +214,7 @@ def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context
         gemms = m.num_layers * attention + m.num_moe_layers * shared + dense_layers * dense_ffn
         tp_comm = max(0.0, tp_comm - gemms)
 
-    ring = 0.0
-    if t.cp > 1:
-        kv_elems = 2 * a.num_kv_heads * a.head_dim if a.kind == "gqa" else a.num_heads * (a.qk_head_dim + a.v_dim)
-        kv_bytes = kv_elems / t.tp * cm.opt.act_bytes * tokens * t.cp    # the whole sequence's K and V of this TP rank
-        ring = m.num_layers * max(0.0, _ring_time(cm, "all_gather", kv_bytes, spans["cp"]) - attention)
+    ring = m.num_layers * max(0.0, _cp_ring_time(cm, t, tokens, spans) - attention)
 
     a2a = 2 * alltoall_group_time(cm, sp_tokens * m.top_k * row, spans["ep"])
     etp = (_ring_time(cm, "all_gather", choices * row, spans["etp"])
@@ -198,13 +227,48 @@ def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context
         ep_all_to_all=m.num_moe_layers * a2a * stage, etp_comm=m.num_moe_layers * etp * stage)
 
 
-def train_forward_pass(cm: CostModel, mapping: ParallelMapping, setup: TrainSetup) -> PassCost:
-    """Forward pass of one training micro-batch through the last pipeline stage (it does not
-    depend on vpp, recompute or the optimizer, so a search can price it once per layout)."""
+@lru_cache(maxsize=1024)
+def _layer_backward(cm: CostModel, shard: ParallelMapping, tokens: float, context: float) -> tuple[float, ...]:
+    """Backward seconds of one layer's pieces on one GPU under ``shard`` (only its TP, ETP and EP
+    matter): attention, routed experts, router, shared expert, dense FFN. Cached: a search prices
+    the same shards under many layouts."""
+    m, h = cm.model, cm.model.hidden_size
+    return (attention_shard_backward_time(cm, shard, tokens, context), expert_shard_backward_time(cm, shard, tokens),
+            float(gemm_backward_time(cm, tokens / shard.tp, Gemm("router", h, m.num_experts))),
+            float(swiglu_backward_time(cm, tokens, m.shared_ffn, shard.tp, "shared")) if m.shared_ffn else 0.0,
+            float(swiglu_backward_time(cm, tokens, m.dense_ffn, shard.tp, "dense"))
+            if m.num_layers > m.num_moe_layers else 0.0)
+
+
+def backward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float,
+                  spans: dict[str, GroupSpan], head_tokens: float, forward: PassCost) -> PassCost:
+    """The backward of :func:`forward_pass` (same arguments; ``forward`` is that pass): every
+    compute part priced by :mod:`moeplan.backward`; the TP, EP all-to-all and ETP exchanges as
+    exposed as the forward's (the same collectives on gradients); the CP ring moves K/V and
+    their gradients (twice the forward's bytes) behind the attention backward."""
+    m, t = cm.model, mapping
+    stage = 1.0 / t.pp
+    attention, experts, router, shared, dense_ffn = _layer_backward(cm, ParallelMapping(t.tp, 1, 1, 1, t.etp, t.ep, 1),
+                                                                    tokens, context)
+    dense_layers = m.num_layers - m.num_moe_layers
+    head = float(gemm_backward_time(cm, head_tokens, Gemm("lm_head", m.hidden_size, max(m.vocab_size // t.tp, 1))))
+    ring = m.num_layers * max(0.0, 2.0 * _cp_ring_time(cm, t, tokens, spans) - attention)
+    return PassCost(
+        attention=m.num_layers * attention * stage,
+        moe_compute=m.num_moe_layers * (experts + router + shared) * stage,
+        other_compute=dense_layers * dense_ffn * stage + head,
+        tp_comm=forward.tp_comm, cp_ring=ring * stage, ep_all_to_all=forward.ep_all_to_all,
+        etp_comm=forward.etp_comm)
+
+
+def train_passes(cm: CostModel, mapping: ParallelMapping, setup: TrainSetup) -> tuple[PassCost, PassCost]:
+    """(forward, backward) of one training micro-batch through the last pipeline stage (they do
+    not depend on vpp, recompute or the optimizer, so a search can price them once per layout)."""
     spans = group_spans(mapping, cm.hw.devices_per_node)
     tokens = setup.micro_batch * setup.seq_len / mapping.cp
-    return forward_pass(cm, mapping, tokens, setup.seq_len, spans, tokens, mapping.tp > 1,
-                        setup.tp_comm_overlap)
+    forward = forward_pass(cm, mapping, tokens, setup.seq_len, spans, tokens, mapping.tp > 1,
+                           setup.tp_comm_overlap)
+    return forward, backward_pass(cm, mapping, tokens, setup.seq_len, spans, tokens, forward)
 
 
 @dataclass
@@ -307,16 +371,15 @@ def _gradient_sync(cm: CostModel, mapping: ParallelMapping, setup: TrainSetup, s
 
 
 def train_step(cm: CostModel, mapping: ParallelMapping, setup: TrainSetup,
-               forward: PassCost | None = None) -> TrainStep:
+               passes: tuple[PassCost, PassCost] | None = None) -> TrainStep:
     """Predicted training step under ``mapping`` with 1F1B (interleaved when vpp > 1):
     step = (m + (pp−1)/vpp) × t_mb + exposed gradient sync + optimizer step, where t_mb is one
     micro-batch's forward + backward (+ a recomputed forward) through the last stage plus its
-    pipeline sends; (pp−1)/vpp × t_mb is the bubble. ``forward`` may be passed in when already
-    priced by :func:`train_forward_pass` for this mapping's layout and micro-batch size."""
+    pipeline sends; (pp−1)/vpp × t_mb is the bubble. ``passes`` (forward, backward) may be passed
+    in when already priced by :func:`train_passes` for this mapping's layout and micro-batch size."""
     t = mapping
     spans = group_spans(t, cm.hw.devices_per_node)
-    fwd = forward or train_forward_pass(cm, t, setup)
-    bwd = fwd.scaled(compute=2.0, comm=1.0)
+    fwd, bwd = passes or train_passes(cm, t, setup)
     m_count = setup.microbatches(t)
     p2p_bytes = setup.micro_batch * setup.seq_len / (t.cp * t.tp) * cm.model.hidden_size * cm.opt.act_bytes
     p2p = 2 * t.vpp * cm.collective_time("send_recv", p2p_bytes, 2, spans["pp"].scope) if t.pp > 1 else 0.0

@@ -9,7 +9,7 @@ What replaces what:
 - ``h2d/d2h_bytes_per_s``: pinned copy rate at the largest size measured;
 - ``links.<scope>``: all-to-all bus bandwidth at the largest size, and latency = time at the
   smallest size minus its bytes over that bandwidth (the model ``Link.time`` uses);
-- curves ``gemm``, ``expert_ffn``, ``attention_prefill``, ``attention_decode``, ``host_copy``, ``collective``:
+- curves ``gemm``, ``expert_ffn``, ``attention_prefill``, ``attention_train``, ``attention_decode``, ``host_copy``, ``collective``:
   one per key, y = median seconds per x with min/max of the repeats (point-to-point: median over
   all measured pairs, min/max over every pair's repeats).
 
@@ -27,7 +27,8 @@ import numpy as np
 from moeplan.hardware import Curve, HardwareProfile, Link, Provenance, Quantity
 from moeplan.profiler.raw import Measurement, RawProfile
 
-CURVE_KINDS = ("gemm", "expert_ffn", "moe_routing", "attention_prefill", "attention_decode", "host_copy", "collective")
+CURVE_KINDS = ("gemm", "expert_ffn", "moe_routing", "attention_prefill", "attention_train", "attention_decode", "host_copy",
+               "collective")
 
 
 def measured_profile(base: HardwareProfile, raw: RawProfile) -> HardwareProfile:
@@ -94,7 +95,7 @@ def _curve_ref(m: Measurement, instances: int) -> str:
         text += f"; x = bytes per rank (nccl-tests size), busbw factor {m.work.get('bus_factor', 1.0):.3g}"
         if instances > 1:
             text += f"; median over {instances} rank pairs"
-    if m.kind in ("attention_prefill", "attention_decode"):
+    if m.kind in ("attention_prefill", "attention_train", "attention_decode"):
         text += f"; batch {m.params.get('batch')}"
     return text + "; median of repeats, min/max kept"
 

@@ -9,7 +9,7 @@ Shapes (:class:`AttentionShape`, from a ModelSpec):
 - MLA decode: the absorbed form, i.e. MQA with one latent KV head: key width kv_lora + qk_rope,
   value = the first kv_lora columns of the same cache (one read of the latent cache).
 
-Prefill: ``batch`` sequences of S tokens, causal. Decode: ``batch`` sequences, one new token each
+Prefill: ``batch`` sequences of S tokens, causal; train: the same forward and its backward. Decode: ``batch`` sequences, one new token each
 against a KV cache of C tokens; the query heads that share a KV head ride in the query-length
 axis, so each KV head is read once (as GQA decode kernels do). Both are timed as device work
 (``Op.queue_ahead``), as a CUDA-graph replay runs them.
@@ -118,6 +118,35 @@ def prefill_op(acc: Accelerator, shape: AttentionShape, seq: int, batch: int, im
             return F.scaled_dot_product_attention(t[0], t[1], t[2], is_causal=True)
     flops = 2.0 * batch * h * seq * seq * (dq + dv) * 0.5
     nbytes = 2.0 * batch * seq * (h * dq + kv_store * (dq + dv_store) + h * dv_store)
+    op = Op(make=make, run=run, set_bytes=int(nbytes), work={"flops": flops, "bytes": nbytes}, impl=what,
+            queue_ahead=True)
+    return op
+
+
+def train_op(acc: Accelerator, shape: AttentionShape, seq: int, batch: int) -> Op:
+    """Causal attention forward + backward over ``batch`` sequences of ``seq`` tokens, native
+    shapes (``enable_gqa`` for GQA), as a training step runs it (flash attention's backward on a
+    GPU): the output, then the gradients of q, k and v from an output gradient. Work: the forward's
+    2 matmuls and the backward's 5 (FlashAttention-2, Dao 2023, §3.2), 3.5 × the prefill FLOPs."""
+    h, kv, dq, dv = shape.heads, shape.prefill_kv_heads, shape.prefill_qk_dim, shape.prefill_v_dim
+    scope = _fused_only(acc)
+    gqa = kv != h
+    what = f"SDPA causal forward + backward{' (GQA)' if gqa else ''}"
+
+    def make() -> tuple[torch.Tensor, ...]:
+        q = torch.randn(batch, h, seq, dq, device=acc.device, dtype=BF16, requires_grad=True)
+        k = torch.randn(batch, kv, seq, dq, device=acc.device, dtype=BF16, requires_grad=True)
+        v = torch.randn(batch, kv, seq, dv, device=acc.device, dtype=BF16, requires_grad=True)
+        with scope():
+            op.impl = f"{what}, {sdpa_kernel_name(q, k, v, True, gqa)} kernel"
+        return q, k, v, torch.randn(batch, h, seq, dv, device=acc.device, dtype=BF16)
+
+    def run(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        with scope():
+            out = F.scaled_dot_product_attention(t[0], t[1], t[2], is_causal=True, enable_gqa=gqa)
+            return torch.autograd.grad(out, t[:3], t[3])[0]
+    flops = 3.5 * 2.0 * batch * h * seq * seq * (dq + dv) * 0.5
+    nbytes = 2.0 * batch * seq * (3 * h * dq + 2 * kv * (dq + dv) + 2 * h * dv)
     op = Op(make=make, run=run, set_bytes=int(nbytes), work={"flops": flops, "bytes": nbytes}, impl=what,
             queue_ahead=True)
     return op

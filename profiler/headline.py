@@ -177,7 +177,7 @@ def _expert_rows(raw: RawProfile, add: Any) -> None:
 def _attention_rows(raw: RawProfile, add: Any) -> None:
     ds = raw.datasheet
     presets = [attention_signature(ModelSpec.preset(n)) for n in HEADLINE_MODELS]
-    for kind in ("attention_prefill", "attention_decode"):
+    for kind in ("attention_prefill", "attention_train", "attention_decode"):
         pts = raw.of_kind(kind)
         for sig in _wanted({m.key["signature"] for m in pts}, presets):
             series = [m for m in pts if m.key["signature"] == sig]

@@ -169,6 +169,7 @@ class Profiler:
         s = self.sizes
         for sig, shape in shapes.items():
             for kind, xs, batch in (("attention_prefill", s.prefill_seqs, s.prefill_batch),
+                                    ("attention_train", s.prefill_seqs, s.prefill_batch),
                                     ("attention_decode", s.decode_contexts, s.decode_batch)):
                 key = {"signature": sig, "batch": batch}
                 params = {**key, "shape": shape.to_dict(), "models": seen[sig]}

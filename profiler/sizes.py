@@ -3,7 +3,7 @@
 Sections: ``device`` (matmul, HBM copy, launch overhead), ``gemm`` (dense GEMM curves on a
 (k, n) grid that spans the models' attention projections, shared/dense FFNs, routers and LM heads
 whole and split up to 8 ways: :mod:`moeplan.gemms`), ``experts`` (expert FFN curves),
-``attention`` (prefill and decode curves), ``host`` (host-link copies), ``collectives``.
+``attention`` (prefill, train = prefill forward + backward, and decode curves), ``host`` (host-link copies), ``collectives``.
 
 Four plans: accelerator full (the default: about 2–3 minutes on one H100 with the default models),
 accelerator ``--quick`` (under a minute), CPU full and CPU quick (tiny, for CI). Collective sizes on

@@ -283,5 +283,10 @@ def test_gpu_bench_cpu_path(tmp_path) -> None:
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     data = json.loads((tmp_path / "gpu_folding.json").read_text())
-    assert len(data["rows"]) >= 6 and {r["kind"] for r in data["rows"]} == {"attention", "experts"}
-    assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in data["rows"])
+    rows = data["rows"]
+    assert len(rows) >= 12 and {r["kind"] for r in rows} == {"attention", "experts"}
+    assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in rows)
+    assert all(r["predicted_s"] == pytest.approx(r["predicted_forward_s"] + r["predicted_backward_s"]) for r in rows)
+    kernels = {r["kernel"] for r in rows if r["kind"] == "experts"}
+    assert kernels == ({"loop", "grouped_mm"} if data["grouped_mm"]["ran"] else {"loop"})
+    assert data["grouped_mm"]["ran"] or data["grouped_mm"]["why_not"]

@@ -26,7 +26,7 @@ from moeplan.hardware import HardwareProfile, merge_profiles  # noqa: E402
 from moeplan.model import ModelSpec  # noqa: E402
 from moeplan.profiler import collectives  # noqa: E402
 from moeplan.profiler.assemble import measured_profile  # noqa: E402
-from moeplan.profiler.attention_ops import AttentionShape, decode_op, prefill_op  # noqa: E402
+from moeplan.profiler.attention_ops import AttentionShape, decode_op, prefill_op, train_op  # noqa: E402
 from moeplan.profiler.collectives import Topology, bus_factor, skewed_splits  # noqa: E402
 from moeplan.profiler.command import base_for  # noqa: E402
 from moeplan.profiler.cpu_base import cpu_profile, cpu_profile_name  # noqa: E402
@@ -118,7 +118,7 @@ def test_cpu_run_curves_feed_the_cost_model(cpu_run: Path) -> None:
         assert [len(c.x) for c in grouped] == [3, 3] and all(c.x == (1.0, 8.0, 64.0) for c in grouped)
         for kernel in ("loop", "grouped"):
             assert CostModel(m, prof, CostOptions(kernel=kernel)).compute_measured
-        for kind in ("attention_prefill", "attention_decode"):
+        for kind in ("attention_prefill", "attention_train", "attention_decode"):
             curve = prof.find_curve(kind, signature=attention_signature(m))
             assert curve is not None and curve.y_min and all(a <= b for a, b in zip(curve.y_min, curve.y_max))
         prefill = prof.find_curve("attention_prefill", signature=attention_signature(m))
@@ -440,6 +440,23 @@ def test_ops_make_fresh_random_data_and_match_a_reference() -> None:
     assert v.data_ptr() == k.data_ptr()                # MLA decode reads one latent cache
     out = prefill_op(acc, shape, 16, 1, "sdpa").run(prefill_op(acc, shape, 16, 1, "sdpa").make())
     assert out.shape == (1, 4, 16, 16) and bool(torch.isfinite(out).all())
+
+
+def test_attention_train_op_returns_the_query_gradient_of_causal_gqa() -> None:
+    """Forward + backward with native GQA: dq equals autograd's through KV heads expanded by hand."""
+    acc = Accelerator("cpu")
+    shape = AttentionShape.of(ModelSpec.from_hf_dict(TINY_GQA, "tiny-gqa"))
+    assert shape.prefill_kv_heads < shape.heads
+    op = train_op(acc, shape, 16, 1)
+    q, k, v, grad = op.make()
+    dq = op.run((q, k, v, grad))
+    group = shape.heads // shape.prefill_kv_heads
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr.repeat_interleave(group, 1),
+                                                           vr.repeat_interleave(group, 1), is_causal=True)
+    ref.backward(grad.float())
+    assert dq.shape == q.shape and torch.allclose(dq.float(), qr.grad, rtol=0.1, atol=0.05)
+    assert op.work["flops"] == pytest.approx(3.5 * prefill_op(acc, shape, 16, 1, "sdpa").work["flops"])
 
 
 # ---- HCCL (Ascend) with a mocked torch_npu ----------------------------------------------------------------

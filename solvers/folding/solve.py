@@ -27,7 +27,7 @@ from moeplan.solvers.folding.enumerate import raw_layouts, schedules, valid_layo
 from moeplan.solvers.folding.problem import Candidate, FoldingProblem
 from moeplan.solvers.folding.rules import violations
 
-from moeplan.parallel_step import PassCost, ServeStep, TrainStep, serve_step, train_forward_pass, train_step
+from moeplan.parallel_step import PassCost, ServeStep, TrainStep, serve_step, train_passes, train_step
 from moeplan.errors import InputError
 from moeplan.plan import Plan
 
@@ -106,12 +106,12 @@ class FoldingResult:
 
 
 class _Pricer:
-    """Prices candidates, sharing the forward pass of a (layout, micro-batch)."""
+    """Prices candidates, sharing the forward and backward passes of a (layout, micro-batch)."""
 
     def __init__(self, problem: FoldingProblem) -> None:
         self.problem = problem
         self.cm = problem.cost
-        self._forward: dict[tuple[tuple[int, ...], int], PassCost] = {}
+        self._passes: dict[tuple[tuple[int, ...], int], tuple[PassCost, PassCost]] = {}
         self.priced = 0
 
     def price(self, c: Candidate) -> Ranked:
@@ -120,9 +120,9 @@ class _Pricer:
         if p.mode == "train":
             setup = p.train_setup(c)
             key = (c.layout, c.micro_batch)
-            if key not in self._forward:
-                self._forward[key] = train_forward_pass(self.cm, c.mapping, setup)
-            r = train_step(self.cm, c.mapping, setup, self._forward[key])
+            if key not in self._passes:
+                self._passes[key] = train_passes(self.cm, c.mapping, setup)
+            r = train_step(self.cm, c.mapping, setup, self._passes[key])
             return Ranked(c, r, r.step, r.memory.fits)
         s = serve_step(self.cm, c.mapping, p.serve_setup(c))
         return Ranked(c, s, s.tpot, s.fits)
