@@ -8,7 +8,9 @@
 # also covers the folding shards' models (Mixtral-8x22B, Qwen2-57B-A14B: expert curves and the
 # attention forward + backward curve that prices the attention backward).
 # SECTIONS (first argument, default all) picks a subset: profile,shapes,folding,forward,replay;
-# PROFILE names the profile to predict from when this call does not profile.
+# PROFILE names the profile to predict from when this call does not profile; ONLY the profiler
+# sections (default device,gemm,experts,routing,attention) and BASE the profile they are merged onto
+# (default the committed measured profile of this GPU kind).
 # bench/calibration.py then runs on the CPU.
 #   device: run(command="bash bench/gpu_session6.sh", kind="nvidia-h100-x1", timeout_s=600)
 set -uo pipefail
@@ -26,8 +28,8 @@ models=olmoe-1b-7b,qwen1.5-moe-a2.7b,deepseek-v2-lite,mixtral-8x7b,mixtral-8x22b
 profile="$OUT/$tag-profile.yaml"
 if want profile; then
     echo "== profile (two passes) $(( $(date +%s) - t0 )) s"
-    timeout 270 python3 -m moeplan.profiler --only device,gemm,experts,routing,attention --models "$models" \
-        --merge "hardware_profiles/measured/$tag-sxm.yaml" --out "$profile" --json "$OUT/$tag-profile.json" \
+    timeout 270 python3 -m moeplan.profiler --only "${ONLY:-device,gemm,experts,routing,attention}" --models "$models" \
+        --merge "${BASE:-hardware_profiles/measured/$tag-sxm.yaml}" --out "$profile" --json "$OUT/$tag-profile.json" \
         > "$OUT/profile.log" 2>&1 || echo "profile ended with $?"
     tail -2 "$OUT/profile.log"
 fi
