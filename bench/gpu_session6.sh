@@ -42,19 +42,19 @@ if want shapes; then
 fi
 if want folding; then
     echo "== folding shards $(( $(date +%s) - t0 )) s"
-    timeout 150 python3 bench/gpu_folding.py --profile "$profile" --out "$OUT" > "$OUT/folding.log" 2>&1 || echo "folding ended with $?"
+    timeout 120 python3 bench/gpu_folding.py --profile "$profile" --out "$OUT" > "$OUT/folding.log" 2>&1 || echo "folding ended with $?"
     tail -24 "$OUT/folding.log"
-fi
-if want forward; then
-    echo "== forward step $(( $(date +%s) - t0 )) s"
-    timeout 150 python3 bench/gpu_forward.py "$profile" "$OUT/forward" > "$OUT/forward.log" 2>&1 || echo "forward ended with $?"
-    tail -1 "$OUT/forward.log"
 fi
 if want replay; then
     echo "== per-device replay $(( $(date +%s) - t0 )) s"
-    left=$(( 570 - ( $(date +%s) - t0 ) ))
-    timeout "$left" python3 bench/gpu_runtime.py "$OUT/runtime" --profile "$profile" > "$OUT/runtime.log" 2>&1 || echo "replay ended with $?"
+    timeout 210 python3 bench/gpu_runtime.py "$OUT/runtime" --profile "$profile" > "$OUT/runtime.log" 2>&1 || echo "replay ended with $?"
     tail -2 "$OUT/runtime.log"
+fi
+if want forward; then
+    echo "== forward step $(( $(date +%s) - t0 )) s"
+    left=$(( 575 - ( $(date +%s) - t0 ) ))
+    timeout "$left" python3 bench/gpu_forward.py "$profile" "$OUT/forward" > "$OUT/forward.log" 2>&1 || echo "forward ended with $?"
+    tail -1 "$OUT/forward.log"
 fi
 cat "$OUT"/*.log > "$OUT/session.log" 2>/dev/null
 rm -f "$OUT"/profile.log "$OUT"/shapes.log "$OUT"/folding.log "$OUT"/forward.log "$OUT"/runtime.log
