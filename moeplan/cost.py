@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from moeplan.attention_tables import AttentionShape, AttentionTables
 from moeplan.errors import InputError
 from moeplan.gemms import Gemm, GemmCurves, attention_gemms, swiglu_gemms
 from moeplan.hardware import Correction, Curve, HardwareProfile
@@ -214,6 +215,7 @@ class CostModel:
         self._compute_correction = hardware.find_correction("expert_compute", hidden=model.hidden_size,
                                                             ffn=model.expert_ffn, kernel=self.opt.kernel)
         self._gemms = GemmCurves.of(hardware)
+        self.attention_tables = AttentionTables.of(hardware)
 
     def with_options(self, **changes: Any) -> "CostModel":
         """The same model and hardware priced with these :class:`CostOptions` fields changed."""
@@ -498,11 +500,17 @@ class CostModel:
 
     def _measured_attention_core(self, tokens: float, context: float, phase: str) -> float | None:
         """Seconds of the attention core from the profile's measured curve of this model's
-        attention shape (per sequence at ``context``, scaled to ``tokens``); None without one."""
+        attention shape (per sequence at ``context``, scaled to ``tokens``), else from its imported
+        per-GPU attention tables (:class:`moeplan.attention_tables.AttentionTables`, all heads on
+        one GPU, KV cache in the weights' dtype); None without either."""
         kind = "attention_prefill" if phase == "prefill" else "attention_decode"
         curve = self.hw.find_curve(kind, signature=attention_signature(self.model))
         if curve is None:
-            return None
+            shape = AttentionShape.of(self.model, 1, self.model.weight_bytes)
+            if self.attention_tables is None or not self.attention_tables.has(phase, shape) or context <= 0:
+                return None
+            batch = tokens / context if phase == "prefill" else tokens
+            return self.attention_tables.time(phase, shape, batch, context)
         seqs = float(curve.key.get("batch", 1))
         return float(curve(max(context, 1.0))) * max(tokens / (context if phase == "prefill" else 1.0), 1e-9) / seqs
 
