@@ -113,18 +113,19 @@ class ServeTerms:
     other in-flight requests' prefills a new request waits behind, per unit of occupancy.
     """
 
-    hbm_efficiency: float = 0.5397
+    hbm_efficiency: float = 0.8359
     flops_efficiency: float = 0.4
-    layer_gap_s: tuple[tuple[str, float], ...] = (("sglang", 8.140e-05), ("trtllm", 2.851e-05), ("vllm", 3.669e-05))
+    layer_gap_s: tuple[tuple[str, float], ...] = (("sglang", 7.815e-05), ("trtllm", 2.237e-05), ("vllm", 3.219e-05))
     collective_latency_s: float = 1.0e-07
     step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 1.0e-05), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
-    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.3252), ("trtllm", 1.299e-02), ("vllm", 1.0e-04))
-    schedule_wait_steps: float = 8.485
-    prefill_share: tuple[tuple[str, float], ...] = (("sglang", 1.216), ("trtllm", 0.6282), ("vllm", 0.9302))
-    queue_factor: float = 6.946
+    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.3247), ("trtllm", 1.147e-02), ("vllm", 1.0e-04))
+    schedule_wait_steps: float = 8.312
+    prefill_share: tuple[tuple[str, float], ...] = (("sglang", 1.236), ("trtllm", 0.6455), ("vllm", 1.092))
+    queue_factor: float = 6.889
     source: str = ("bench/serve_silicon.py: fitted on the 861 H100 + B200 aggregated MoE configurations of "
                    "aiconfigurator-core 0.12.0 systems/silicon_sample.csv (H200 rows held out), with the "
-                   "package's measured NCCL / custom all-reduce and fused-MoE curves in the profiles")
+                   "package's measured NCCL / custom all-reduce, fused-MoE, bf16 GEMM and attention curves "
+                   "in the profiles")
 
     def layer_gap(self, backend: str) -> float:
         return _per_backend(self.layer_gap_s, backend)
