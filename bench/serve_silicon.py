@@ -9,8 +9,10 @@ serving model; ``plan serve`` and ``plan folding --mode serve`` price with it) a
   component, backend and layout, its :class:`~moeplan.serving.ServeTerms` fitted here on the
   **H100 and B200 rows only** (least squares on log-error of TTFT and TPOT); the **H200 rows are
   held out** and never used for fitting. Its profiles carry the package's measured NCCL and backend custom all-reduce
-  curves and the backend's fused-MoE kernel curves (:func:`moeplan.aiconfigurator_import.import_profile`, as
-  ``moeplan hardware-import --framework``).
+  curves, the backend's fused-MoE kernel, bf16 GEMM, attention and DeepEP curves
+  (:func:`moeplan.aiconfigurator_import.import_profile`, as ``moeplan hardware-import --framework``). With
+  ``--moe-dispatch deepep`` the attention-DP rows are priced as DeepEP deployments (a what-if: the
+  sample does not say which rows ran DeepEP; the backends' default is ``gather``).
 
 Anchor, same run: AIConfigurator's own estimator on the same rows (:mod:`aic_estimate`, when the
 wheel folder is given), on the rows it can price.
@@ -20,6 +22,7 @@ AIConfigurator side by side), the fitted terms, the worst held-out rows, and the
 on H100+H200 (the issue's target set).
 
 Usage: python bench/serve_silicon.py --aiconfigurator /tmp/aic/pkg [--out bench/results/serve_silicon.md]
+[--moe-dispatch gather|deepep]
 (the folder of an unpacked aiconfigurator-core wheel, or omitted when the package is installed)
 """
 from __future__ import annotations
@@ -204,11 +207,13 @@ def load_disagg_rows(path: Path) -> list[DisaggRow]:
 
 class Pricer:
     """Cost models per (model, system, backend), reused across rows. With ``package`` the
-    profiles carry aiconfigurator-core's measured NCCL, backend custom all-reduce and fused-MoE
-    curves (``moeplan hardware-import --framework``); without it the datasheet profile."""
+    profiles carry aiconfigurator-core's measured NCCL, backend custom all-reduce, fused-MoE, bf16 GEMM,
+    attention and DeepEP curves (``moeplan hardware-import --framework``); without it the datasheet
+    profile. ``moe_dispatch`` applies to the attention-DP rows (the others run no all-to-all)."""
 
-    def __init__(self, package: str | None) -> None:
+    def __init__(self, package: str | None, moe_dispatch: str = "gather") -> None:
         self.package = package
+        self.moe_dispatch = moe_dispatch
         self._cm: dict[tuple[str, str, str, int], CostModel] = {}
         self._hw: dict[tuple[str, str], HardwareProfile] = {}
         self._predictors: dict[int, ServePredictor] = {}
@@ -246,7 +251,9 @@ class Pricer:
         """The whole prediction of ``row`` under ``terms`` (its predictor built once)."""
         if id(row) not in self._predictors:
             cm = self.cost(row.model, row.system, row.layout.world, row.backend)
-            self._predictors[id(row)] = ServePredictor(cm, row.layout, row.precision, row.backend, terms)
+            dispatch = self.moe_dispatch if row.layout.attention_dp > 1 else "gather"
+            self._predictors[id(row)] = ServePredictor(cm, row.layout, row.precision, row.backend, terms,
+                                                       moe_dispatch=dispatch)
         pred = self._predictors[id(row)]
         pred.terms = terms
         return pred.predict(row.concurrency, row.isl, row.osl)
@@ -378,10 +385,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--aiconfigurator", help="folder of an unpacked aiconfigurator-core wheel")
     ap.add_argument("--out", help="write the report here (markdown)")
+    ap.add_argument("--moe-dispatch", choices=("gather", "deepep"), default="gather",
+                    help="how attention-DP rows hand tokens to the experts (default: the backends' gather)")
     args = ap.parse_args()
     sample = find_sample(args.aiconfigurator)
     rows, dropped = load_rows(sample)
-    pricer = Pricer(str(sample.parents[2]) if args.aiconfigurator else None)
+    pricer = Pricer(str(sample.parents[2]) if args.aiconfigurator else None, args.moe_dispatch)
     t0 = time.perf_counter()
     terms = fit(pricer, [r for r in rows if r.system in FIT_SYSTEMS])
     seconds = time.perf_counter() - t0

@@ -27,15 +27,26 @@ profile, starting from moeplan's bundled datasheet profile of the same GPU:
   prices from the bf16 grid alone, so the tables' fp8 / fp8_block rows would go unused. Where
   several kernels timed one point the fastest is kept.
 
-The attention tables (``attention/<framework>/<version>/{context,generation}_attention_perf.parquet``)
-are not imported: moeplan's ``attention_prefill`` / ``attention_decode`` curves are keyed by a whole
-model's attention signature (:func:`moeplan.cost.attention_signature`: hidden size and the model's
-total head counts) with x = context for a fixed batch, while the tables are keyed by the per-GPU
-heads after TP, KV heads, head dim, batch, sequence length, KV-cache dtype and sliding window, with
-no hidden size and MLA in separate ``mla`` tables; mapping one onto the other needs a curve per
-model and TP degree, not a table import.
+- ``attention/<framework>/<version>/{context,generation}_attention_perf.parquet`` and
+  ``mla/<framework>/<version>/{context,generation}_mla_perf.parquet`` (with ``framework`` given):
+  the backend's attention core (scores, softmax, values; no projections) of one layer on one GPU,
+  keyed as the tables are — per-GPU query heads (after TP), KV heads, head dim, KV-cache dtype and
+  batch — into ``attention_context`` curves (x = prompt tokens per sequence, step 0) and
+  ``attention_generation`` curves (x = KV-cache tokens per sequence, isl + step), y = seconds of the
+  batch (:class:`moeplan.attention_tables.AttentionTables` prices from them). Only full attention
+  (``window_size`` 0) is read: a sliding-window layer is priced as full attention over its window.
+  MLA rows are DeepSeek-V3's MLA (``num_heads`` per GPU; ``tp_size`` only says how the collector
+  got there). The fastest kernel / attention dtype of each point is kept. vLLM ships only MLA
+  *module* tables (projections included), which are not read;
+- ``comm/<framework>/<version>/wideep_deepep_{ll,normal}_perf.parquet`` (SGLang) and
+  ``comm/<framework>/<version>/moe_a2a_perf.parquet`` (TRT-LLM, vLLM), with ``framework`` given: the
+  DeepEP dispatch and combine kernels of wide expert parallelism (low-latency mode for decode,
+  normal / high-throughput for prefill) on one 8-GPU node (``node_num`` 1, ``ep_size`` 8) by
+  tokens per rank, hidden, top-k and experts, into ``moe_a2a`` curves (x = tokens each rank
+  dispatches, y = seconds of one dispatch or one combine; SGLang's normal mode: transmit + notify,
+  the fastest SM count kept).
 
-The newest version folder of each collective and GEMM table is used; for the MoE tables every version
+The newest version folder of each collective, GEMM, attention and DeepEP table is used; for the MoE tables every version
 folder is read and, per shape, the newest that measured it wins (TRT-LLM's newest folders hold
 only a few shapes). Every curve is tagged measured, with the package
 version, the table's path and its ``collection_meta.yaml`` runtime in the run record ``aiconfigurator``.
@@ -181,10 +192,96 @@ def _gemm_curves(folder: Path, system: str, framework: str, version: str,
             for (dtype, k, n), g in best.sort_values("m").groupby(["gemm_dtype", "k", "n"])]
 
 
+KV_DTYPES = {"bfloat16": "bf16", "fp8": "fp8"}   # table kv_cache_dtype -> AttentionShape.kv_dtype
+A2A_DTYPES = {"bfloat16": "bf16", "default": "default", "fp8": "fp8", "nvfp4": "nvfp4", "fp4": "fp4"}
+
+
+def _table(folder: Path, name: str, system: str, sub: str, version: str,
+           tables: dict[str, Any]) -> tuple[Any, str] | None:
+    """(the newest ``name`` table under ``folder`` as a DataFrame, its reference) or None; the table
+    read is added to ``tables``."""
+    import pandas as pd
+
+    vdir = _newest(folder, name)
+    if vdir is None:
+        return None
+    rel = f"systems/data/{system}/{sub}/{vdir.name}/{name}"
+    tables[rel] = _meta(vdir)
+    return pd.read_parquet(vdir / name), f"aiconfigurator-core {version} {rel}"
+
+
+def _attention_curves(pkg_system: Path, system: str, framework: str, version: str,
+                      tables: dict[str, Any]) -> list[Curve]:
+    """``attention_context`` / ``attention_generation`` curves of the framework's GQA and MLA
+    attention tables (see the module docstring)."""
+    out: list[Curve] = []
+    sources = (("attention_context", "attention", "context_attention_perf.parquet", "gqa"),
+               ("attention_generation", "attention", "generation_attention_perf.parquet", "gqa"),
+               ("attention_context", "mla", "context_mla_perf.parquet", "mla"),
+               ("attention_generation", "mla", "generation_mla_perf.parquet", "mla"))
+    for kind, sub, name, attention in sources:
+        found = _table(pkg_system / sub / framework, name, system, f"{sub}/{framework}", version, tables)
+        if found is None:
+            continue
+        df, ref = found
+        df = df[df["kv_cache_dtype"].isin(list(KV_DTYPES)) & (df["latency"] > 0)]
+        if attention == "gqa":
+            df = df[df["window_size"] == 0].rename(columns={"num_key_value_heads": "kv_heads"})
+        else:
+            df = df.assign(kv_heads=1, head_dim=0)
+        df = df.assign(length=df["isl"] + df["step"])
+        shape = ["num_heads", "kv_heads", "head_dim", "kv_cache_dtype", "batch_size"]
+        best = df.groupby(shape + ["length"], as_index=False)["latency"].min().sort_values("length")
+        prov = Provenance("measured", ref, RUN)
+        for (heads, kv_heads, head_dim, kv_dtype, batch), g in best.groupby(shape):
+            out.append(Curve(kind, {"attention": attention, "heads": int(heads), "kv_heads": int(kv_heads),
+                                    "head_dim": int(head_dim), "kv_dtype": KV_DTYPES[kv_dtype], "batch": int(batch)},
+                             tuple(float(v) for v in g["length"]), tuple(float(v) / 1e3 for v in g["latency"]), prov))
+    return out
+
+
+def _a2a_curves(comm: Path, system: str, framework: str, version: str, tables: dict[str, Any]) -> list[Curve]:
+    """``moe_a2a`` curves of the framework's DeepEP dispatch / combine tables (see the module
+    docstring): x tokens per rank, y seconds."""
+    import pandas as pd
+
+    frames = []
+    for name in ("wideep_deepep_ll_perf.parquet", "wideep_deepep_normal_perf.parquet", "moe_a2a_perf.parquet"):
+        found = _table(comm / framework, name, system, f"comm/{framework}", version, tables)
+        if found is None:
+            continue
+        df, ref = found
+        if name == "moe_a2a_perf.parquet":
+            rows = df.rename(columns={"comm_backend": "backend", "topk": "top_k", "num_tokens": "tokens",
+                                      "comm_dtype": "dtype", "ep_size": "ranks"})
+        else:
+            mode = "deepep_ll" if "_ll_" in name else "deepep_normal"
+            parts = []
+            for phase in ("dispatch", "combine"):
+                us = (df[f"{phase}_avg_t_us"] if mode == "deepep_ll"
+                      else df[f"{phase}_transmit_us"] + df[f"{phase}_notify_us"])
+                parts.append(pd.DataFrame({"phase": phase, "latency": us, "hidden_size": df["hidden_size"],
+                                           "top_k": df["num_topk"], "num_experts": df["num_experts"],
+                                           "tokens": df["num_token"], "ranks": 8 * df["node_num"]}))
+            rows = pd.concat(parts).assign(backend=mode, dtype="default")
+        frames.append(rows[rows["dtype"].isin(list(A2A_DTYPES)) & (rows["latency"] > 0)].assign(ref=ref))
+    if not frames:
+        return []
+    df = pd.concat(frames)
+    shape = ["ref", "backend", "phase", "hidden_size", "top_k", "num_experts", "ranks", "dtype"]
+    best = df.groupby(shape + ["tokens"], as_index=False)["latency"].min().sort_values("tokens")
+    return [Curve("moe_a2a", {"backend": str(backend), "phase": str(phase), "hidden": int(hidden), "top_k": int(topk),
+                              "experts": int(experts), "ranks": int(ranks), "dtype": A2A_DTYPES[dtype]},
+                  tuple(float(v) for v in g["tokens"]), tuple(float(v) / 1e6 for v in g["latency"]),
+                  Provenance("measured", ref, RUN))
+            for (ref, backend, phase, hidden, topk, experts, ranks, dtype), g in best.groupby(shape)]
+
+
 def import_profile(system: str, framework: str | None = None, path: str | None = None) -> HardwareProfile:
     """A profile of ``system`` (an aiconfigurator system name, e.g. ``h200_sxm``): moeplan's
     bundled datasheet profile of that GPU plus the package's measured collective curves and,
-    with ``framework``, that backend's measured fused-MoE kernel and bf16 dense-GEMM curves."""
+    with ``framework``, that backend's measured fused-MoE kernel, bf16 dense-GEMM, attention and
+    DeepEP dispatch/combine curves."""
     if system not in SYSTEM_PROFILE:
         raise InputError(f"no moeplan profile for aiconfigurator system {system!r}", field="--aiconfigurator",
                          fix=f"use one of {', '.join(SYSTEM_PROFILE)}")
@@ -210,9 +307,11 @@ def import_profile(system: str, framework: str | None = None, path: str | None =
             tables[crel] = _meta(custom)
         curves += _moe_curves(pkg / "systems" / "data" / system / "moe" / framework, system, framework, version, tables)
         curves += _gemm_curves(pkg / "systems" / "data" / system / "gemm" / framework, system, framework, version, tables)
+        curves += _attention_curves(pkg / "systems" / "data" / system, system, framework, version, tables)
+        curves += _a2a_curves(comm, system, framework, version, tables)
     base = HardwareProfile.resolve(SYSTEM_PROFILE[system])
     run = {"tool": f"aiconfigurator-core {version}", "system": system, "framework": framework or "nccl",
            "tables": tables, "license": "Apache-2.0 (NVIDIA aiconfigurator-core)"}
-    return replace(base, description=f"{base.description}; collectives{', fused-MoE kernels and bf16 GEMMs' if framework else ''} measured by "
+    return replace(base, description=f"{base.description}; collectives{', fused-MoE kernels, bf16 GEMMs, attention and DeepEP' if framework else ''} measured by "
                                f"NVIDIA aiconfigurator-core {version}",
                    curves=tuple(base.curves) + tuple(curves), runs={**base.runs, RUN: run}).validate()

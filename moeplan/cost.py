@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from moeplan.attention_tables import AttentionShape, AttentionTables
 from moeplan.errors import InputError
 from moeplan.gemms import Gemm, GemmCurves, attention_gemms, swiglu_gemms
 from moeplan.hardware import Correction, Curve, HardwareProfile
@@ -214,6 +215,7 @@ class CostModel:
         self._compute_correction = hardware.find_correction("expert_compute", hidden=model.hidden_size,
                                                             ffn=model.expert_ffn, kernel=self.opt.kernel)
         self._gemms = GemmCurves.of(hardware)
+        self.attention_tables = AttentionTables.of(hardware)
 
     def with_options(self, **changes: Any) -> "CostModel":
         """The same model and hardware priced with these :class:`CostOptions` fields changed."""
@@ -477,7 +479,7 @@ class CostModel:
         m = self.model
         if self._gemms is not None:
             return self.attention_core_time(tokens, context, phase) + float(self.gemms_time(tokens, attention_gemms(m, 1)))
-        core = self._measured_attention_core(tokens, context, f"attention_{phase}")
+        core = self._measured_attention_core(tokens, context, phase)
         if core is not None:
             return core
         score_flops, kv_bytes = self._attention_core_work(tokens, context, phase)
@@ -489,7 +491,7 @@ class CostModel:
         """One layer's attention without its projections (scores, softmax, values: what the
         profiler's attention curves time through SDPA): the measured curve, else the roofline
         of the score FLOPs and the KV-cache bytes."""
-        core = self._measured_attention_core(tokens, context, f"attention_{phase}")
+        core = self._measured_attention_core(tokens, context, phase)
         if core is not None:
             return core
         score_flops, kv_bytes = self._attention_core_work(tokens, context, phase)
@@ -499,15 +501,23 @@ class CostModel:
         """Forward + backward of one layer's attention core in training (causal, ``tokens``
         queries each attending to ``context`` tokens) from the profile's measured
         ``attention_train`` curve of this model's attention shape; None without one."""
-        return self._measured_attention_core(tokens, context, "attention_train")
+        return self._measured_attention_core(tokens, context, "train")
 
-    def _measured_attention_core(self, tokens: float, context: float, kind: str) -> float | None:
-        """Seconds of the attention core from the profile's measured ``kind`` curve
-        (attention_prefill, attention_decode or attention_train) of this model's attention shape,
-        per sequence at ``context``, scaled to ``tokens``; None without one."""
+    def _measured_attention_core(self, tokens: float, context: float, phase: str) -> float | None:
+        """Seconds of the attention core in ``phase`` (prefill, decode or train) from the profile's
+        measured ``attention_<phase>`` curve of this model's attention shape (per sequence at
+        ``context``, scaled to ``tokens``), else, for prefill and decode, from its imported per-GPU
+        attention tables (:class:`moeplan.attention_tables.AttentionTables`, all heads on one GPU,
+        KV cache in the weights' dtype); None without either."""
+        kind = f"attention_{phase}"
         curve = self.hw.find_curve(kind, signature=attention_signature(self.model))
         if curve is None:
-            return None
+            shape = AttentionShape.of(self.model, 1, self.model.weight_bytes)
+            if (phase == "train" or self.attention_tables is None or not self.attention_tables.has(phase, shape)
+                    or context <= 0):
+                return None
+            batch = tokens / context if phase == "prefill" else tokens
+            return self.attention_tables.time(phase, shape, batch, context)
         seqs = float(curve.key.get("batch", 1))
         per_sequence = context if kind != "attention_decode" else 1.0
         return float(curve(max(context, 1.0))) * max(tokens / per_sequence, 1e-9) / seqs

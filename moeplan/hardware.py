@@ -70,12 +70,18 @@ class Curve:
     """y(x) measured at a few points; evaluated by log-log interpolation.
 
     kind: expert_ffn | moe_routing | fused_moe | attention_prefill | attention_train (prefill forward +
-        backward) | attention_decode | collective | host_copy | gemm.
+        backward) | attention_decode | attention_context | attention_generation | moe_a2a | collective |
+        host_copy | gemm.
     key: what the curve is for, e.g. {hidden, ffn, dtype, kernel, experts} for expert_ffn,
         {k, n, dtype} for gemm (x = tokens m of one dense GEMM x[m, k]·W[n, k]ᵀ; see moeplan.gemms),
         {hidden, experts, top_k} for moe_routing (x = tokens a device routes),
         {hidden, inter, top_k, experts, moe_tp, moe_ep, dtype} for fused_moe (x = tokens entering one
         MoE layer across its EP group; y = the fused kernel of one layer on one GPU),
+        {attention, heads, kv_heads, head_dim, kv_dtype, batch} for attention_context / attention_generation
+        (one layer's attention core of ``batch`` sequences on one GPU with ``heads`` query and ``kv_heads``
+        KV heads after TP; x = prompt tokens per sequence / KV-cache tokens per sequence; see
+        moeplan.attention_tables), {backend, phase, hidden, top_k, experts, ranks, dtype} for moe_a2a
+        (one EP dispatch or combine kernel, e.g. DeepEP; x = tokens each rank sends),
         {op, scope, ranks} for collective, {direction, memory} for host_copy.
     x: tokens, sequence length or bytes; y: seconds (median); y_min/y_max: spread of repeats.
     Below the first point the first value holds (the small-batch floor); beyond the last point
@@ -119,6 +125,8 @@ class Curve:
         return d
 
 
+CURVE_KINDS = ("expert_ffn", "moe_routing", "fused_moe", "attention_prefill", "attention_train", "attention_decode",
+               "attention_context", "attention_generation", "moe_a2a", "collective", "host_copy", "gemm")
 CORRECTION_TARGETS = ("expert_compute", "forward_step")
 TILE_ROWS = 128   # rows of one M tile of the grouped GEMM (torch._grouped_mm's CUTLASS kernel on Hopper)
 
@@ -544,8 +552,7 @@ def _curve(data: Any, source: str, index: int) -> Curve:
     key = f.raw("key", {})
     if not isinstance(key, dict):
         raise f.fail("key", "expected a mapping")
-    kind = f.str("kind", choices=("expert_ffn", "moe_routing", "fused_moe", "attention_prefill", "attention_train",
-                                    "attention_decode", "collective", "host_copy", "gemm"))
+    kind = f.str("kind", choices=CURVE_KINDS)
     return Curve(kind, key, tuple(x), tuple(y), _prov(f), y_min, y_max)
 
 

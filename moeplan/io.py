@@ -173,11 +173,16 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise InputError(f"not valid JSON ({exc})", source=str(path), fix="write valid UTF-8 JSON") from None
 
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """Parse a YAML file with the safe loader, raising InputError on any failure."""
+    """Parse a YAML file with the safe loader (libyaml's C one where PyYAML has it: 4.5× less CPU
+    on a 7.7 MB profile imported from aiconfigurator-core, the same content), raising InputError
+    on any failure."""
     raw = _read_bytes(path)
     try:
-        return yaml.safe_load(raw.decode("utf-8"))
+        return yaml.load(raw.decode("utf-8"), Loader=SAFE_LOADER)
     except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, TypeError) as exc:
         raise InputError(f"not valid YAML ({exc})", source=str(path), fix="write valid UTF-8 YAML") from None
 

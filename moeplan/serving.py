@@ -24,6 +24,14 @@ Three layers, read top to bottom:
    request waits behind the prefills of others already queued (an occupancy-weighted queue).
    Disaggregated prefill/decode: :func:`predict_disaggregated` (worker pools, KV transfer,
    prefill queue at the rate decode drains requests).
+
+Measured tables replace rooflines where the profile has them (``moeplan hardware-import
+--aiconfigurator SYSTEM --framework F``, aiconfigurator-core 0.12.0): the attention core (scores,
+softmax, values) from the backend's per-GPU attention tables (:mod:`moeplan.attention_tables`;
+the projections stay a roofline), the routed experts from its fused-MoE curves, the TP all-reduce
+and the attention-DP all-gather / reduce-scatter from its collective curves, and — with
+``moe_dispatch="deepep"`` — the EP dispatch and combine from its DeepEP curves (``moe_a2a``), else
+from the measured NCCL all-to-all.
 3. **Fitted terms** — :class:`ServeTerms`: the few constants not read from a datasheet. Their
    defaults are the values ``bench/serve_silicon.py`` fits on the H100 and B200 rows of NVIDIA
    aiconfigurator-core 0.12.0's ``systems/silicon_sample.csv`` (the H200 rows are held out).
@@ -41,12 +49,20 @@ from typing import Any
 
 import numpy as np
 
+from moeplan.attention_tables import AttentionShape
 from moeplan.cost import CostModel
 from moeplan.errors import InputError
 from moeplan.hardware import Curve
 from moeplan.precision import Precision, matmul_rate
 
 BACKENDS = ("sglang", "trtllm", "vllm")
+DISPATCHES = ("gather", "deepep")
+# DeepEP kernels of each phase in the imported moe_a2a curves: low-latency mode in decode,
+# normal / high-throughput mode in prefill (SGLang --deepep-mode auto picks them so:
+# sgl-project/sglang python/sglang/srt/layers/moe/utils.py DeepEPMode.resolve).
+A2A_KERNELS = {"decode": ("deepep_ll", "trtllm_deepep_ll"),
+               "prefill": ("deepep_normal", "deepep_ht", "trtllm_deepep_ht")}
+A2A_DTYPES = ("bf16", "default")
 
 
 @dataclass(frozen=True)
@@ -97,18 +113,19 @@ class ServeTerms:
     other in-flight requests' prefills a new request waits behind, per unit of occupancy.
     """
 
-    hbm_efficiency: float = 0.5397
+    hbm_efficiency: float = 0.8359
     flops_efficiency: float = 0.4
-    layer_gap_s: tuple[tuple[str, float], ...] = (("sglang", 8.140e-05), ("trtllm", 2.851e-05), ("vllm", 3.669e-05))
+    layer_gap_s: tuple[tuple[str, float], ...] = (("sglang", 7.815e-05), ("trtllm", 2.237e-05), ("vllm", 3.219e-05))
     collective_latency_s: float = 1.0e-07
     step_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 1.0e-05), ("trtllm", 1.0e-05), ("vllm", 1.0e-05))
-    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.3252), ("trtllm", 1.299e-02), ("vllm", 1.0e-04))
-    schedule_wait_steps: float = 8.485
-    prefill_share: tuple[tuple[str, float], ...] = (("sglang", 1.216), ("trtllm", 0.6282), ("vllm", 0.9302))
-    queue_factor: float = 6.946
+    request_overhead_s: tuple[tuple[str, float], ...] = (("sglang", 0.3247), ("trtllm", 1.147e-02), ("vllm", 1.0e-04))
+    schedule_wait_steps: float = 8.312
+    prefill_share: tuple[tuple[str, float], ...] = (("sglang", 1.236), ("trtllm", 0.6455), ("vllm", 1.092))
+    queue_factor: float = 6.889
     source: str = ("bench/serve_silicon.py: fitted on the 861 H100 + B200 aggregated MoE configurations of "
                    "aiconfigurator-core 0.12.0 systems/silicon_sample.csv (H200 rows held out), with the "
-                   "package's measured NCCL / custom all-reduce and fused-MoE curves in the profiles")
+                   "package's measured NCCL / custom all-reduce, fused-MoE, bf16 GEMM and attention curves "
+                   "in the profiles")
 
     def layer_gap(self, backend: str) -> float:
         return _per_backend(self.layer_gap_s, backend)
@@ -201,7 +218,12 @@ class ServePoint:
 class ServePredictor:
     """TTFT/TPOT of one model on one GPU type under one layout, precision and backend.
     ``cost`` supplies the model and the hardware profile; ``choose_prob`` (optional, [experts])
-    the per-token chance of picking each expert (from a trace), uniform k / E otherwise."""
+    the per-token chance of picking each expert (from a trace), uniform k / E otherwise.
+    ``moe_dispatch``: how tokens reach the experts — ``gather`` (attention-DP replicas all-gather
+    their tokens and reduce-scatter the outputs: every backend's default) or ``deepep`` (each GPU
+    dispatches its 1/attention_tp share of its replica's tokens to the experts' GPUs and combines
+    them back, all-to-all: SGLang --moe-a2a-backend deepep, vLLM VLLM_ALL2ALL_BACKEND=deepep_*,
+    TRT-LLM TRTLLM_CAN_USE_DEEP_EP)."""
 
     cost: CostModel
     layout: ServeLayout
@@ -209,7 +231,9 @@ class ServePredictor:
     backend: str
     terms: ServeTerms = field(default_factory=ServeTerms)
     choose_prob: np.ndarray | None = None
+    moe_dispatch: str = "gather"
     moe_curve: Curve | None = field(init=False, default=None)
+    attention_shape: AttentionShape | None = field(init=False, default=None)
     _collectives: dict[tuple[str, int, bool], Curve | None] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -224,6 +248,10 @@ class ServePredictor:
             raise InputError(f"routing distribution has {len(self.choose_prob)} experts, the model {m.num_experts}",
                              field="choose_prob")
         self.moe_curve = None if traced else self._fused_moe_curve()
+        if self.moe_dispatch not in DISPATCHES:
+            raise InputError(f"unknown MoE dispatch {self.moe_dispatch!r}", field="moe_dispatch",
+                             fix=f"use one of {', '.join(DISPATCHES)}")
+        self.attention_shape = AttentionShape.of(m, self.layout.attention_tp, self.precision.kv_bytes)
 
     # ---- pieces -------------------------------------------------------------------------------
     def _fused_moe_curve(self) -> Curve | None:
@@ -278,6 +306,61 @@ class ServePredictor:
             return allreduce_time(nbytes, ranks, link.bandwidth.value, latency)
         return latency + nbytes * (ranks - 1) / ranks / link.bandwidth.value
 
+    def _a2a_curves(self, phase: str) -> tuple[Curve, Curve] | None:
+        """The profile's measured DeepEP (dispatch, combine) curves of this model's MoE shape over
+        moe_ep ranks for ``phase``'s kernel (:data:`A2A_KERNELS`), or None."""
+        m = self.cost.model
+        shape = dict(hidden=m.hidden_size, top_k=m.top_k, experts=m.num_experts, ranks=self.layout.moe_ep)
+        for kernel in A2A_KERNELS[phase]:
+            for dtype in A2A_DTYPES:
+                pair = tuple(self.cost.hw.curve_for("moe_a2a", backend=kernel, phase=p, dtype=dtype, **shape)
+                             for p in ("dispatch", "combine"))
+                if all(c is not None and c.prov.measured for c in pair):
+                    return pair
+        return None
+
+    def _deepep_time(self, tokens_per_rank: float, phase: str) -> float:
+        """One MoE layer's dispatch + combine when each GPU sends ``tokens_per_rank`` tokens:
+        the measured DeepEP curves where the profile has them for this shape and EP size (one
+        node), else two all-to-alls of each token's top-k copies (:meth:`_collective`: the
+        measured NCCL all-to-all curve, else the link model)."""
+        lay = self.layout
+        if lay.moe_ep <= 1 or tokens_per_rank <= 0:
+            return 0.0
+        pair = self._a2a_curves(phase) if lay.world <= self.cost.hw.devices_per_node else None
+        if pair is not None:
+            return float(pair[0](tokens_per_rank)) + float(pair[1](tokens_per_rank))
+        m = self.cost.model
+        nbytes = tokens_per_rank * m.top_k * m.hidden_size * 2.0
+        return 2.0 * self._collective(nbytes, lay.moe_ep, "all_to_all", lay.world)
+
+    def _attention(self, tokens: float, context: float, phase: str) -> float:
+        """All layers' attention on one GPU: ``tokens`` new tokens of its replica, each attending
+        to ``context`` tokens. Projections are a roofline at the GEMM precision; the core (scores,
+        softmax, values) is the backend's measured attention table at this GPU's heads where the
+        profile has it (a prefill of ``tokens`` tokens over a ``ctx``-token window counts as
+        tokens / ctx sequences of ctx tokens), else in the same roofline (KV reads split over
+        the TP ranks that hold distinct KV heads)."""
+        m, lay, pr = self.cost.model, self.layout, self.precision
+        a, tp = m.attention, self.layout.attention_tp
+        kv_split = min(tp, a.num_kv_heads) if a.kind == "gqa" else 1
+        causal = 0.5 if phase == "prefill" else 1.0
+        att_w = a.params(m.hidden_size)
+        proj_flops, proj_bytes = 2.0 * att_w * tokens / tp, att_w * pr.gemm_bytes / tp
+        tables = self.cost.attention_tables
+        measured = tables is not None and tables.has(phase, self.attention_shape)
+        attention = 0.0
+        for layers, ctx in m.attention_layer_contexts(context):      # full / sliding-window / linear layers
+            if measured and ctx > 0:
+                batch = tokens if phase == "decode" else tokens / ctx
+                core = tables.time(phase, self.attention_shape, batch, ctx)
+                attention += layers * (self._roofline(proj_flops, proj_bytes, pr.gemm) + core)
+                continue
+            score = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * ctx * causal / tp
+            kv_read = a.kv_cache_elems_per_token() * pr.kv_bytes * ctx * (tokens if phase == "decode" else 1.0) / kv_split
+            attention += layers * self._roofline(proj_flops + score, proj_bytes + kv_read, pr.gemm)
+        return attention
+
     def _local_expert_probs(self) -> np.ndarray:
         """Per-token pick probabilities of the experts on the busiest EP rank (contiguous
         blocks of E / EP experts, the default placement of every backend)."""
@@ -289,17 +372,8 @@ class ServePredictor:
         """One step on one GPU: ``tokens`` new tokens per attention replica (decode: one per
         sequence; prefill: prompt tokens), each attending to ``context`` tokens."""
         m, lay, pr = self.cost.model, self.layout, self.precision
-        a, h = m.attention, m.hidden_size
-        tp = lay.attention_tp
-        kv_split = min(tp, a.num_kv_heads) if a.kind == "gqa" else 1
-        causal = 0.5 if phase == "prefill" else 1.0
-        att_w = a.params(h)
-        attention = 0.0
-        for layers, ctx in m.attention_layer_contexts(context):      # full / sliding-window / linear layers
-            score = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * ctx * causal / tp
-            kv_read = a.kv_cache_elems_per_token() * pr.kv_bytes * ctx * (tokens if phase == "decode" else 1.0) / kv_split
-            attention += layers * self._roofline(2.0 * att_w * tokens / tp + score,
-                                                 att_w * pr.gemm_bytes / tp + kv_read, pr.gemm)
+        h, tp = m.hidden_size, lay.attention_tp
+        attention = self._attention(tokens, context, phase)
 
         moe_tokens = tokens * lay.attention_dp                  # distinct tokens entering each MoE layer
         local = self._local_expert_probs()
@@ -324,7 +398,9 @@ class ServePredictor:
         act = tokens * h * 2.0                                  # bf16 activations of one replica's tokens
         tp_comm = 2 * m.num_layers * self._collective(act, tp, "all_reduce")
         ep_comm = 0.0
-        if lay.attention_dp > 1:
+        if self.moe_dispatch == "deepep":
+            ep_comm = m.num_moe_layers * self._deepep_time(tokens / tp, phase)
+        elif lay.attention_dp > 1:
             # Attention replicas hand their tokens to the MoE layer by an all-gather over the DP group
             # and take the expert outputs back by a reduce-scatter, the default of all three backends
             # on one NVLink node: vLLM's VLLM_ALL2ALL_BACKEND=allgather_reducescatter (vllm/envs.py),

@@ -137,3 +137,66 @@ def test_framework_bf16_gemm_table_becomes_the_grid_gemm_time_prices_from(tmp_pa
     assert float(measured.gemm_time(64, 4096, 4096)) != pytest.approx(float(roofline.gemm_time(64, 4096, 4096)), rel=0.1)
     shown = CliRunner().invoke(app, ["hardware", str(out)])
     assert "curve gemm" in shown.output and "gemm_perf.parquet" in shown.output
+
+
+def test_framework_attention_and_deepep_tables_become_measured_curves_serving_prices_from(tmp_path: Path) -> None:
+    # attention/<fw>/<v>/{context,generation}_attention_perf.parquet and mla/<fw>/<v>/{context,generation}_mla_perf
+    # (latency ms by per-GPU heads, KV heads, head dim, KV dtype, batch, isl + step; only window_size 0, the
+    # fastest kernel kept) and comm/<fw>/<v>/wideep_deepep_{ll,normal}_perf.parquet (µs by tokens per rank)
+    from moeplan.aiconfigurator_import import import_profile
+    from moeplan.precision import Precision
+    from moeplan.serving import ServeLayout, ServePredictor
+    root = fake_package(tmp_path / "pkg")
+    data = root / "aiconfigurator_core" / "systems" / "data" / "h200_sxm"
+    att, mla, comm = (data / "attention" / "sglang" / "0.5.14", data / "mla" / "sglang" / "0.5.14",
+                      data / "comm" / "sglang" / "0.5.12")
+    for d in (att, mla, comm):
+        d.mkdir(parents=True, exist_ok=True)
+    gqa = {"num_heads": 16, "num_key_value_heads": 1, "head_dim": 128, "kv_cache_dtype": "bfloat16"}
+    for name, step, isl in (("context", 0, None), ("generation", None, 1)):
+        rows = [{**gqa, "kernel_source": k, "batch_size": b, "isl": isl or n, "step": (n - 1) if step is None else 0,
+                 "window_size": w, "latency": 0.01 * b * n / 1024 * f}
+                for b in (1, 32) for n in (1024, 8192) for w in (0, 128) for k, f in (("fa3", 1.0), ("triton", 2.0))]
+        pd.DataFrame(rows).to_parquet(att / f"{name}_attention_perf.parquet")
+        rows = [{"num_heads": 16, "tp_size": 8, "kv_cache_dtype": "fp8", "batch_size": 1, "isl": isl or n,
+                 "step": (n - 1) if step is None else 0, "latency": 0.02 * n / 1024, "kernel_source": "fa"}
+                for n in (1024, 8192)]
+        pd.DataFrame(rows).to_parquet(mla / f"{name}_mla_perf.parquet")
+    base = {"node_num": 1, "hidden_size": 7168, "num_topk": 8, "num_experts": 256}
+    pd.DataFrame([{**base, "num_token": n, "dispatch_avg_t_us": 20.0 * n ** 0.5, "combine_avg_t_us": 30.0 * n ** 0.5}
+                  for n in (1, 16, 256)]).to_parquet(comm / "wideep_deepep_ll_perf.parquet")
+    pd.DataFrame([{**base, "num_token": n, "dispatch_sms": s, "dispatch_transmit_us": 50.0 * s, "dispatch_notify_us": 5.0,
+                   "combine_sms": s, "combine_transmit_us": 60.0 * s, "combine_notify_us": 0.0}
+                  for n in (16, 4096) for s in (4, 24)]).to_parquet(comm / "wideep_deepep_normal_perf.parquet")
+    out = tmp_path / "h200.yaml"
+    res = CliRunner().invoke(app, ["hardware-import", "--aiconfigurator", "h200_sxm", "--framework", "sglang",
+                                   "--aiconfigurator-path", str(root), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    hw = HardwareProfile.load(out)
+    ctx = hw.curve_for("attention_context", attention="gqa", heads=16, kv_heads=1, head_dim=128, kv_dtype="bf16", batch=32)
+    gen = hw.curve_for("attention_generation", attention="gqa", heads=16, kv_heads=1, head_dim=128, kv_dtype="bf16",
+                       batch=32)
+    assert ctx.prov.measured and "attention/sglang/0.5.14/context_attention_perf.parquet" in ctx.prov.ref
+    assert ctx.x == (1024.0, 8192.0) and ctx.y == pytest.approx((0.32e-3, 2.56e-3))   # fastest kernel, window 0 only
+    assert gen.x == (1024.0, 8192.0) and "0.12.0" in gen.prov.ref                      # x = isl + step
+    assert len(hw.curves_of("attention_context")) == 3                                # two GQA batches + one MLA
+    ll = hw.curve_for("moe_a2a", backend="deepep_ll", phase="dispatch", hidden=7168, top_k=8, experts=256, ranks=8,
+                      dtype="default")
+    normal = hw.curve_for("moe_a2a", backend="deepep_normal", phase="dispatch", hidden=7168, top_k=8, experts=256,
+                          ranks=8, dtype="default")
+    assert ll.y == pytest.approx((20e-6, 80e-6, 320e-6)) and "wideep_deepep_ll_perf" in ll.prov.ref
+    assert normal.y == pytest.approx((205e-6, 205e-6))                                 # transmit + notify, fewest-µs SMs
+    assert hw.runs["aiconfigurator"]["tables"]["systems/data/h200_sxm/comm/sglang/0.5.12/wideep_deepep_ll_perf.parquet"] \
+        is not None
+    model = ModelSpec.preset("deepseek-v3")
+    cm = CostModel(model, hw)
+    pr = Precision("fp8", "fp8", "fp8")
+    step = ServePredictor(cm, ServeLayout(8, 1, 1, 8), pr, "sglang").decode_step(1, 4095)
+    roofline = ServePredictor(CostModel(model, HardwareProfile.resolve("h200-sxm")), ServeLayout(8, 1, 1, 8), pr,
+                              "sglang").decode_step(1, 4095)
+    assert step.attention != pytest.approx(roofline.attention, rel=1e-3)               # MLA core from the table
+    wide = ServePredictor(cm, ServeLayout(1, 8, 1, 8), pr, "sglang", moe_dispatch="deepep").decode_step(16, 2048)
+    assert wide.ep_comm == pytest.approx(model.num_moe_layers * (80e-6 + 120e-6))
+    shown = CliRunner().invoke(app, ["hardware", str(out)])
+    assert "curve attention_generation" in shown.output and "curve moe_a2a" in shown.output
+    assert "backend=deepep_ll" in shown.output and "measured: aiconfigurator-core 0.12.0" in shown.output

@@ -19,15 +19,15 @@ def hardware_import(
     output: Path = typer.Option(..., "-o", "--output", help="profile YAML to write"),
     framework: Optional[str] = typer.Option(None, "--framework",
                                             help="sglang, trtllm or vllm: add that backend's custom all-reduce, "
-                                                 "fused-MoE and bf16 GEMM tables"),
+                                                 "fused-MoE, bf16 GEMM, attention (GQA, MLA) and DeepEP tables"),
     package: Optional[str] = typer.Option(None, "--aiconfigurator-path",
                                           help="folder an aiconfigurator-core wheel was unzipped into "
                                                "(default: the installed package)"),
 ) -> None:
     """Build a profile from aiconfigurator-core's measured collective tables (NCCL all-reduce,
     all-gather, reduce-scatter, all-to-all on 2/4/8 GPUs; with --framework the backend's
-    CUDA-graph custom all-reduce, fused-MoE kernels and bf16 dense GEMMs) on top of moeplan's
-    datasheet profile of the same GPU."""
+    CUDA-graph custom all-reduce, fused-MoE kernels, bf16 dense GEMMs, attention kernels and DeepEP
+    dispatch/combine) on top of moeplan's datasheet profile of the same GPU."""
     from moeplan.aiconfigurator_import import import_profile
 
     hw = import_profile(aiconfigurator, framework, package)
