@@ -10,7 +10,8 @@
 # SECTIONS (first argument, default all) picks a subset: profile,shapes,folding,forward,replay;
 # PROFILE names the profile to predict from when this call does not profile; ONLY the profiler
 # sections (default device,gemm,experts,routing,attention) and BASE the profile they are merged onto
-# (default the committed measured profile of this GPU kind).
+# (default the committed measured profile of this GPU kind); TOTAL the seconds the whole call may take
+# (default 575: the forward step, last, gets what is left).
 # bench/calibration.py then runs on the CPU.
 #   device: run(command="bash bench/gpu_session6.sh", kind="nvidia-h100-x1", timeout_s=600)
 set -uo pipefail
@@ -52,7 +53,7 @@ if want replay; then
 fi
 if want forward; then
     echo "== forward step $(( $(date +%s) - t0 )) s"
-    left=$(( 575 - ( $(date +%s) - t0 ) ))
+    left=$(( ${TOTAL:-575} - ( $(date +%s) - t0 ) ))
     timeout "$left" python3 bench/gpu_forward.py "$profile" "$OUT/forward" > "$OUT/forward.log" 2>&1 || echo "forward ended with $?"
     tail -1 "$OUT/forward.log"
 fi
