@@ -11,7 +11,7 @@
 # PROFILE names the profile to predict from when this call does not profile; ONLY the profiler
 # sections (default device,gemm,experts,routing,attention) and BASE the profile they are merged onto
 # (default the committed measured profile of this GPU kind); TOTAL the seconds the whole call may take
-# (default 575: the forward step, last, gets what is left).
+# (default 575: the forward step, last, gets what is left); MODELS the profiled models.
 # bench/calibration.py then runs on the CPU.
 #   device: run(command="bash bench/gpu_session6.sh", kind="nvidia-h100-x1", timeout_s=600)
 set -uo pipefail
@@ -25,7 +25,7 @@ want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
 tag=$(python3 -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'h100')")
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-models=olmoe-1b-7b,qwen1.5-moe-a2.7b,deepseek-v2-lite,mixtral-8x7b,mixtral-8x22b,qwen2-57b-a14b
+models=${MODELS:-olmoe-1b-7b,qwen1.5-moe-a2.7b,deepseek-v2-lite,mixtral-8x7b,mixtral-8x22b,qwen2-57b-a14b}
 profile="$OUT/$tag-profile.yaml"
 if want profile; then
     echo "== profile (two passes) $(( $(date +%s) - t0 )) s"
