@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from moeplan.cli import app
 from moeplan.cost import CostModel
+from moeplan.dispatch import even_share
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
@@ -180,6 +181,19 @@ def test_incremental_respects_the_move_budget(small_problem) -> None:
     np.testing.assert_array_equal(replayed, r.placement.slot_expert)
     bytes_curve = [c["bytes"] for c in r.curve]
     assert bytes_curve == sorted(bytes_curve) and r.curve[-1]["balancedness"] == pytest.approx(r.balancedness_after)
+
+
+def test_incremental_scores_moves_under_the_problems_dispatch(small_problem) -> None:
+    p = replace(small_problem, dispatch="even")
+    current = solve(small_problem, "ilp", SolverOptions(time_limit=5)).placement   # weighted shares
+    r = replace_incremental(p, current, 40 * p.expert_bytes)
+    served_before = Placement(current.slot_expert, even_share(current.slot_expert, p.num_experts), p.num_experts,
+                              p.devices_per_node, "even")
+    assert r.balancedness_before == pytest.approx(balancedness(served_before, p.load))
+    assert r.placement.dispatch == "even"
+    np.testing.assert_allclose(r.placement.replica_share, even_share(r.placement.slot_expert, p.num_experts))
+    assert r.balancedness_after == pytest.approx(balancedness(r.placement, p.load))
+    assert r.balancedness_after < r.balancedness_before and len(r.moves) > 0
 
 
 def test_incremental_to_fewer_devices_moves_the_orphans(small_problem) -> None:
