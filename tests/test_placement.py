@@ -22,6 +22,7 @@ from moeplan.solvers.placement.exflow import traffic_report
 from moeplan.solvers.placement.incremental import replace_incremental
 from moeplan.solvers.placement.layer import balance_shares, layer_model
 from moeplan.solvers.placement.metrics import balancedness, top1_hops, touched
+from moeplan.solvers.placement.touched_bound import layer_bound, touched_bound
 from moeplan.solvers.placement.problem import ObjectiveWeights, check_cluster, slots_per_device_of
 from moeplan.stats import TraceStats
 from moeplan.synth import SyntheticTraffic, synthesize
@@ -233,3 +234,19 @@ def test_cli_plan_placement_writes_a_plan_and_rejects_bad_slots(tmp_path: Path) 
     res = runner.invoke(app, base[:-1] + [str(moved), "--current", str(out), "--move-budget", "2"])
     assert res.exit_code == 0, res.output
     assert Plan.load(moved).moves is not None
+
+
+# ---- devices-touched bound ---------------------------------------------------------------------------------------
+def test_touched_bound_is_tight_on_disjoint_blocks_and_below_every_placement(small_problem) -> None:
+    blocks = np.arange(16).reshape(4, 4)
+    ids = blocks[np.random.default_rng(0).integers(0, 4, 50)]
+    assert layer_bound(ids, 16, 4) == pytest.approx(1.0, abs=1e-3)   # one block per device touches 1
+    spec = replace(ModelSpec.preset("qwen3-30b-a3b"), moe_layers=(0,))
+    trace = synthesize(spec, SyntheticTraffic(tokens=150, seed=3))
+    bound = touched_bound(trace.expert_ids, 128, 9, [0], iterations=30)
+    p = replace(small_problem, load=small_problem.load[:1], flows=small_problem.flows[:0],
+                coactivation=small_problem.coactivation[:1])
+    for solver in ("contiguous", "lpt", "eplb"):
+        placed = solve(p, solver).placement
+        assert (bound <= touched(placed, trace.expert_ids) + 1e-9).all()
+    assert (bound > 1.0).all()
