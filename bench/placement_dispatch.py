@@ -12,8 +12,10 @@
 3. **Re-placement schedule**: the six workloads as a sequence; at each change, re-place (fitted on
    the workloads seen so far) when the moved bytes' time over NVLink (profile figure, the busiest
    receiving device) is repaid by the expert-compute time per step the balance gain saves (the
-   cost model's per-step objective at 4096 tokens per GPU) within ``--horizon`` steps; against keeping the first
-   placement and against SGLang's EPLB every N iterations (EPLB on the last workload each time).
+   cost model's per-step objective at 4096 tokens per GPU) within ``--horizon`` steps; next to it the
+   budgeted incremental re-placement (``moeplan plan placement --current``, ``--move-budget`` GiB
+   per step, moves scored under the same equal split) and SGLang's EPLB every N iterations (EPLB
+   on the last workload each time).
 
 Usage: python bench/placement_dispatch.py [--tokens 100000] [--time-limit 60] [--out bench/results/placement_dispatch.json]
 """
@@ -37,6 +39,7 @@ from moeplan.model import ModelSpec
 from moeplan.plan import Placement
 from moeplan.solvers.placement import PlacementProblem, SolverOptions, solve
 from moeplan.solvers.placement.eplb import rebalance_experts
+from moeplan.solvers.placement.incremental import replace_incremental
 from moeplan.solvers.placement.metrics import balancedness, evaluate
 from moeplan.solvers.placement.pipeline import split_for_judging
 from moeplan.solvers.placement.problem import objective
@@ -104,37 +107,68 @@ def leave_one_out(cost: CostModel, w: Workloads) -> dict[str, Any]:
     return out
 
 
-def schedule(cost: CostModel, w: Workloads, horizon: int) -> dict[str, Any]:
-    """Re-placement schedule over the workloads taken as a sequence (module docstring, part 3)."""
+def move_seconds(old: Placement, new: Placement, expert_bytes: float, nvlink: float) -> float:
+    """Seconds to turn ``old`` into ``new``: the moves run in parallel over the devices, each device
+    receiving its new experts over NVLink (``nvlink`` bytes/s; inter-node and host copies not modelled)."""
+    per_device = (old.slot_expert != new.slot_expert).sum(axis=(0, 2))
+    return float(per_device.max()) * expert_bytes / nvlink
+
+
+def schedule(cost: CostModel, w: Workloads, horizon: int, budget_gib: float) -> dict[str, Any]:
+    """Re-placement schedule over the workloads taken as a sequence (module docstring, part 3): at
+    each workload, a full re-placement and a budgeted incremental one (``--current``,
+    :func:`replace_incremental`, ``budget_gib`` GiB of slot writes), both fitted on the workloads
+    before it under ``sglang-static`` and each adopted when its move time is repaid within
+    ``horizon`` steps; next to SGLang's EPLB re-run on the last workload."""
     spec, hw = cost.model, cost.hw
     expert_bytes = spec.expert_bytes()
     nvlink = float(hw.intra_node.bandwidth.value)
-    current = None
+    current = incremental = last_eplb = None
     rows = []
     for i, name in enumerate(w.names):
         seen = Workloads(w.loads[:max(i, 1)], w.names[:max(i, 1)])
-        candidate = realise(solve(PlacementProblem.from_loads(cost, seen.loads, 9, dispatch="sglang-static"),
-                                  "even", SolverOptions()).placement, "sglang-static", spec)
+        fitted = PlacementProblem.from_loads(cost, seen.loads, 9, dispatch="sglang-static")
+        candidate = realise(solve(fitted, "even", SolverOptions()).placement, "sglang-static", spec)
         if current is None:
-            current = candidate
-        b_keep = balancedness(current, w.loads[i])
-        b_new = balancedness(candidate, w.loads[i])
-        moved = int((candidate.slot_expert != current.slot_expert).sum())
-        # moves run in parallel over the devices; each device receives its new experts over NVLink
-        move_s = float(np.max([((candidate.slot_expert[:, d] != current.slot_expert[:, d]).sum()) * expert_bytes
-                               for d in range(hw.num_devices)]) / nvlink)
+            current = incremental = candidate
+        t0 = time.perf_counter()
+        stepped = realise(replace_incremental(fitted, incremental, budget_gib * 2**30).placement, "sglang-static",
+                          spec)
+        incremental_s = time.perf_counter() - t0
         judge = PlacementProblem.from_loads(cost, w.loads[i:i + 1], 9)
-        saved_per_step = objective(judge, current).compute - objective(judge, candidate).compute
-        replace_now = saved_per_step * horizon > move_s and i > 0
-        prev_eplb = eplb(w.loads[max(i - 1, 0)], 1, 1, 32, 9, 8)
-        rows.append({"workload": name, "keep": b_keep, "re-placed": b_new, "moved_slots": moved,
-                     "moved_bytes": moved * expert_bytes, "move_seconds": move_s,
-                     "saved_seconds_per_step": saved_per_step, "re-place": bool(replace_now),
-                     "sglang eplb (last workload)": balancedness(prev_eplb, w.loads[i])})
+
+        def saved(old: Placement, new: Placement) -> float:
+            return objective(judge, old).compute - objective(judge, new).compute
+
+        move_s, inc_move_s = (move_seconds(current, candidate, expert_bytes, nvlink),
+                              move_seconds(incremental, stepped, expert_bytes, nvlink))
+        replace_now = saved(current, candidate) * horizon > move_s and i > 0
+        step_now = saved(incremental, stepped) * horizon > inc_move_s and i > 0
+        new_eplb = eplb(w.loads[max(i - 1, 0)], 1, 1, 32, 9, 8)
+        eplb_moved = 0 if last_eplb is None else int((new_eplb.slot_expert != last_eplb.slot_expert).sum())
+        rows.append({"workload": name, "keep": balancedness(current, w.loads[i]),
+                     "re-placed": balancedness(candidate, w.loads[i]),
+                     "moved_slots": int((candidate.slot_expert != current.slot_expert).sum()),
+                     "move_seconds": move_s, "saved_seconds_per_step": saved(current, candidate),
+                     "re-place": bool(replace_now),
+                     "incremental keep": balancedness(incremental, w.loads[i]),
+                     "incremental": balancedness(stepped, w.loads[i]),
+                     "incremental_moved_slots": int((stepped.slot_expert != incremental.slot_expert).sum()),
+                     "incremental_move_seconds": inc_move_s,
+                     "incremental_saved_seconds_per_step": saved(incremental, stepped),
+                     "incremental_step": bool(step_now), "incremental_solve_seconds": incremental_s,
+                     "sglang eplb (last workload)": balancedness(new_eplb, w.loads[i]),
+                     "sglang eplb moved_slots": eplb_moved,
+                     "sglang eplb move_seconds": 0.0 if last_eplb is None else move_seconds(last_eplb, new_eplb,
+                                                                                          expert_bytes, nvlink)})
         if replace_now:
             current = candidate
+        if step_now:
+            incremental = stepped
+        last_eplb = new_eplb
         print(rows[-1], flush=True)
-    return {"horizon_steps": horizon, "nvlink_bytes_per_s": nvlink, "rows": rows}
+    return {"horizon_steps": horizon, "nvlink_bytes_per_s": nvlink, "expert_bytes": expert_bytes,
+            "incremental_budget_gib": budget_gib, "rows": rows}
 
 
 def main() -> None:
@@ -142,18 +176,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--horizon", type=int, default=1000)
+    ap.add_argument("--move-budget", type=float, default=64.0, help="GiB of slot writes per incremental step")
     ap.add_argument("--parts", default="synthetic,loo,schedule")
+    ap.add_argument("--data", default=DATA, help="glob of the SGLang load files (the six workloads)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/placement_dispatch.json"))
     args = ap.parse_args()
     spec = ModelSpec.resolve("deepseek-v3")
     cost = CostModel(spec, HardwareProfile.resolve("measured/h200-sxm").with_cluster(devices=32, nodes=4))
     result: dict[str, Any] = {}
     parts = args.parts.split(",")
-    w = read_loads(sorted(glob.glob(DATA)), spec)
+    w = read_loads(sorted(glob.glob(args.data)), spec) if {"loo", "schedule"} & set(parts) else None
     if "loo" in parts:
         result["leave_one_out"] = leave_one_out(cost, w)
     if "schedule" in parts:
-        result["schedule"] = schedule(cost, w, args.horizon)
+        result["schedule"] = schedule(cost, w, args.horizon, args.move_budget)
     if "synthetic" in parts:
         result["synthetic"] = synthetic(cost, args.tokens, args.time_limit)
     write_json(args.out.with_name(args.out.stem + "_" + "_".join(parts) + ".json"), result)

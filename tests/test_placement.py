@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from moeplan.cli import app
 from moeplan.cost import CostModel
+from moeplan.dispatch import even_share
 from moeplan.errors import InputError
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
@@ -21,6 +22,7 @@ from moeplan.solvers.placement.exflow import traffic_report
 from moeplan.solvers.placement.incremental import replace_incremental
 from moeplan.solvers.placement.layer import balance_shares, layer_model
 from moeplan.solvers.placement.metrics import balancedness, top1_hops, touched
+from moeplan.solvers.placement.touched_bound import layer_bound, touched_bound
 from moeplan.solvers.placement.problem import ObjectiveWeights, check_cluster, slots_per_device_of
 from moeplan.stats import TraceStats
 from moeplan.synth import SyntheticTraffic, synthesize
@@ -182,6 +184,19 @@ def test_incremental_respects_the_move_budget(small_problem) -> None:
     assert bytes_curve == sorted(bytes_curve) and r.curve[-1]["balancedness"] == pytest.approx(r.balancedness_after)
 
 
+def test_incremental_scores_moves_under_the_problems_dispatch(small_problem) -> None:
+    p = replace(small_problem, dispatch="even")
+    current = solve(small_problem, "ilp", SolverOptions(time_limit=5)).placement   # weighted shares
+    r = replace_incremental(p, current, 40 * p.expert_bytes)
+    served_before = Placement(current.slot_expert, even_share(current.slot_expert, p.num_experts), p.num_experts,
+                              p.devices_per_node, "even")
+    assert r.balancedness_before == pytest.approx(balancedness(served_before, p.load))
+    assert r.placement.dispatch == "even"
+    np.testing.assert_allclose(r.placement.replica_share, even_share(r.placement.slot_expert, p.num_experts))
+    assert r.balancedness_after == pytest.approx(balancedness(r.placement, p.load))
+    assert r.balancedness_after < r.balancedness_before and len(r.moves) > 0
+
+
 def test_incremental_to_fewer_devices_moves_the_orphans(small_problem) -> None:
     p16 = small_problem
     current = solve(p16, "lpt").placement
@@ -219,3 +234,19 @@ def test_cli_plan_placement_writes_a_plan_and_rejects_bad_slots(tmp_path: Path) 
     res = runner.invoke(app, base[:-1] + [str(moved), "--current", str(out), "--move-budget", "2"])
     assert res.exit_code == 0, res.output
     assert Plan.load(moved).moves is not None
+
+
+# ---- devices-touched bound ---------------------------------------------------------------------------------------
+def test_touched_bound_is_tight_on_disjoint_blocks_and_below_every_placement(small_problem) -> None:
+    blocks = np.arange(16).reshape(4, 4)
+    ids = blocks[np.random.default_rng(0).integers(0, 4, 50)]
+    assert layer_bound(ids, 16, 4) == pytest.approx(1.0, abs=1e-3)   # one block per device touches 1
+    spec = replace(ModelSpec.preset("qwen3-30b-a3b"), moe_layers=(0,))
+    trace = synthesize(spec, SyntheticTraffic(tokens=150, seed=3))
+    bound = touched_bound(trace.expert_ids, 128, 9, [0], iterations=30)
+    p = replace(small_problem, load=small_problem.load[:1], flows=small_problem.flows[:0],
+                coactivation=small_problem.coactivation[:1])
+    for solver in ("contiguous", "lpt", "eplb"):
+        placed = solve(p, solver).placement
+        assert (bound <= touched(placed, trace.expert_ids) + 1e-9).all()
+    assert (bound > 1.0).all()

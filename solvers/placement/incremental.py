@@ -2,8 +2,13 @@
 count) within a budget of expert moves, and the trade-off curve of moves against balance.
 
 A move copies one layer's weights of one expert (``expert_bytes``) into a slot of another device,
-replacing what the slot held. Token shares change for free (they are routing, not weights), so
-every layer's shares are re-solved by the share LP (:func:`.layer.balance_shares`) after each move.
+replacing what the slot held. The token shares follow the problem's dispatch model
+(:mod:`moeplan.dispatch`), so every move is scored by the balance the runtime realises: under
+``weighted`` they change for free (routing, not weights) and every layer's shares are re-solved by
+the share LP (:func:`.layer.balance_shares`) after each move; under ``even`` and ``sglang-static``
+each replica gets ``1 / replicas`` of its expert's tokens (what ``sglang-static`` realises exactly
+where an expert's replicas sit on distinct devices and their count divides the device count;
+callers score the result with :func:`moeplan.dispatch.realise`).
 
 1. **Reshape** (device count or slots per device changed): devices ``0..min(D, D')-1`` keep their
    slots (the most needed ones when slots shrink: sole replicas first, then by load per replica);
@@ -31,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from moeplan.dispatch import even_share
 from moeplan.errors import InputError
 from moeplan.moves import Move, diff_moves
 from moeplan.plan import Placement
@@ -80,11 +86,17 @@ class _State:
 
     def resolve(self, layer: int) -> None:
         """Re-solve the layer's token shares (all its slots must be filled)."""
-        p = self.p
         se = self.slot_expert[layer]
-        unit = self.unit_cost(layer)
-        self.replica_share[layer] = balance_shares(se, p.load[layer], unit, p.weights.compute, self.options.balance_cap)
-        self.shares[layer] = layer_device_share(se, self.replica_share[layer], p.num_experts)
+        self.replica_share[layer] = self.layer_shares(layer, se)
+        self.shares[layer] = layer_device_share(se, self.replica_share[layer], self.p.num_experts)
+
+    def layer_shares(self, layer: int, slot_expert: np.ndarray) -> np.ndarray:
+        """[devices, slots] token shares of one layer's slots under the problem's dispatch model."""
+        p = self.p
+        if p.dispatch != "weighted":
+            return even_share(slot_expert[None], p.num_experts)[0]
+        return balance_shares(slot_expert, p.load[layer], self.unit_cost(layer), p.weights.compute,
+                              self.options.balance_cap)
 
     def unit_cost(self, layer: int) -> np.ndarray:
         a_in, a_out = neighbour_affinity(self.p, layer, self.shares)
@@ -92,10 +104,9 @@ class _State:
 
     def layer_cost(self, layer: int, slot_expert: np.ndarray) -> float:
         p = self.p
-        unit = self.unit_cost(layer)
-        rs = balance_shares(slot_expert, p.load[layer], unit, p.weights.compute, self.options.balance_cap)
+        rs = self.layer_shares(layer, slot_expert)
         return layer_objective(p.weights.compute, p.load[layer], layer_device_share(slot_expert, rs, p.num_experts),
-                               unit) * p.weights.step_scale
+                               self.unit_cost(layer)) * p.weights.step_scale
 
     def write(self, layer: int, writes: list[tuple[int, int, int]]) -> None:
         """Put experts into slots, (device, slot, expert) each (a swap writes two)."""
@@ -212,11 +223,15 @@ def replace_incremental(problem: PlacementProblem, current: Placement, budget_by
                          field="move-budget", fix=f"allow at least {mandatory_bytes / 2**30:.2f} GiB")
     for layer in range(p.num_layers):
         state.resolve(layer)
-    before = None if reshaped else objective(p, current).total
-    before_bal = balancedness(current, p.load)
+    served = current if p.dispatch == "weighted" else Placement(
+        current.slot_expert, even_share(current.slot_expert, p.num_experts), p.num_experts, current.devices_per_node,
+        p.dispatch)
+    before = None if reshaped else objective(p, served).total
+    before_bal = balancedness(served, p.load)
 
     def snapshot() -> Placement:
-        return Placement(state.slot_expert.copy(), state.replica_share.copy(), p.num_experts, p.devices_per_node)
+        return Placement(state.slot_expert.copy(), state.replica_share.copy(), p.num_experts, p.devices_per_node,
+                         p.dispatch)
 
     start = snapshot()
     curve = [{"moves": state.writes, "bytes": state.writes * p.expert_bytes,
