@@ -287,8 +287,7 @@ class _ChoiceSampler:
                     y = self._redraw(tables, rng, np.broadcast_to(sub_allowed, (REDRAW_BATCH, todo.size)))
                     ok = ~self._invalid(y, earlier, self._unless_confined(sub_allowed))
                 elif attempt < 2 * REDRAWS // REDRAW_BATCH:  # uniform draws, kept when allowed
-                    y = rng.integers(0, self.model.num_experts, size=(REDRAW_BATCH, todo.size),
-                                          dtype=self.id_dtype)
+                    y = rng.integers(0, self.model.num_experts, size=(REDRAW_BATCH, todo.size), dtype=self.id_dtype)
                     ok = ~self._invalid(y, earlier, sub_allowed)
                 else:
                     y = self._uniform_allowed(rng, earlier, sub_allowed)[None, :]
