@@ -6,12 +6,16 @@ again; ``--only synth`` times the synthesis and the anchor alone, into bench/res
 
 The anchor is a plain ``np.bincount`` over every choice of the same trace, measured in the same run:
 the floor for any statistic that has to look at each choice once. Peak memory is the process's
-maximum resident set (``ru_maxrss``). Each row gives wall and CPU seconds (``time.process_time``: less
-sensitive to other processes on a shared host).
+maximum resident set (``ru_maxrss``); the summary's forked worker (the SCH beside the numpy work) is
+reported apart, its resident set counting the trace pages it shares with the parent. Each row gives wall
+and CPU seconds (this process's and its finished children's user + system time: less sensitive to other
+processes on a shared host; over the row's wall time, the cores it kept busy). Synthesis and the summary
+use ``moeplan.cores.cores()`` cores (at most 4).
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeplan.cores import cores
 from moeplan.cost import CostModel
 from moeplan.hardware import HardwareProfile
 from moeplan.model import ModelSpec
@@ -30,9 +35,15 @@ from moeplan.trace import RoutingTrace
 
 
 def timed(fn):  # noqa: ANN001, ANN201 - tiny bench helper
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     out = fn()
-    return out, (time.perf_counter() - t0, time.process_time() - c0)
+    return out, (time.perf_counter() - t0, _cpu_seconds() - c0)
+
+
+def _cpu_seconds() -> float:
+    """User + system seconds of this process and of its children that have ended."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -55,7 +66,8 @@ def main() -> None:
         _print(tokens, rows)
         print(f"peak resident memory after synthesis: {synth_peak:.2f} GiB")
         (Path(__file__).parent / "results" / "synth_speed.json").write_text(json.dumps(
-            {"tokens": tokens, "wall_cpu_seconds": rows, "peak_rss_gib_synthesis": synth_peak}, indent=1))
+            {"tokens": tokens, "cores": cores(), "load_average": os.getloadavg(), "wall_cpu_seconds": rows,
+             "peak_rss_gib_synthesis": synth_peak}, indent=1))
         return
     st = TraceStats.of(trace)
     _, rows["load [58×256]"] = timed(lambda: st.load)
@@ -70,11 +82,13 @@ def main() -> None:
     _, rows["simulate, decode 128 tok/device"] = timed(
         lambda: simulate(CostModel(model, hw), placement, trace, Workload("decode", 128, 4096)))
     _print(tokens, rows)
-    peak = _peak_gib()
-    print(f"peak resident memory: {synth_peak:.2f} GiB after synthesis, {peak:.2f} GiB after everything")
+    peak, worker = _peak_gib(), _peak_gib(resource.RUSAGE_CHILDREN)
+    print(f"peak resident memory: {synth_peak:.2f} GiB after synthesis, {peak:.2f} GiB after everything; "
+          f"summary worker {worker:.2f} GiB (trace pages shared with this process included)")
     out = Path(__file__).parent / "results" / "stats_speed.json"
-    out.write_text(json.dumps({"tokens": tokens, "wall_cpu_seconds": rows, "peak_rss_gib_synthesis": synth_peak,
-                               "peak_rss_gib": peak}, indent=1))
+    out.write_text(json.dumps({"tokens": tokens, "cores": cores(), "load_average": os.getloadavg(),
+                               "wall_cpu_seconds": rows, "peak_rss_gib_synthesis": synth_peak,
+                               "peak_rss_gib": peak, "peak_rss_gib_summary_worker": worker}, indent=1))
 
 
 def _print(tokens: int, rows: dict[str, tuple[float, float]]) -> None:
@@ -86,9 +100,10 @@ def _print(tokens: int, rows: dict[str, tuple[float, float]]) -> None:
         print(f"| {name} | {wall:.2f} | {cpu:.2f} | {wall / anchor[0]:.1f} | {cpu / anchor[1]:.1f} |")
 
 
-def _peak_gib() -> float:
-    """The process's peak resident memory so far, GiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _peak_gib(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident memory so far, GiB, of this process (or the largest of its ended children; Linux
+    reports ru_maxrss in KiB)."""
+    return resource.getrusage(who).ru_maxrss / 2**20
 
 
 if __name__ == "__main__":

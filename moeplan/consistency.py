@@ -160,10 +160,15 @@ def best_f1(hist: np.ndarray, segment: int) -> float:
 def lookahead_cache_hits(requests: np.ndarray, universe: int, cache_size: int, lookahead: int) -> int:
     """Hits of the look-ahead cache described in the module docstring.
 
-    The victim is the cached expert with the smallest (uses ahead, last use) in a heap of such entries, pushed
-    whenever either changes and checked when popped; the heap is rebuilt from its current entries when stale
-    ones make it 4 × ``cache_size`` long. Once ``cache_size`` distinct experts were seen, a token's hits are one
-    ``sum`` over the cached flags of its row.
+    The victim is the cached expert with the smallest (uses ahead, last use) in a heap of such entries. An entry
+    is pushed when its expert is used (its key falls: one use fewer ahead, a later last use ranks it after
+    older ones only on a tie of uses ahead, which the lower count breaks first); when a token enters the
+    look-ahead, its experts' keys rise and nothing is pushed: each expert's newest entry stays a lower bound of
+    its key. A popped entry whose last use is no longer current is dropped; one whose uses ahead rose since is
+    pushed again with the current count; the first popped entry that is current is the true minimum (every other
+    cached expert's newest entry is at least as large, and no larger than its key). The heap is rebuilt from the
+    newest entries when stale ones make it 4 × ``cache_size`` long. Once ``cache_size`` distinct experts were
+    seen, a token's hits are one ``sum`` over the cached flags of its row.
 
     Args:
         requests: int [tokens, choices]: the experts each token asks for, in processing order, distinct per row.
@@ -199,8 +204,11 @@ def lookahead_cache_hits(requests: np.ndarray, universe: int, cache_size: int, l
                 else:
                     while True:
                         f, t, y = heappop(heap)
-                        if cached[y] and future[y] == f and last[y] == t:
+                        if last[y] != t or not cached[y]:
+                            continue
+                        if future[y] == f:
                             break
+                        heappush(heap, (future[y], t, y))
                     cached[y] = False
                 cached[x] = True
             f = future[x] - 1
@@ -211,9 +219,7 @@ def lookahead_cache_hits(requests: np.ndarray, universe: int, cache_size: int, l
         if i + lookahead < len(rows):
             for x in rows[i + lookahead]:
                 future[x] += 1
-                if cached[x]:
-                    heappush(heap, (future[x], last[x], x))
         if len(heap) > longest:
-            heap = [(f, t, y) for f, t, y in heap if cached[y] and future[y] == f and last[y] == t]
+            heap = [(future[y], t, y) for f, t, y in heap if cached[y] and last[y] == t]
             heapify(heap)
     return hits

@@ -18,6 +18,7 @@ from functools import cached_property
 
 import numpy as np
 
+from moeplan.cores import Beside
 from moeplan.consistency import best_f1, lookahead_cache_hits, window_count_histogram
 from moeplan.errors import InputError
 from moeplan.trace import RoutingTrace
@@ -120,15 +121,15 @@ class TraceStats:
         nl, e = self.trace.num_layers, self.num_experts
         if nl < 2:
             return np.zeros(0)
-        top1 = self.trace.expert_ids[:, :, 0]
-        offsets = (np.arange(nl - 1, dtype=np.intp) * e * e)[None, :]
-        counts = np.zeros((nl - 1) * e * e, dtype=np.int64)
-        step = max(_chunk(nl - 1), 1 << 16)  # the (layers-1) × experts² bins cost as much as that many indices
-        for start in range(0, top1.shape[0], step):
-            key = np.multiply(top1[start:start + step, :-1], e, dtype=np.intp)
-            key += top1[start:start + step, 1:]
-            key += offsets
-            counts += np.bincount(key.ravel(), minlength=counts.size)
+        ids = self.trace.expert_ids
+        counts = np.zeros((nl - 1, e * e), dtype=np.int64)
+        step = max(_chunk(nl), 1 << 16)  # per layer pair, bincounts of that many tokens into experts² bins
+        for start in range(0, ids.shape[0], step):
+            top1 = np.ascontiguousarray(ids[start:start + step, :, 0].T)  # [layers, tokens of the chunk]
+            for layer in range(nl - 1):
+                key = np.multiply(top1[layer], e, dtype=np.intp)
+                key += top1[layer + 1]
+                counts[layer] += np.bincount(key, minlength=e * e)
         c = counts.reshape(nl - 1, e, e)
         return c.max(axis=2).sum(axis=1) / np.maximum(c.sum(axis=(1, 2)), 1)
 
@@ -182,9 +183,10 @@ class TraceStats:
 
     def summary(self) -> dict[str, float]:
         """Headline numbers for tables."""
-        imb = self.imbalance()
-        aff = self.affinity_strength()
-        srp, sch = self.srp(16), self.head_for_sch().sch(16)
+        head = self.head_for_sch()
+        beside = Beside(lambda: (head.sch(16), self.affinity_strength()))  # the Python-bound SCH on another core
+        imb, srp = self.imbalance(), self.srp(16)
+        sch, aff = beside.result()
         return {
             "tokens": self.trace.num_tokens, "moe_layers": self.trace.num_layers, "experts": self.num_experts,
             "top_k": self.trace.top_k,

@@ -20,10 +20,13 @@ outside the token's groups, is redrawn from popularity within the groups it may 
 """
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from moeplan.cores import cores
 from moeplan.errors import InputError, check_memory
 from moeplan.model import ModelSpec
 from moeplan.trace import RoutingTrace
@@ -31,7 +34,7 @@ from moeplan.trace import RoutingTrace
 CONTEXTS = 32
 RESOLUTION_BITS = 13
 RESOLUTION = 1 << RESOLUTION_BITS  # inverse-CDF buckets per row: probabilities kept to 1/8192
-CHUNK = 1 << 17  # tokens drawn together (bounds the scratch, keeps it in cache)
+CHUNK = 1 << 17  # tokens drawn together, each chunk from its own random stream (bounds the scratch)
 REDRAWS = 16  # popularity redraws of a rejected choice, then as many uniform ones, then the exact fallback
 REDRAW_BATCH = 2  # redraws drawn at once for every rejected choice (the first valid one is kept)
 FULL_REDRAW_SHARE = 0.125  # above this share of rejected choices, every token draws a redraw
@@ -122,29 +125,37 @@ def _inverse_cdf_tables(table: np.ndarray, resolution: int) -> np.ndarray:
 
 def synthesis_bytes(model: ModelSpec, traffic: SyntheticTraffic) -> int:
     """Peak bytes :func:`synthesize` needs: the trace (int16 ids + float16 gates), per-token state
-    (context, previous first choice, group bookkeeping), one chunk's scratch, and one layer's tables
-    (the float64 [1 + contexts + experts, experts] probability rows with the Gumbel keys and
-    cumulative sums built from them, their inverse CDFs, the gate pool)."""
+    (context), each working chunk's scratch (previous first choices, group bookkeeping, the draws), and
+    every layer's tables (the float64 [1 + contexts + experts, experts] probability rows with the Gumbel
+    keys and cumulative sums built from them while one layer's are drawn, the inverse CDFs kept for every
+    layer) and the gate pool."""
     t, nl, k, e = traffic.tokens, model.num_moe_layers, model.top_k, model.num_experts
     trace = t * nl * k * 4
-    per_token = t * (8 + 8 + 4 + 4 + 2)
+    per_token = t * 4
     n = min(t, CHUNK)
-    chunk = n * k * (2 + 2 + 4 + 8 + 2 + 2) + n * 8 * 8 + min(n * e, FALLBACK_CELLS) * 13
-    tables = (1 + CONTEXTS + e) * (e * 8 * 5 + RESOLUTION * 2 * 3) + GATE_POOL * k * 14
-    return trace + per_token + chunk + tables
+    chunk = n * k * (2 + 2 + 4 + 8 + 2 + 2) + n * (8 + 8 + 4 + 4 + 2) + n * 8 * 8 + min(n * e, FALLBACK_CELLS) * 13
+    rows = 1 + CONTEXTS + e
+    confined = math.comb(model.n_group, model.topk_group) if 1 < model.n_group <= 8 else 0
+    id_bytes = 1 if e <= 256 else 2
+    building = rows * (e * 8 * 5 + RESOLUTION * 2 * 3)
+    kept = nl * (rows + 1 + confined) * RESOLUTION * id_bytes
+    return trace + per_token + cores() * (chunk + building) + kept + GATE_POOL * k * 14
 
 
 def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
-    """Generate a RoutingTrace for ``model`` with the given knobs (deterministic for a seed).
+    """Generate a RoutingTrace for ``model`` with the given knobs (deterministic for a seed, whatever
+    the number of cores).
 
-    Per layer and chunk of ``CHUNK`` tokens, each of a token's ``top_k`` choices (in order) draws
-    one candidate from its source (a quantised inverse-CDF lookup, vectorised over tokens). A
-    candidate that repeats one of the token's earlier choices, or, under grouped routing, lies
-    outside the token's first ``topk_group`` groups, is redrawn from popularity (after
-    ``REDRAWS`` failed redraws, uniformly among the experts still allowed: uniform draws kept
-    when allowed, then one exact draw from the allowed set); only the tokens that need it are
-    redrawn. Gate weights: the softmax of ``top_k`` sorted standard normals, each
-    (token, layer) taking a row of a pool of ``GATE_POOL`` such rows drawn for the trace.
+    Each layer's tables come from the layer's own random stream; each chunk of ``CHUNK`` tokens then
+    runs through every layer from the chunk's own stream, chunks spread over :func:`moeplan.cores.cores`
+    threads (numpy releases the GIL in the array work). Per layer, each of a token's ``top_k`` choices
+    (in order) draws one candidate from its source (a quantised inverse-CDF lookup, vectorised over the
+    chunk). A candidate that repeats one of the token's earlier choices, or, under grouped routing, lies
+    outside the token's first ``topk_group`` groups, is redrawn from popularity (after ``REDRAWS`` failed
+    redraws, uniformly among the experts still allowed: uniform draws kept when allowed, then one exact
+    draw from the allowed set); only the tokens that need it are redrawn. Gate weights: the softmax of
+    ``top_k`` sorted standard normals, each (token, layer) taking a row of a pool of ``GATE_POOL`` such
+    rows drawn for the trace.
     """
     traffic.validate()
     if model.n_group > MAX_GROUPS:
@@ -152,26 +163,35 @@ def synthesize(model: ModelSpec, traffic: SyntheticTraffic) -> RoutingTrace:
                          field="n_group", fix="synthesise for a model with fewer groups, or import a trace")
     check_memory(synthesis_bytes(model, traffic), f"synthesising {traffic.tokens:,} tokens for {model.name}",
                  "synthesise fewer tokens (--tokens), or on a host with more memory")
-    rng = np.random.default_rng(traffic.seed)
     t, nl, k, e = traffic.tokens, model.num_moe_layers, model.top_k, model.num_experts
-    id_dtype = np.uint8 if e <= 256 else np.uint16
-    ids = np.empty((t, nl, k), dtype=np.int16)
+    root = np.random.SeedSequence(traffic.seed)
+    trace_seed, layer_seeds, chunk_seeds = root.spawn(1)[0], root.spawn(nl), root.spawn(-(-t // CHUNK))
+    rng = np.random.default_rng(trace_seed)
     context_base = ((1 + _context_ids(t, traffic.segment, rng)) * RESOLUTION).astype(np.int32)
-    prev = np.zeros(t, dtype=id_dtype)  # every token's first choice at the previous layer
-    sampler = _ChoiceSampler(model, traffic, rng, id_dtype)
-    for layer in range(nl):
-        sampler.new_layer(layer)
-        for lo in range(0, t, CHUNK):
-            hi = min(t, lo + CHUNK)
-            chosen = sampler.draw(context_base[lo:hi], prev[lo:hi])
-            ids[lo:hi, layer, :] = chosen.astype(np.int16).T
-            prev[lo:hi] = chosen[0]
+    row = np.dtype((np.void, 2 * k))  # one token-layer's k int16 ids or float16 gates as one item: one move
+    pool = _gate_pool(k, rng).view(row).reshape(GATE_POOL)
+    sampler = _ChoiceSampler(model, traffic, np.uint8 if e <= 256 else np.uint16)
+    ids = np.empty((t, nl, k), dtype=np.int16)
+    id_rows = ids.view(row).reshape(t, nl)
     gates = np.empty((t, nl, k), dtype=np.float16)
-    row = np.dtype((np.void, 2 * k))  # one token-layer's k float16 gates as one item: a row copy is one move
-    pool, rows = _gate_pool(k, rng).view(row).reshape(GATE_POOL), gates.view(row).reshape(t * nl)
-    for lo in range(0, t * nl, CHUNK * k):  # in memory order: contiguous writes
-        hi = min(t * nl, lo + CHUNK * k)
-        rows[lo:hi] = pool[_uniform_u16(rng, hi - lo)]
+    gate_rows = gates.view(row).reshape(t * nl)
+
+    def run_chunk(index: int) -> None:
+        """Every layer's choices and the gates of chunk ``index``'s tokens, from the chunk's stream."""
+        lo, hi = index * CHUNK, min(t, (index + 1) * CHUNK)
+        chunk_rng = np.random.default_rng(chunk_seeds[index])
+        prev = np.zeros(hi - lo, dtype=sampler.id_dtype)  # every token's first choice at the previous layer
+        for layer, tables in enumerate(layer_tables):
+            chosen = sampler.draw(tables, chunk_rng, context_base[lo:hi], prev)
+            # transposed inside the cache, then one strided move per token
+            id_rows[lo:hi, layer] = chosen.T.astype(np.int16, order="C").view(row).reshape(hi - lo)
+            prev = chosen[0]
+        np.take(pool, _uniform_u16(chunk_rng, (hi - lo) * nl), out=gate_rows[lo * nl:hi * nl])
+
+    with ThreadPoolExecutor(cores()) as workers:
+        layer_tables = list(workers.map(
+            lambda layer: sampler.layer_tables(layer, np.random.default_rng(layer_seeds[layer])), range(nl)))
+        list(workers.map(run_chunk, range(len(chunk_seeds))))
     # Valid by construction (ids in range, distinct, inside the allowed groups; gates finite), so the
     # trace is not re-checked with RoutingTrace.validate's sort of every token's choices.
     return RoutingTrace(ids, e, model.name, gates,
@@ -190,12 +210,23 @@ def _gate_pool(k: int, rng: np.random.Generator) -> np.ndarray:
     return (g / g.sum(axis=1, keepdims=True)).astype(np.float16)
 
 
-class _ChoiceSampler:
-    """One layer's tables and the per-chunk draw of every token's ``top_k`` distinct choices."""
+@dataclass(frozen=True)
+class _LayerTables:
+    """One layer's sampling tables. inv: the inverse CDFs (``RESOLUTION`` ids each, flattened) of
+    popularity, the contexts' and the experts' successors' favoured rows, in that order; redraw_inv:
+    popularity's, then its restriction to each confined group set; thresholds: the uint16 source draw
+    below the first picks popularity, below the second the context, else the successor."""
 
-    def __init__(self, model: ModelSpec, traffic: SyntheticTraffic, rng: np.random.Generator,
-                 id_dtype: type) -> None:
-        self.model, self.traffic, self.rng, self.id_dtype = model, traffic, rng, id_dtype
+    inv: np.ndarray
+    redraw_inv: np.ndarray
+    thresholds: tuple[int, int]
+
+
+class _ChoiceSampler:
+    """Building a layer's tables, and the per-chunk draw of every token's ``top_k`` distinct choices."""
+
+    def __init__(self, model: ModelSpec, traffic: SyntheticTraffic, id_dtype: type) -> None:
+        self.model, self.traffic, self.id_dtype = model, traffic, id_dtype
         e = model.num_experts
         self.grouped = model.n_group > 1
         group_of = np.arange(e) // model.experts_per_group
@@ -213,28 +244,27 @@ class _ChoiceSampler:
         for row, m in enumerate(self.confined_sets, start=1):
             self.set_row[m] = row * RESOLUTION
         self.set_members = np.array([(m >> group_of) & 1 for m in self.confined_sets], dtype=bool).reshape(-1, e)
-        self.inv = self.redraw_inv = np.empty(0, dtype=id_dtype)
-        self.thresholds = (0, 0)
 
-    def new_layer(self, layer: int) -> None:
-        """Draw the layer's popularity, context and successor rows and their inverse CDFs."""
-        m, tr, rng = self.model, self.traffic, self.rng
+    def layer_tables(self, layer: int, rng: np.random.Generator) -> _LayerTables:
+        """Draw the layer's popularity, context and successor rows, and build their inverse CDFs."""
+        m, tr = self.model, self.traffic
         k, e = m.top_k, m.num_experts
         pop = zipf_popularity(e, tr.zipf, rng, tr.shuffle)
         table = np.vstack([pop[None, :], _favoured_rows(CONTEXTS, 2 * k, pop, rng), _favoured_rows(e, k, pop, rng)])
-        self.inv = _inverse_cdf_tables(table, RESOLUTION).astype(self.id_dtype).ravel()
         confined = np.vstack([pop[None, :], np.where(self.set_members, pop[None, :], 0.0)])
-        self.redraw_inv = _inverse_cdf_tables(confined, RESOLUTION).astype(self.id_dtype).ravel()
         affinity = tr.affinity if layer else 0.0
         popularity = 1.0 - tr.locality - affinity
-        self.thresholds = (int(round(popularity * 65536)), int(round((popularity + tr.locality) * 65536)))
+        return _LayerTables(_inverse_cdf_tables(table, RESOLUTION).astype(self.id_dtype).ravel(),
+                            _inverse_cdf_tables(confined, RESOLUTION).astype(self.id_dtype).ravel(),
+                            (int(round(popularity * 65536)), int(round((popularity + tr.locality) * 65536))))
 
-    def draw(self, context_base: np.ndarray, prev: np.ndarray) -> np.ndarray:
-        """The chosen experts [top_k, n] of ``n`` tokens (column order = choice order), given each
-        token's context row offset (int32) and first choice at the previous layer."""
+    def draw(self, tables: _LayerTables, rng: np.random.Generator, context_base: np.ndarray,
+             prev: np.ndarray) -> np.ndarray:
+        """The chosen experts [top_k, n] of ``n`` tokens (column order = choice order) at the layer of
+        ``tables``, given each token's context row offset (int32) and first choice at the previous layer."""
         k, n = self.model.top_k, context_base.size
-        bits = _uniform_u16(self.rng, 2 * k * n).reshape(2, k, n)
-        pop_end, ctx_end = self.thresholds
+        bits = _uniform_u16(rng, 2 * k * n).reshape(2, k, n)
+        pop_end, ctx_end = tables.thresholds
         succ_minus_ctx = (1 + CONTEXTS + prev.astype(np.int32)) * RESOLUTION - context_base
         chosen = np.empty((k, n), dtype=self.id_dtype)
         mask = np.zeros(n, dtype=self.mask_dtype)  # bit g set: the token opened group g
@@ -242,11 +272,11 @@ class _ChoiceSampler:
         allowed = np.full(n, self.all_groups, dtype=self.mask_dtype)  # groups the next choice may lie in
         for s in range(k):
             source, bucket = bits[0, s], bits[1, s] >> (16 - RESOLUTION_BITS)
-            x = self.inv[(source >= pop_end) * context_base + (source >= ctx_end) * succ_minus_ctx + bucket]
+            x = np.take(tables.inv, (source >= pop_end) * context_base + (source >= ctx_end) * succ_minus_ctx + bucket)
             bad = self._invalid(x, chosen[:s], allowed)
             todo = np.flatnonzero(bad)
             if todo.size > n * FULL_REDRAW_SHARE:  # cheaper to redraw every token and keep what is needed
-                y = self._redraw(allowed[None, :])[0]
+                y = self._redraw(tables, rng, allowed[None, :])[0]
                 x = np.where(bad, y, x)
                 todo = np.flatnonzero(bad & self._invalid(y, chosen[:s], self._unless_confined(allowed)))
             for attempt in range(2 * REDRAWS // REDRAW_BATCH + 1):
@@ -254,14 +284,13 @@ class _ChoiceSampler:
                     break
                 earlier, sub_allowed = chosen[:s, todo], allowed[todo]
                 if attempt < REDRAWS // REDRAW_BATCH:
-                    y = self._redraw(np.broadcast_to(sub_allowed, (REDRAW_BATCH, todo.size)))
+                    y = self._redraw(tables, rng, np.broadcast_to(sub_allowed, (REDRAW_BATCH, todo.size)))
                     ok = ~self._invalid(y, earlier, self._unless_confined(sub_allowed))
                 elif attempt < 2 * REDRAWS // REDRAW_BATCH:  # uniform draws, kept when allowed
-                    y = self.rng.integers(0, self.model.num_experts, size=(REDRAW_BATCH, todo.size),
-                                          dtype=self.id_dtype)
+                    y = rng.integers(0, self.model.num_experts, size=(REDRAW_BATCH, todo.size), dtype=self.id_dtype)
                     ok = ~self._invalid(y, earlier, sub_allowed)
                 else:
-                    y = self._uniform_allowed(earlier, sub_allowed)[None, :]
+                    y = self._uniform_allowed(rng, earlier, sub_allowed)[None, :]
                     ok = np.ones(y.shape, dtype=bool)
                 pick, found = y[-1], ok[-1]
                 for row, row_ok in zip(y[-2::-1], ok[-2::-1]):  # the first valid redraw wins
@@ -271,18 +300,23 @@ class _ChoiceSampler:
                 todo = todo[~found]
             chosen[s] = x
             if self.grouped and s < k - 1:
-                bit = self.group_bit[x]
+                bit = self._group_bits(x)
                 opened += (mask & bit) == 0
                 mask |= bit
                 if s + 1 >= self.model.topk_group:  # before that no token has opened all its groups
                     allowed = np.where(opened >= self.model.topk_group, mask, self.all_groups)
         return chosen
 
-    def _redraw(self, allowed: np.ndarray) -> np.ndarray:
+    def _group_bits(self, x: np.ndarray) -> np.ndarray:
+        """The group bit (mask dtype) of each expert id in ``x``: :attr:`group_bit` computed, which is
+        cheaper than looking it up."""
+        return np.left_shift(self.mask_dtype(1), (x // self.model.experts_per_group).astype(self.mask_dtype))
+
+    def _redraw(self, tables: _LayerTables, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
         """One popularity draw per entry of ``allowed`` [..., n] (group bit masks), inside those
         groups where :attr:`confined_sets` tabulates them."""
-        bucket = _uniform_u16(self.rng, allowed.size).reshape(allowed.shape) >> (16 - RESOLUTION_BITS)
-        return self.redraw_inv[self.set_row[allowed] + bucket if self.confined_sets else bucket]
+        bucket = _uniform_u16(rng, allowed.size).reshape(allowed.shape) >> (16 - RESOLUTION_BITS)
+        return np.take(tables.redraw_inv, np.take(self.set_row, allowed) + bucket if self.confined_sets else bucket)
 
     def _unless_confined(self, allowed: np.ndarray) -> np.ndarray | None:
         """``allowed`` where redraws can still fall outside the groups, None where they cannot."""
@@ -291,13 +325,13 @@ class _ChoiceSampler:
     def _invalid(self, x: np.ndarray, earlier: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
         """Whether each candidate ``x`` [..., n] repeats one of ``earlier`` [s, n] or lies outside
         the groups ``allowed`` [n] (bit masks; None: no group check) to the token."""
-        bad = ((self.group_bit[x] & allowed) == 0 if self.grouped and allowed is not None
+        bad = ((self._group_bits(x) & allowed) == 0 if self.grouped and allowed is not None
                else np.zeros(x.shape, dtype=bool))
         for row in earlier:
             bad |= row == x
         return bad
 
-    def _uniform_allowed(self, earlier: np.ndarray, allowed_groups: np.ndarray) -> np.ndarray:
+    def _uniform_allowed(self, rng: np.random.Generator, earlier: np.ndarray, allowed_groups: np.ndarray) -> np.ndarray:
         """One expert per token, uniform among those it may still choose (not in ``earlier``
         [s, n], inside its ``allowed_groups`` [n]); in blocks of ``FALLBACK_CELLS`` cells."""
         e, n = self.model.num_experts, allowed_groups.size
@@ -311,6 +345,6 @@ class _ChoiceSampler:
                 allowed[rows, row] = False
             if self.grouped:
                 allowed &= (allowed_groups[lo:hi, None] & self.group_bit[None, :]) != 0
-            keys = self.rng.random((hi - lo, e), dtype=np.float32) + allowed
+            keys = rng.random((hi - lo, e), dtype=np.float32) + allowed
             out[lo:hi] = np.argmax(keys, axis=1)
         return out

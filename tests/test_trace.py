@@ -242,3 +242,87 @@ def test_synthesis_refuses_before_allocating_what_memory_cannot_hold(monkeypatch
     monkeypatch.setattr(moeplan.errors, "available_memory", lambda: 8 * 2**30)
     with pytest.raises(InputError, match=r"needs about .* GiB of memory, 8.0 GiB are free"):
         synthesize(huge, SyntheticTraffic(tokens=100))
+
+
+# ---- the same figures whatever the cores ----------------------------------------------------------------------
+@pytest.mark.parametrize("model", [SMALL, V3], ids=["qwen3-6-layers", "deepseek-v3-grouped"])
+def test_synth_is_the_same_on_one_two_and_three_threads(model: ModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    import moeplan.synth
+    monkeypatch.setattr(moeplan.synth, "CHUNK", 700)  # 5 chunks, the last one short
+    traces = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(moeplan.synth, "cores", lambda threads=threads: threads)
+        traces.append(synthesize(model, SyntheticTraffic(tokens=3000, locality=0.4, affinity=0.4, seed=11)))
+    for other in traces[1:]:
+        np.testing.assert_array_equal(other.expert_ids, traces[0].expert_ids)
+        np.testing.assert_array_equal(other.gate_weights, traces[0].gate_weights)
+
+
+def pinned_trace() -> RoutingTrace:
+    """9,000 tokens (longer than the summary's SCH head) × 5 layers × top-6 of 64, with repeats."""
+    rng = np.random.default_rng(28)
+    tokens, layers, experts, k = 9000, 5, 64, 6
+    pool = rng.random((40, layers, experts)).argsort(axis=2)[:, :, :k]
+    ids = pool[rng.integers(0, len(pool), tokens)]
+    fresh = rng.random(tokens) < 0.3
+    ids[fresh] = rng.random((fresh.sum(), layers, experts)).argsort(axis=2)[:, :, :k]
+    return RoutingTrace(ids.astype(np.int16), experts, "pinned")
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_summary_equals_the_figures_before_the_speedups(cores: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Figures of moeplan.stats at df6cb29 (one process, SCH pushing on every key change, affinity in one
+    bincount over every layer pair), to the last bit, with the SCH beside (2 cores) or inline (1)."""
+    import moeplan.cores
+    monkeypatch.setattr(moeplan.cores, "cores", lambda: cores)
+    st = TraceStats.of(pinned_trace())
+    assert st.summary() == {
+        "tokens": 9000, "moe_layers": 5, "experts": 64, "top_k": 6,
+        "max_over_mean_load_mean": 1.8678518518518519, "max_over_mean_load_worst": 2.1605925925925926,
+        "top1_affinity_mean": 0.5476388888888889, "srp_16": 0.29720752700370795, "sch_16_2k": 0.4097900390625}
+    assert st.affinity_strength().tolist() == [0.5177777777777778, 0.5873333333333334, 0.5856666666666667,
+                                               0.49977777777777777]
+    assert st.sch(4, 3) == 0.20378888888888888 and st.sch(16, layers=[1]) == 0.38401851851851854
+
+
+def scan_cache_hits(requests: np.ndarray, cache_size: int, lookahead: int) -> int:
+    """The look-ahead cache of moeplan.consistency simulated plainly: the victim found by scanning the cache."""
+    rows = requests.tolist()
+    cache: list[int] = []
+    last: dict[int, int] = {}
+    seen: set[int] = set()
+    hits = stamp = 0
+    for i, row in enumerate(rows):
+        for x in row:
+            hits += x in cache or (x not in seen and len(seen) < cache_size)
+            seen.add(x)
+        ahead = [y for r in rows[i:i + lookahead] for y in r]
+        for x in row:
+            if x not in cache:
+                if len(cache) == cache_size:
+                    cache.remove(min(cache, key=lambda y: (ahead.count(y), last[y])))
+                cache.append(x)
+            ahead.remove(x)
+            stamp += 1
+            last[x] = stamp
+    return hits
+
+
+def test_lookahead_cache_equals_a_plain_simulation() -> None:
+    from moeplan.consistency import lookahead_cache_hits
+    rng = np.random.default_rng(5)
+    for _ in range(150):
+        universe, tokens = int(rng.integers(2, 30)), int(rng.integers(1, 120))
+        k = int(rng.integers(1, min(universe, 6) + 1))
+        pool = rng.random((int(rng.integers(1, 20)), universe)).argsort(axis=1)[:, :k]
+        requests = pool[rng.integers(0, len(pool), tokens)]
+        cache_size, lookahead = int(rng.integers(1, universe + 1)), int(rng.integers(1, 12))
+        assert lookahead_cache_hits(requests, universe, cache_size, lookahead) == \
+            scan_cache_hits(requests, cache_size, lookahead)
+
+
+def test_a_failing_function_beside_raises_in_the_caller() -> None:
+    from moeplan.cores import Beside
+    assert Beside(lambda: 6 * 7).result() == 42
+    with pytest.raises(ZeroDivisionError):
+        Beside(lambda: 1 / 0).result()
