@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +46,7 @@ from moeplan.hardware import HardwareProfile
 from moeplan.io import write_json
 from moeplan.model import AttentionSpec, ModelSpec
 from moeplan.profiler.attention_ops import sdpa_kernel_name
+from moeplan.runtime.timing import measure as time_repeats
 
 SEQ = 4096
 
@@ -109,54 +108,6 @@ def grouped_mm_probe(device: torch.device) -> str:
         return ""
     except (RuntimeError, TypeError, NotImplementedError) as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0]}"
-
-
-def spin_seconds_per_cycle(device: torch.device) -> float:
-    """Seconds one cycle of ``torch.cuda._sleep`` (a GPU spin kernel) lasts on ``device``."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000)
-    start.record()
-    torch.cuda._sleep(1_000_000)
-    end.record()
-    torch.cuda.synchronize(device)
-    return start.elapsed_time(end) / 1e3 / 1_000_000
-
-
-def time_fwd_bwd(step: Callable[[], None], device: torch.device, warmup: int, iters: int,
-                 host_ahead: bool) -> list[float]:
-    """Seconds of ``step`` (forward + backward): CUDA events on GPU, perf_counter on CPU. With
-    ``host_ahead`` (GPU only) a spin kernel longer than the host's enqueue time of one step runs
-    before the start event, so the host has queued the whole step when the GPU reaches it and the
-    events time the GPU's work alone — as in a training step, where the host runs ahead of the
-    GPU by layers (the profiler's GEMM grid does the same, ``Accelerator.queue_ahead``; nvbench's
-    blocking_kernel, NVIDIA/nvbench nvbench/blocking_kernel.cuh, holds the queue with a host flag
-    instead). The spin lasts twice the host's last warm-up step plus 1 ms (the first steps pay
-    one-off set-up); the queue holds the step's few hundred launches. Without it the host's launch
-    and autograd time is inside the window."""
-    host = 0.0
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        step()
-        host = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    spin = int((2.0 * host + 1e-3) / spin_seconds_per_cycle(device)) if host_ahead and device.type == "cuda" else 0
-    out = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if spin:
-                torch.cuda._sleep(spin)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize(device)
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - t0)
-    return out
 
 
 def attention_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device) -> tuple[Callable[[], None], str]:
@@ -225,13 +176,15 @@ def expert_step(model: ModelSpec, shard: Shard, seq: int, device: torch.device,
 
 
 def measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median, fastest and slowest seconds of ``step`` over ``iters`` timed runs with the host
-    ahead of the GPU (the GPU's work: what the prediction prices), and the median with the host's
-    enqueue time inside the window (``measured_synced_s``; on the CPU the two are one timing)."""
-    times = time_fwd_bwd(step, device, warmup, iters, host_ahead=True)
-    median = statistics.median(times)
-    synced = statistics.median(time_fwd_bwd(step, device, 0, iters, host_ahead=False)) if device.type == "cuda" else median
-    return {"measured_s": median, "measured_min_s": min(times), "measured_max_s": max(times),
+    """Median, fastest and slowest seconds of ``step`` over ``iters`` timed runs queued behind a busy
+    wait (:func:`moeplan.runtime.timing.measure` with ``device_time``: the host has queued the whole
+    step when the GPU reaches it, as in a training step where the host runs ahead of the GPU by
+    layers, so the events time the GPU's work — what the prediction prices), and the median with
+    the host's launch and autograd time inside the window (``measured_synced_s``; on the CPU the
+    two are one timing)."""
+    timing = time_repeats(lambda i: step(), device, warmup, iters, device_time=True)
+    synced = time_repeats(lambda i: step(), device, 0, iters).median if device.type == "cuda" else timing.median
+    return {"measured_s": timing.median, "measured_min_s": timing.min, "measured_max_s": timing.max,
             "measured_synced_s": synced}
 
 
