@@ -55,9 +55,9 @@ def eplb(load: np.ndarray, groups: int, nodes: int, devices: int, slots: int, pe
                                 dispatch="even")
 
 
-def synthetic(cost: CostModel, tokens: int, time_limit: float) -> dict[str, Any]:
+def synthetic(cost: CostModel, tokens: int, time_limit: float, seed: int) -> dict[str, Any]:
     spec = cost.model
-    trace = synthesize(spec, SyntheticTraffic(tokens=tokens, seed=1))
+    trace = synthesize(spec, SyntheticTraffic(tokens=tokens, seed=seed))
     fit, held = split_for_judging(trace)
     stats = TraceStats.of(fit)
     problem = PlacementProblem.build(cost, stats, 9)
@@ -78,7 +78,21 @@ def synthetic(cost: CostModel, tokens: int, time_limit: float) -> dict[str, Any]
         p = eplb(stats.load, groups, nodes, 32, 9, 8)
         rows[name] = {**evaluate(p, held).summary(), "fitted_balancedness": balancedness(p, fit_load(stats))}
         print(name, rows[name]["balancedness"], flush=True)
-    return {"tokens": tokens, "fitted_tokens": fit.num_tokens, "held_tokens": held.num_tokens, "rows": rows}
+    return {"tokens": tokens, "seed": seed, "fitted_tokens": fit.num_tokens, "held_tokens": held.num_tokens,
+            "rows": rows}
+
+
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per placement, [min, mean, max] over the seeds' traces of held-out balancedness and of devices
+    touched and top-1 hops relative to EPLB global's on the same trace."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name in runs[0]["rows"]:
+        figures = {"balancedness": [r["rows"][name]["balancedness"] for r in runs]}
+        for metric in ("devices_touched_per_token_layer", "top1_device_hops_per_transition"):
+            figures[metric + "_vs_eplb_global"] = [r["rows"][name][metric] / r["rows"]["eplb global"][metric]
+                                                   for r in runs]
+        out[name] = {k: [min(v), sum(v) / len(v), max(v)] for k, v in figures.items()}
+    return out
 
 
 def fit_load(stats: TraceStats) -> np.ndarray:
@@ -178,6 +192,7 @@ def main() -> None:
     ap.add_argument("--horizon", type=int, default=1000)
     ap.add_argument("--move-budget", type=float, default=64.0, help="GiB of slot writes per incremental step")
     ap.add_argument("--parts", default="synthetic,loo,schedule")
+    ap.add_argument("--seeds", default="1", help="comma-separated seeds of the synthetic traces (one trace each)")
     ap.add_argument("--data", default=DATA, help="glob of the SGLang load files (the six workloads)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/placement_dispatch.json"))
     args = ap.parse_args()
@@ -191,7 +206,8 @@ def main() -> None:
     if "schedule" in parts:
         result["schedule"] = schedule(cost, w, args.horizon, args.move_budget)
     if "synthetic" in parts:
-        result["synthetic"] = synthetic(cost, args.tokens, args.time_limit)
+        runs = [synthetic(cost, args.tokens, args.time_limit, int(seed)) for seed in args.seeds.split(",")]
+        result["synthetic"] = runs[0] if len(runs) == 1 else {"runs": runs, "over_seeds": over_seeds(runs)}
     write_json(args.out.with_name(args.out.stem + "_" + "_".join(parts) + ".json"), result)
 
 
