@@ -10,7 +10,7 @@
    one synchronisation at the end reads them all. An op marked ``queue_ahead`` (the dense GEMM
    grid, the expert kernels, routing and attention) has the device kept busy just before each
    repeat (:meth:`Accelerator.queue_ahead`) for twice as long as the host took to enqueue one run
-   (:func:`moeplan.runtime.timing.queue_ahead_seconds`, measured after the warm-up), so its events
+   (:func:`queue_ahead_seconds`, measured after the warm-up), so its events
    time the device's work, not the host's launch latency: a GEMM of a few µs is otherwise timed at
    the ~20–35 µs the host takes to launch it, a floor that moves with host load, and a loop over
    experts at decode at the host's launch rate. That is what a CUDA-graph replay of the same
@@ -30,13 +30,25 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from moeplan.runtime.timing import MIN_QUEUE_AHEAD_S, enqueue_seconds, queue_ahead_seconds
-
 if TYPE_CHECKING:
     from moeplan.profiler.device import Accelerator
 
+MIN_QUEUE_AHEAD_S = 100e-6     # the shortest busy wait: longer than enqueueing two events and one kernel
+QUEUE_AHEAD_MARGIN = 2.0       # the busy wait lasts this many times the host's measured enqueue time
 CACHE_FLUSH_FACTOR = 3     # rotated input sets together exceed the last-level cache this many times
 MEMORY_SHARE = 0.25        # rotation never takes more than this share of free memory
+
+
+def queue_ahead_seconds(enqueue_s: float) -> float:
+    """How long to keep the device busy before a repeat whose host enqueue took ``enqueue_s`` seconds."""
+    return max(MIN_QUEUE_AHEAD_S, QUEUE_AHEAD_MARGIN * enqueue_s)
+
+
+def enqueue_seconds(fn: Callable[[], Any]) -> float:
+    """Host seconds to enqueue ``fn()`` while the device is still busy (no synchronisation)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 @dataclass(frozen=True)

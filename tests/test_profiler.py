@@ -34,7 +34,7 @@ from moeplan.profiler.compute_ops import expert_op, matmul_op  # noqa: E402
 from moeplan.profiler.device import Accelerator  # noqa: E402
 from moeplan.profiler.raw import Measurement, RawProfile, datasheet_figures  # noqa: E402
 from moeplan.profiler.timing import Effort, Op, measure, rotation_sets  # noqa: E402
-from moeplan.runtime.timing import MIN_QUEUE_AHEAD_S, queue_ahead_seconds  # noqa: E402
+from moeplan.profiler.timing import MIN_QUEUE_AHEAD_S, queue_ahead_seconds  # noqa: E402
 from moeplan.runtime.timing import measure as runtime_measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

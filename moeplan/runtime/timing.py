@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeplan.profiler.timing import MIN_QUEUE_AHEAD_S, enqueue_seconds, queue_ahead_seconds
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -67,14 +69,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-MIN_QUEUE_AHEAD_S = 100e-6     # the shortest busy wait: longer than enqueueing two events and one kernel
-QUEUE_AHEAD_MARGIN = 2.0       # the busy wait lasts this many times the host's measured enqueue time
 SLEEP_CYCLES_PER_S = 2.0e9     # torch.cuda._sleep counts clock cycles; Hopper's boost clock is ≤ 2 GHz
-
-
-def queue_ahead_seconds(enqueue_s: float) -> float:
-    """How long to keep the device busy before a repeat whose host enqueue took ``enqueue_s`` seconds."""
-    return max(MIN_QUEUE_AHEAD_S, QUEUE_AHEAD_MARGIN * enqueue_s)
 
 
 def queue_ahead(device: torch.device, seconds: float) -> None:
@@ -82,13 +77,6 @@ def queue_ahead(device: torch.device, seconds: float) -> None:
     at a ≤ 2 GHz clock); nothing elsewhere, where every op is synchronous anyway."""
     if device.type == "cuda":
         torch.cuda._sleep(int(math.ceil(seconds * SLEEP_CYCLES_PER_S)))
-
-
-def enqueue_seconds(fn: Callable[[], Any]) -> float:
-    """Host seconds to enqueue ``fn()`` while the device is still busy (no synchronisation)."""
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def measure(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats: int,
