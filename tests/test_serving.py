@@ -142,6 +142,7 @@ def test_plan_serve_cli_prints_the_front_and_refuses_impossible_targets() -> Non
     assert ok.exit_code == 0, ok.output
     assert "Pareto front" in ok.output and "sglang.launch_server" in ok.output
     assert "[dim]" not in ok.output and "[/]" not in ok.output   # styles applied, not printed as text
+    assert "no measured attention tables" in " ".join(ok.output.split())   # the datasheet profile says so
     bad = CliRunner().invoke(app, ["plan", "serve", "--model", "deepseek-v3", "--tpot-ms", "0.1"])
     assert bad.exit_code == 2 and "--tpot-ms" in bad.output
     bad = CliRunner().invoke(app, ["plan", "serve", "--model", "deepseek-v3", "--concurrency", "a,b"])

@@ -53,3 +53,8 @@ def serve(
     console.print(launch_command(backend, model, best.layout), highlight=False, soft_wrap=True)
     console.print("TTFT/TPOT from moeplan.serving (fitted on aiconfigurator-core's H100/B200 silicon rows; "
                   "bench/RESULTS.md gives its held-out error)", style="dim")
+    if cost.attention_tables is None:
+        console.print(f"{hw.name} has no measured attention tables: the attention core is a roofline, which the "
+                      "fit (on imported profiles) did not judge and which prices decode below measured (bench/RESULTS.md, "
+                      "issue 25); `moeplan hardware-import --aiconfigurator SYSTEM "
+                      "--framework BACKEND` builds a profile with them", style="dim", markup=False)
