@@ -93,6 +93,12 @@ class AttentionTables:
     def has(self, phase: str, shape: AttentionShape | None) -> bool:
         return shape is not None and (phase, shape.key()) in self.by_shape
 
+    def core_time(self, phase: str, shape: AttentionShape, tokens: float, context: float) -> float:
+        """Seconds of one layer's attention core on one GPU for ``tokens`` new tokens each attending
+        to ``context`` tokens: decode, ``tokens`` sequences of ``context`` cached tokens; prefill,
+        ``tokens / context`` prompts of ``context`` tokens. Call :meth:`has` first."""
+        return self.time(phase, shape, tokens if phase == "decode" else tokens / context, context)
+
     def time(self, phase: str, shape: AttentionShape, batch: float, length: float) -> float:
         """Seconds of one layer's attention core on one GPU for ``batch`` sequences (may be
         fractional: a share of one prompt) of ``length`` tokens each (prefill: prompt tokens;

@@ -8,10 +8,13 @@ primitives (:class:`moeplan.cost.CostModel`). The folding solver's training step
   inner m = the tokens, k out) — the two GEMMs of Megatron's
   ``LinearWithGradAccumulationAndAsyncCommunication.backward``
   (megatron/core/tensor_parallel/layers.py).
-- A SwiGLU FFN (routed expert at its own tokens, shared expert, dense FFN): the backward GEMMs of
-  gate/up and down, plus the activation's backward at HBM bandwidth: it reads gate, up and the
-  product's gradient and writes the gradients of gate and up, 5 × ffn elements per token (the
-  forward moves 3). Routed experts launch twice the forward's kernels (four GEMMs instead of two).
+- A SwiGLU FFN (shared expert, dense FFN): the backward GEMMs of gate/up and down, plus the
+  activation's backward at HBM bandwidth: it reads gate, up and the product's gradient and writes
+  the gradients of gate and up, 5 × ffn elements per token (the forward moves 3).
+- Routed experts run the forward's kernel (loop or grouped, its measured curve and calibration):
+  their backward is that forward time × the ratio of the SwiGLU backward's price to the forward's
+  price at the same tokens per expert (both from the GEMM grid, else the roofline), so the kernel's
+  own efficiency carries over to the backward.
 - The attention core as flash attention's backward: measured when the profile has an
   ``attention_train`` curve (forward + backward, the profiler's ``train_op``) for the model's
   attention shape, else :data:`FLASH_BACKWARD_RATIO` × the forward core (its measured curve, else
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moeplan.cost import LAUNCHES_PER_EXPERT, LAUNCHES_PER_GROUPED, CostModel
+from moeplan.cost import CostModel
 from moeplan.gemms import Gemm, swiglu_gemms
 
 FLASH_BACKWARD_RATIO = 2.5        # flash attention backward / forward matmul FLOPs (5 matmuls vs 2)
@@ -51,26 +54,24 @@ def gemms_backward_time(cm: CostModel, tokens: np.ndarray | float, gemms: list[G
 
 def swiglu_backward_time(cm: CostModel, tokens: np.ndarray | float, ffn: int, ways: int, name: str) -> np.ndarray:
     """Backward of one SwiGLU FFN of width ``ffn`` split ``ways`` ways at ``tokens`` rows: its
-    four GEMMs and the activation's bytes, without launch overhead."""
+    four GEMMs (each with the launch :meth:`CostModel.gemm_time` counts) and the activation's bytes."""
     n = np.asarray(tokens, dtype=np.float64)
     act = cm.dense_time(0.0, SWIGLU_BACKWARD_ELEMS * n * (ffn / ways) * cm.opt.act_bytes, 0)
     gemms = gemms_backward_time(cm, n, swiglu_gemms(name, cm.model.hidden_size, ffn, ways))
     return np.where(n > 0, gemms + act, 0.0)
 
 
-def experts_backward_time(cm: CostModel, slot_tokens: np.ndarray, ways: int) -> np.ndarray:
+def experts_backward_time(cm: CostModel, slot_tokens: np.ndarray, ways: int, forward_s: np.ndarray | float) -> np.ndarray:
     """Backward of one device's routed experts, each 1/``ways`` wide (ETP), with ``slot_tokens``
-    [..., slots] token-choices per local expert; returns [...] seconds. The host enqueues the
-    kernels ahead of the GPU, so the launches (loop kernel: 2 × :data:`LAUNCHES_PER_EXPERT` per busy
-    expert; grouped: 2 × :data:`LAUNCHES_PER_GROUPED` per busy device) show only when they take
-    longer than the GPU's work: max(work, launches × launch overhead)."""
+    [..., slots] token-choices per local expert, whose forward kernel took ``forward_s`` [...]
+    seconds: ``forward_s`` × (SwiGLU backward price / SwiGLU forward price) summed over the
+    experts with tokens; returns [...] seconds."""
     n = np.asarray(slot_tokens, dtype=np.float64)
-    work = swiglu_backward_time(cm, n, cm.model.expert_ffn, ways, "expert").sum(axis=-1)
-    if cm.opt.kernel == "loop":
-        launches = 2 * LAUNCHES_PER_EXPERT * (n > 0).sum(axis=-1)
-    else:
-        launches = 2 * LAUNCHES_PER_GROUPED * (n.sum(axis=-1) > 0)
-    return np.maximum(work, launches * cm.launch)
+    f = cm.model.expert_ffn
+    backward = swiglu_backward_time(cm, n, f, ways, "expert").sum(axis=-1)
+    forward = np.where(n > 0, cm.swiglu_time(n, f, ways, "expert"), 0.0).sum(axis=-1)
+    return np.where(forward > 0, np.asarray(forward_s, dtype=np.float64) * backward / np.where(forward > 0, forward, 1.0),
+                    0.0)
 
 
 def attention_core_backward_time(cm: CostModel, tokens: float, context: float) -> float:

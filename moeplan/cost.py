@@ -340,7 +340,7 @@ class CostModel:
         """Sum of :meth:`gemm_time` over ``gemms`` at ``tokens`` tokens each."""
         return sum((self.gemm_time(tokens, g.k, g.n) for g in gemms), np.zeros_like(np.asarray(tokens, dtype=np.float64)))
 
-    def _swiglu_time(self, tokens: np.ndarray, ffn: int, shards: int, name: str) -> np.ndarray:
+    def swiglu_time(self, tokens: np.ndarray, ffn: int, shards: int, name: str) -> np.ndarray:
         """A SwiGLU FFN of width ``ffn`` split ``shards`` ways from the measured GEMM grid, plus
         the activation's bytes (silu and mul: 2 launches)."""
         act = self.dense_time(0.0, 3.0 * tokens * (ffn / shards) * self.opt.act_bytes, 2)
@@ -374,7 +374,7 @@ class CostModel:
             return np.zeros_like(np.asarray(tokens, dtype=np.float64))
         n = np.asarray(tokens, dtype=np.float64)
         if self._gemms is not None:
-            return np.where(n > 0, self._swiglu_time(n, m.shared_ffn, shards, "shared"), 0.0)
+            return np.where(n > 0, self.swiglu_time(n, m.shared_ffn, shards, "shared"), 0.0)
         flops = 6.0 * m.hidden_size * m.shared_ffn * n
         nbytes = m.shared_params() * m.weight_bytes + n * 2 * m.hidden_size * self.opt.act_bytes
         return np.where(n > 0, self.dense_time(flops, nbytes, 3), 0.0) / shards
@@ -516,8 +516,7 @@ class CostModel:
             if (phase == "train" or self.attention_tables is None or not self.attention_tables.has(phase, shape)
                     or context <= 0):
                 return None
-            batch = tokens / context if phase == "prefill" else tokens
-            return self.attention_tables.time(phase, shape, batch, context)
+            return self.attention_tables.core_time(phase, shape, tokens, context)
         seqs = float(curve.key.get("batch", 1))
         per_sequence = context if kind != "attention_decode" else 1.0
         return float(curve(max(context, 1.0))) * max(tokens / per_sequence, 1e-9) / seqs
@@ -534,7 +533,7 @@ class CostModel:
         """A dense (non-MoE) layer's FFN on one device, split ``shards`` ways (TP)."""
         m = self.model
         if self._gemms is not None:
-            return float(self._swiglu_time(np.asarray(float(tokens)), m.dense_ffn, shards, "dense"))
+            return float(self.swiglu_time(np.asarray(float(tokens)), m.dense_ffn, shards, "dense"))
         return float(self.dense_time(6.0 * m.hidden_size * m.dense_ffn * tokens,
                                      m.dense_ffn_params() * m.weight_bytes, 3)) / shards
 

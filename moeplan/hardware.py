@@ -127,6 +127,9 @@ class Curve:
 
 CURVE_KINDS = ("expert_ffn", "moe_routing", "fused_moe", "attention_prefill", "attention_train", "attention_decode",
                "attention_context", "attention_generation", "moe_a2a", "collective", "host_copy", "gemm")
+CURVE_REQUIRED_KEYS = {kind: ("attention", "heads", "kv_heads", "head_dim", "kv_dtype", "batch")
+                       for kind in ("attention_context", "attention_generation")}
+"""Key entries a curve of that kind is looked up by (:class:`moeplan.attention_tables.AttentionTables`)."""
 CORRECTION_TARGETS = ("expert_compute", "forward_step")
 TILE_ROWS = 128   # rows of one M tile of the grouped GEMM (torch._grouped_mm's CUTLASS kernel on Hopper)
 
@@ -553,6 +556,9 @@ def _curve(data: Any, source: str, index: int) -> Curve:
     if not isinstance(key, dict):
         raise f.fail("key", "expected a mapping")
     kind = f.str("kind", choices=CURVE_KINDS)
+    missing = [k for k in CURVE_REQUIRED_KEYS.get(kind, ()) if k not in key]
+    if missing:
+        raise f.fail("key", f"a {kind} curve needs key entries {', '.join(missing)}")
     return Curve(kind, key, tuple(x), tuple(y), _prov(f), y_min, y_max)
 
 

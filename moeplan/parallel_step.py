@@ -24,6 +24,7 @@ Units: seconds, bytes, FLOPs, tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -127,15 +128,11 @@ def _kv_replication_time(cm: CostModel, mapping: ParallelMapping, tokens: float,
 def attention_shard_time(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float, phase: str) -> float:
     """One layer's attention forward on one GPU: ``tokens`` per TP group (heads / TP), each
     attending to ``context`` tokens. When TP exceeds the KV heads (or for MLA's latent cache)
-    the KV cache is replicated, so each GPU reads more of it than 1/TP. With a measured
-    ``gemm`` grid the projections are priced at their own shard shapes (heads / TP wide) and only
-    the attention core is divided by TP; without one the whole layer's time is."""
-    m = cm.model
-    if cm.gemms_measured:
-        time = (cm.attention_core_time(tokens, context, phase) / mapping.tp
-                + float(cm.gemms_time(tokens, attention_gemms(m, mapping.tp))))
-    else:
-        time = cm.attention_time(tokens, context, phase) / mapping.tp
+    the KV cache is replicated, so each GPU reads more of it than 1/TP. The attention core is
+    divided by TP; the projections are priced at their own shard shapes (heads / TP wide) by
+    :meth:`CostModel.gemm_time` (the measured ``gemm`` grid, else the roofline), as their backward is."""
+    time = (cm.attention_core_time(tokens, context, phase) / mapping.tp
+            + float(cm.gemms_time(tokens, attention_gemms(cm.model, mapping.tp))))
     return time + _kv_replication_time(cm, mapping, tokens, context, phase)
 
 
@@ -165,10 +162,9 @@ def expert_shard(cm: CostModel, mapping: ParallelMapping, tokens: float) -> tupl
 def expert_shard_backward_time(cm: CostModel, mapping: ParallelMapping, tokens: float) -> float:
     """Backward (seconds) of the routed-expert shard of :func:`expert_shard`: E/EP experts at 1/ETP
     width, each at tokens/TP × top_k × ETP / (E/EP) token-choices (:mod:`moeplan.backward`)."""
-    m = cm.model
-    choices = tokens / mapping.tp * m.top_k * mapping.etp
-    local = m.num_experts // mapping.ep
-    return float(experts_backward_time(cm, np.full(local, choices / local), mapping.etp))
+    choices, forward = expert_shard(cm, mapping, tokens)
+    local = cm.model.num_experts // mapping.ep
+    return float(experts_backward_time(cm, np.full(local, choices / local), mapping.etp, forward))
 
 
 def _cp_ring_time(cm: CostModel, mapping: ParallelMapping, tokens: float, spans: dict[str, GroupSpan]) -> float:
@@ -227,17 +223,25 @@ def forward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context
         ep_all_to_all=m.num_moe_layers * a2a * stage, etp_comm=m.num_moe_layers * etp * stage)
 
 
-@lru_cache(maxsize=1024)
+_LAYER_BACKWARD: weakref.WeakKeyDictionary[CostModel, dict[tuple, tuple[float, ...]]] = weakref.WeakKeyDictionary()
+"""Per cost model (dropped with it), :func:`_layer_backward`'s results by (shard, tokens, context)."""
+
+
 def _layer_backward(cm: CostModel, shard: ParallelMapping, tokens: float, context: float) -> tuple[float, ...]:
     """Backward seconds of one layer's pieces on one GPU under ``shard`` (only its TP, ETP and EP
-    matter): attention, routed experts, router, shared expert, dense FFN. Cached: a search prices
-    the same shards under many layouts."""
-    m, h = cm.model, cm.model.hidden_size
-    return (attention_shard_backward_time(cm, shard, tokens, context), expert_shard_backward_time(cm, shard, tokens),
-            float(gemm_backward_time(cm, tokens / shard.tp, Gemm("router", h, m.num_experts))),
-            float(swiglu_backward_time(cm, tokens, m.shared_ffn, shard.tp, "shared")) if m.shared_ffn else 0.0,
-            float(swiglu_backward_time(cm, tokens, m.dense_ffn, shard.tp, "dense"))
-            if m.num_layers > m.num_moe_layers else 0.0)
+    matter): attention, routed experts, router, shared expert, dense FFN. Cached per cost model
+    (:data:`_LAYER_BACKWARD`): a search prices the same shards under many layouts."""
+    cache = _LAYER_BACKWARD.setdefault(cm, {})
+    key = (shard, tokens, context)
+    if key not in cache:
+        m, h = cm.model, cm.model.hidden_size
+        cache[key] = (attention_shard_backward_time(cm, shard, tokens, context),
+                      expert_shard_backward_time(cm, shard, tokens),
+                      float(gemm_backward_time(cm, tokens / shard.tp, Gemm("router", h, m.num_experts))),
+                      float(swiglu_backward_time(cm, tokens, m.shared_ffn, shard.tp, "shared")) if m.shared_ffn else 0.0,
+                      float(swiglu_backward_time(cm, tokens, m.dense_ffn, shard.tp, "dense"))
+                      if m.num_layers > m.num_moe_layers else 0.0)
+    return cache[key]
 
 
 def backward_pass(cm: CostModel, mapping: ParallelMapping, tokens: float, context: float,

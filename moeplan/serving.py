@@ -25,6 +25,10 @@ Three layers, read top to bottom:
    Disaggregated prefill/decode: :func:`predict_disaggregated` (worker pools, KV transfer,
    prefill queue at the rate decode drains requests).
 
+3. **Fitted terms** — :class:`ServeTerms`: the few constants not read from a datasheet. Their
+   defaults are the values ``bench/serve_silicon.py`` fits on the H100 and B200 rows of NVIDIA
+   aiconfigurator-core 0.12.0's ``systems/silicon_sample.csv`` (the H200 rows are held out).
+
 Measured tables replace rooflines where the profile has them (``moeplan hardware-import
 --aiconfigurator SYSTEM --framework F``, aiconfigurator-core 0.12.0): the attention core (scores,
 softmax, values) from the backend's per-GPU attention tables (:mod:`moeplan.attention_tables`;
@@ -32,9 +36,6 @@ the projections stay a roofline), the routed experts from its fused-MoE curves, 
 and the attention-DP all-gather / reduce-scatter from its collective curves, and — with
 ``moe_dispatch="deepep"`` — the EP dispatch and combine from its DeepEP curves (``moe_a2a``), else
 from the measured NCCL all-to-all.
-3. **Fitted terms** — :class:`ServeTerms`: the few constants not read from a datasheet. Their
-   defaults are the values ``bench/serve_silicon.py`` fits on the H100 and B200 rows of NVIDIA
-   aiconfigurator-core 0.12.0's ``systems/silicon_sample.csv`` (the H200 rows are held out).
 
 Parallel layout (:class:`ServeLayout`): ``world`` GPUs; attention runs ``attention_tp``-way
 tensor parallel in ``attention_dp`` replicas (SGLang's --enable-dp-attention, TRT-LLM's
@@ -352,8 +353,7 @@ class ServePredictor:
         attention = 0.0
         for layers, ctx in m.attention_layer_contexts(context):      # full / sliding-window / linear layers
             if measured and ctx > 0:
-                batch = tokens if phase == "decode" else tokens / ctx
-                core = tables.time(phase, self.attention_shape, batch, ctx)
+                core = tables.core_time(phase, self.attention_shape, tokens, ctx)
                 attention += layers * (self._roofline(proj_flops, proj_bytes, pr.gemm) + core)
                 continue
             score = 2.0 * a.num_heads * (a.qk_head_dim + a.v_dim) * tokens * ctx * causal / tp

@@ -11,8 +11,9 @@ Shapes (:class:`AttentionShape`, from a ModelSpec):
 
 Prefill: ``batch`` sequences of S tokens, causal; train: the same forward and its backward. Decode: ``batch`` sequences, one new token each
 against a KV cache of C tokens; the query heads that share a KV head ride in the query-length
-axis, so each KV head is read once (as GQA decode kernels do). Both are timed as device work
-(``Op.queue_ahead``), as a CUDA-graph replay runs them.
+axis, so each KV head is read once (as GQA decode kernels do). Training: prefill's shapes, forward
+and backward (:func:`train_op`). All three are timed as device work (``Op.queue_ahead``), as a
+CUDA-graph replay (or a training step's host running ahead) runs them.
 """
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ def measure(acc: Accelerator, op: Op, effort: Effort, sync: Sync | None = None) 
     wait_s = 0.0
     if op.queue_ahead:
         acc.queue_ahead(MIN_QUEUE_AHEAD_S)
-        wait_s = queue_ahead_seconds(enqueue_seconds(lambda: op.run(sets[0])))
+        wait_s = queue_ahead_seconds(enqueue_seconds(lambda: op.run(sets[-1])))  # not repeat 0's set
         acc.synchronize()
     reps = effort.repeats_for(per_run + wait_s)
     if sync is not None:

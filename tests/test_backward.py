@@ -9,7 +9,7 @@ from test_gemms import law, profile_with_grid
 
 from moeplan.backward import (FLASH_BACKWARD_RATIO, attention_core_backward_time, experts_backward_time,
                               gemm_backward_time, swiglu_backward_time)
-from moeplan.cost import LAUNCHES_PER_EXPERT, CostModel, CostOptions, attention_signature
+from moeplan.cost import CostModel, CostOptions, attention_signature
 from moeplan.gemms import Gemm, swiglu_gemms
 from moeplan.hardware import Curve, HardwareProfile, Provenance
 from moeplan.model import ModelSpec
@@ -51,16 +51,20 @@ def test_without_a_grid_the_backward_gemms_fall_back_to_the_roofline() -> None:
     assert float(gemm_backward_time(cm, m, Gemm("g", k, n))) == pytest.approx(2 * one, rel=1e-9)
 
 
-def test_experts_backward_prices_each_expert_at_its_own_tokens() -> None:
+def test_experts_backward_scales_the_forward_kernel_by_the_swiglu_backward_over_forward_price() -> None:
     cm = grid_model()
     m = cm.model
     slots = np.array([64.0, 512.0, 0.0])
     per_expert = [float(swiglu_backward_time(cm, n, m.expert_ffn, 2, "expert")) for n in slots]
     assert per_expert[2] == 0.0
-    loop = float(experts_backward_time(cm.with_options(kernel="loop"), slots, 2))
-    assert loop == pytest.approx(max(sum(per_expert), 2 * LAUNCHES_PER_EXPERT * 2 * cm.launch), rel=1e-12)
     gemms = sum(float(gemm_backward_time(cm, 512.0, g)) for g in swiglu_gemms("expert", m.hidden_size, m.expert_ffn, 2))
     assert per_expert[1] > gemms                               # plus the activation's backward bytes
+    forward_price = sum(float(cm.swiglu_time(np.asarray(n), m.expert_ffn, 2, "expert")) for n in slots[:2])
+    ratio = sum(per_expert) / forward_price
+    assert 1.5 < ratio < 2.5                                   # two GEMMs back for each forward one
+    for kernel_s in (1e-3, 3e-3):                              # the kernel's own time carries over
+        assert float(experts_backward_time(cm, slots, 2, kernel_s)) == pytest.approx(kernel_s * ratio, rel=1e-12)
+    assert float(experts_backward_time(cm, np.zeros(3), 2, 1e-3)) == 0.0
 
 
 def test_attention_core_backward_is_flash_attentions_ratio_of_the_forward() -> None:

@@ -157,6 +157,13 @@ def test_curves_are_checked_when_loaded() -> None:
         with pytest.raises(InputError) as info:
             HardwareProfile.from_dict(data, "p.yaml")
         assert info.value.field == field
+    table_key = {"attention": "gqa", "heads": 16, "kv_heads": 1, "head_dim": 128, "kv_dtype": "bf16", "batch": 8}
+    data["curves"] = [_curve("attention_context", table_key, [1, 2], "r")]
+    assert HardwareProfile.from_dict(data, "p.yaml").curves_of("attention_context")
+    data["curves"] = [_curve("attention_context", {k: v for k, v in table_key.items() if k != "kv_heads"}, [1, 2], "r")]
+    with pytest.raises(InputError, match="kv_heads") as info:       # not a KeyError once priced
+        HardwareProfile.from_dict(data, "p.yaml")
+    assert info.value.field == "curves[0].key"
 
 
 def test_resolve_unknown_profile_lists_the_bundled_ones() -> None:

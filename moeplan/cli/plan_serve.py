@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import typer
 
+from moeplan.attention_tables import AttentionShape
 from moeplan.cli.apps import plan_app
 from moeplan.cli.common import console, guarded, print_table
 from moeplan.cost import CostModel
@@ -38,7 +39,8 @@ def serve(
         raise InputError(f"not a list of integers: {concurrency!r}", field="--concurrency", fix="e.g. 8,16,32") from exc
     hw = HardwareProfile.resolve(hardware)
     cost = CostModel(ModelSpec.resolve(model), hw.with_cluster(devices=gpus) if gpus > hw.num_devices else hw)
-    found = search(cost, Precision(gemm, moe, kv), backend, gpus, isl, osl, levels, ttft_ms / 1e3, tpot_ms / 1e3)
+    precision = Precision(gemm, moe, kv)
+    found = search(cost, precision, backend, gpus, isl, osl, levels, ttft_ms / 1e3, tpot_ms / 1e3)
     if not found:
         raise InputError(f"no deployment on {gpus} GPUs meets TTFT ≤ {ttft_ms} ms and TPOT ≤ {tpot_ms} ms",
                          field="--tpot-ms", fix="relax the targets, add GPUs or lower the precision")
@@ -53,8 +55,11 @@ def serve(
     console.print(launch_command(backend, model, best.layout), highlight=False, soft_wrap=True)
     console.print("TTFT/TPOT from moeplan.serving (fitted on aiconfigurator-core's H100/B200 silicon rows; "
                   "bench/RESULTS.md gives its held-out error)", style="dim")
-    if cost.attention_tables is None:
-        console.print(f"{hw.name} has no measured attention tables: the attention core is a roofline, which the "
+    tables = cost.attention_tables
+    if tables is None or not any(tables.has("decode", AttentionShape.of(cost.model, tp, precision.kv_bytes))
+                                 for tp in range(1, gpus + 1)):
+        console.print(f"{hw.name} has no measured attention tables for {cost.model.name}'s attention: the "
+                      "attention core is a roofline, which the "
                       "fit (on imported profiles) did not judge and which prices decode below measured (bench/RESULTS.md, "
                       "issue 25); `moeplan hardware-import --aiconfigurator SYSTEM "
                       "--framework BACKEND` builds a profile with them", style="dim", markup=False)

@@ -91,7 +91,7 @@ def measure(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats
     wait_s = 0.0
     if device_time and device.type == "cuda":
         queue_ahead(device, MIN_QUEUE_AHEAD_S)
-        wait_s = queue_ahead_seconds(enqueue_seconds(lambda: fn(warmup)))
+        wait_s = queue_ahead_seconds(enqueue_seconds(lambda: fn(max(warmup - 1, 0))))  # not repeat 0's input
         synchronize(device)
     clock = Clock(device)
     pairs = []
