@@ -1,14 +1,16 @@
 """The dashboard in a real browser: start the server on localhost, open it in headless Chromium
 (Debian's ``chromium``, driven by Playwright), click through set-up → placement → memory → trace →
 export → parallel folding → (a smaller set-up) → cache sizing → elastic scaling, check that the
-heatmaps render and that the downloaded plan loads, and save a screenshot of every page to
-``bench/screenshots/``."""
+heatmaps render and that the downloaded plan loads, and save a screenshot of every page to a
+temporary folder, or to the folder ``MOEPLAN_SCREENSHOTS`` names (``MOEPLAN_SCREENSHOTS=bench/screenshots``
+refreshes the committed ones; a plain test run leaves the repository as it was)."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "bench" / "screenshots"
+SCREENSHOTS = Path(os.environ.get("MOEPLAN_SCREENSHOTS") or Path(tempfile.gettempdir()) / "moeplan-screenshots")
 WIDTH = 1500
 TIMEOUT_MS = 120_000
 

@@ -73,7 +73,7 @@ def test_a_missing_corner_falls_back_to_the_nearest_measured_shape() -> None:
     assert t == pytest.approx(float(law(64.0, k0, n0)) / (k0 * n0) * 1800 * 1900, rel=1e-9)
 
 
-def test_the_cost_model_prices_thin_shards_from_the_grid_and_keeps_the_roofline_without_it() -> None:
+def test_the_cost_model_prices_thin_shards_from_the_grid_and_from_the_roofline_without_it() -> None:
     m = ModelSpec.preset("qwen3-30b-a3b")
     flat = CostModel(m, HardwareProfile.resolve("h200-sxm"))
     shaped = CostModel(m, profile_with_grid())
@@ -90,8 +90,9 @@ def test_the_cost_model_prices_thin_shards_from_the_grid_and_keeps_the_roofline_
     shard = attention_shard_time(shaped, mapping, 4096, 4096, "prefill")
     projections = float(shaped.gemms_time(4096, attention_gemms(m, 4)))
     assert shard == pytest.approx(shaped.attention_core_time(4096, 4096, "prefill") / 4 + projections)
-    assert attention_shard_time(flat, mapping, 4096, 4096, "prefill") == pytest.approx(
-        flat.attention_time(4096, 4096, "prefill") / 4)
+    flat_projections = float(flat.gemms_time(4096, attention_gemms(m, 4)))     # roofline GEMMs at shard shapes
+    assert flat_projections > 0 and attention_shard_time(flat, mapping, 4096, 4096, "prefill") == pytest.approx(
+        flat.attention_core_time(4096, 4096, "prefill") / 4 + flat_projections)
     c1, k1 = expert_shard(shaped, one, 4096)
     c4, k4 = expert_shard(shaped, mapping, 4096)
     assert c4 == pytest.approx(c1) and k4 < k1
