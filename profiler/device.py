@@ -144,8 +144,7 @@ class Accelerator:
         CUDA only, nothing elsewhere), so that what the host enqueues next (a start event, the op,
         a stop event) waits in the queue and the events time the device's work alone, not the
         host's launch latency."""
-        if self.kind == "cuda":
-            queue_ahead(self.device, seconds)
+        queue_ahead(self.device, seconds)
 
     def empty_cache(self) -> None:
         """Return cached device memory (after a failed or large measurement)."""

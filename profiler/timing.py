@@ -44,11 +44,16 @@ def queue_ahead_seconds(enqueue_s: float) -> float:
     return max(MIN_QUEUE_AHEAD_S, QUEUE_AHEAD_MARGIN * enqueue_s)
 
 
-def enqueue_seconds(fn: Callable[[], Any]) -> float:
-    """Host seconds to enqueue ``fn()`` while the device is still busy (no synchronisation)."""
+def busy_wait_seconds(busy: Callable[[float], None], run: Callable[[], Any], synchronize: Callable[[], None]) -> float:
+    """How long to keep the device busy before each timed repeat: :func:`queue_ahead_seconds` of the
+    host's time to enqueue ``run()`` while the device is held busy (``busy(seconds)``), measured once;
+    the device is synchronised afterwards."""
+    busy(MIN_QUEUE_AHEAD_S)
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    run()
+    enqueue_s = time.perf_counter() - t0
+    synchronize()
+    return queue_ahead_seconds(enqueue_s)
 
 
 @dataclass(frozen=True)
@@ -142,9 +147,7 @@ def measure(acc: Accelerator, op: Op, effort: Effort, sync: Sync | None = None) 
     per_run = (time.perf_counter() - t0) / warm
     wait_s = 0.0
     if op.queue_ahead:
-        acc.queue_ahead(MIN_QUEUE_AHEAD_S)
-        wait_s = queue_ahead_seconds(enqueue_seconds(lambda: op.run(sets[-1])))  # not repeat 0's set
-        acc.synchronize()
+        wait_s = busy_wait_seconds(acc.queue_ahead, lambda: op.run(sets[-1]), acc.synchronize)  # not repeat 0's set
     reps = effort.repeats_for(per_run + wait_s)
     if sync is not None:
         reps = int(sync.agree_max(reps))

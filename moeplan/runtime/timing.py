@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeplan.profiler.timing import MIN_QUEUE_AHEAD_S, enqueue_seconds, queue_ahead_seconds
+from moeplan.profiler.timing import busy_wait_seconds
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,8 @@ def measure(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats
     synchronize(device)
     wait_s = 0.0
     if device_time and device.type == "cuda":
-        queue_ahead(device, MIN_QUEUE_AHEAD_S)
-        wait_s = queue_ahead_seconds(enqueue_seconds(lambda: fn(max(warmup - 1, 0))))  # not repeat 0's input
-        synchronize(device)
+        wait_s = busy_wait_seconds(lambda s: queue_ahead(device, s), lambda: fn(max(warmup - 1, 0)),  # not repeat 0's
+                                   lambda: synchronize(device))
     clock = Clock(device)
     pairs = []
     for i in range(repeats):
