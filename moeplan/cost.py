@@ -518,7 +518,7 @@ class CostModel:
                 return None
             return self.attention_tables.core_time(phase, shape, tokens, context)
         seqs = float(curve.key.get("batch", 1))
-        per_sequence = context if kind != "attention_decode" else 1.0
+        per_sequence = context if phase != "decode" else 1.0
         return float(curve(max(context, 1.0))) * max(tokens / per_sequence, 1e-9) / seqs
 
     def _attention_core_work(self, tokens: float, context: float, phase: str) -> tuple[float, float]:
